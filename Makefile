@@ -1,0 +1,47 @@
+# vqt-cache developer targets. `make help` lists them.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PIPELINE ?= pipelines/demo.toml
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-all lint format bench demo sweep clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install torch/torchvision (matching pair) and the package with dev extras
+
+test: $(STAMP)  ## run the fast test suite (CPU, a few minutes)
+	$(PY) -m pytest
+
+test-all: $(STAMP)  ## run every test, slow ones included
+	$(PY) -m pytest -m ''
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)  ## run the benchmarks, print a table, write bench/results.json
+	$(PY) -m bench
+
+demo: $(STAMP)  ## whole pipeline on the embedded digits data (no downloads)
+	$(VENV)/bin/vqt-cache demo
+
+sweep: $(STAMP)  ## grid x datasets x seeds over cached features (PIPELINE=pipelines/demo.toml)
+	$(VENV)/bin/vqt-cache sweep $(PIPELINE)
+
+clean:  ## remove caches, runs and build artefacts (keeps .venv)
+	rm -rf data/cache data/runs .pytest_cache .ruff_cache build dist *.egg-info bench/results.json

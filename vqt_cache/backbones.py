@@ -1,0 +1,197 @@
+"""Frozen timm ViT backbones: short names, weight loading, geometry, fingerprint.
+
+One factory (`load_backbone`) and one table of short names (`BACKBONES`). The model itself is timm's; this
+module never re-implements a block, it only checks that the blocks are of a kind the VQT query path covers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from vqt_cache.errors import VQTError
+
+# Short name -> timm name (with pretrained tag). Any other timm ViT name is accepted as is.
+BACKBONES: dict[str, str] = {
+    "vit_b16": "vit_base_patch16_224.orig_in21k",  # the paper's main backbone (ImageNet-21k supervised)
+    "vit_b16_in1k": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "vit_b16_mae": "vit_base_patch16_224.mae",  # global pool + fc_norm feature
+    "vit_b16_dino": "vit_base_patch16_224.dino",
+    "vit_b14_dinov2": "vit_base_patch14_dinov2.lvd142m",
+    "vit_b14_dinov2_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "vit_b16_clip": "vit_base_patch16_clip_224.openai",  # pre_norm + QuickGELU
+    "vit_l16": "vit_large_patch16_224.augreg_in21k",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k",
+}
+
+# Every stochastic part of the frozen model is switched off, so train/eval mode never changes its output.
+_NO_DROP = dict(drop_rate=0.0, pos_drop_rate=0.0, patch_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+                drop_path_rate=0.0)
+
+
+@dataclass
+class Backbone:
+    """A frozen timm VisionTransformer plus what stage one and stage two need to know about it."""
+
+    name: str
+    timm_name: str
+    kwargs: dict[str, Any]
+    model: VisionTransformer
+    fingerprint: str = field(repr=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks  # type: ignore[return-value]
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.patch_size)  # type: ignore[return-value]
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def tokens(self) -> int:
+        """N: image tokens seen by every block (patches + class/register tokens)."""
+        return self.model.patch_embed.num_patches + self.prefix_tokens
+
+    @property
+    def feature_kind(self) -> str:
+        """How the final feature f_0 is pooled: 'token' (CLS), 'avg' (+fc_norm), ... as timm's global_pool."""
+        pool = self.model.global_pool or "none"
+        return f"{pool}+fc_norm" if not isinstance(self.model.fc_norm, nn.Identity) else pool
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's preprocessing for this model (input_size, interpolation, mean, std, crop_pct, crop_mode)."""
+        return timm.data.resolve_model_data_config(self.model)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description, recorded in stores and run folders."""
+        return {
+            "name": self.name,
+            "timm_name": self.timm_name,
+            "kwargs": self.kwargs,
+            "fingerprint": self.fingerprint,
+            "depth": self.depth,
+            "dim": self.dim,
+            "heads": self.heads,
+            "tokens": self.tokens,
+            "prefix_tokens": self.prefix_tokens,
+            "patch_size": list(self.patch_size),
+            "feature_kind": self.feature_kind,
+        }
+
+    @torch.no_grad()
+    def forward_cache(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen model once and return what stage two needs.
+
+        Returns:
+            final: (B, D) the model's own final feature f_0 (pre-logits).
+            hidden: (B, L, N, D) X̂_l = LN1(Z_{l-1}), the normalised input of every block.
+        """
+        hidden: list[torch.Tensor] = []
+        hooks = [blk.norm1.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for blk in self.blocks]
+        try:
+            final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return final, torch.stack(hidden, dim=1)
+
+
+def resolve_name(name: str) -> str:
+    """Short name or timm name -> timm name (with pretrained tag where the table gives one)."""
+    timm_name = BACKBONES.get(name, name)
+    if not timm.is_model(timm_name.split(".")[0]):
+        known = ", ".join(sorted(BACKBONES))
+        raise VQTError(f"unknown backbone {name!r}: use one of {known} or a timm ViT model name")
+    return timm_name
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Fail loudly on models whose blocks the VQT query path does not reproduce exactly."""
+    if not isinstance(model, VisionTransformer):
+        raise VQTError(f"backbone {name!r} is a {type(model).__name__}, but VQT needs a timm VisionTransformer")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise VQTError(
+                f"block {i} of {name!r} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}; the VQT "
+                "query path supports only timm's pre-norm Block with the standard Attention"
+            )
+        if blk.attn.gate is not None:
+            raise VQTError(f"block {i} of {name!r} uses gated attention, which the VQT query path does not support")
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """sha256 over the frozen state dict (names, dtypes, shapes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) -> nn.Module:
+    args = {**_NO_DROP, **kwargs, "num_classes": 0}
+    if weights == "random":
+        return timm.create_model(timm_name, pretrained=False, **args)
+    if weights is None:
+        try:
+            return timm.create_model(timm_name, pretrained=True, **args)
+        except Exception as exc:  # hub/network/cache errors come in many types; report them as one sentence
+            raise VQTError(
+                f"could not load pretrained weights for {timm_name!r} from the local timm/Hugging Face cache "
+                f"({type(exc).__name__}); pass --weights FILE or --weights random"
+            ) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise VQTError(f"weights file {str(path)!r} does not exist")
+    # timm's own pretrained-cfg overlay: its checkpoint filter adapts .pth/.safetensors/.npz layouts.
+    overlay = {"file": str(path), "source": "", "hf_hub_id": None, "custom_load": path.suffix == ".npz"}
+    try:
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **args)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise VQTError(f"weights file {str(path)!r} does not fit {timm_name!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -> Backbone:
+    """Build a frozen backbone.
+
+    Args:
+        name: short name from `BACKBONES` or any timm ViT name.
+        weights: None for the local timm/HF cache, "random" for random init (tests, demo), or a weights file
+            (.pth, .safetensors, .npz) loaded through timm's pretrained-cfg overlay.
+        **kwargs: timm model arguments (img_size, depth, ...), recorded with the backbone.
+
+    Raises:
+        VQTError: unknown name, missing or unfitting weights file, unsupported block type.
+    """
+    timm_name = resolve_name(name)
+    model = _create(timm_name, weights, kwargs)
+    check_supported(model, name)
+    model.eval().requires_grad_(False)
+    return Backbone(name=name, timm_name=timm_name, kwargs=dict(kwargs), model=model, fingerprint=_fingerprint(model))
+

@@ -1,0 +1,33 @@
+"""Feature assembly and the linear head (method.md §3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def feature_dim(dim: int, depth: int, num_queries: int) -> int:
+    """F = D·(1 + L·T): the final feature plus T query outputs per layer."""
+    return dim * (1 + depth * num_queries)
+
+
+def assemble_features(final: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """concat(f_0/‖f_0‖, f_1/‖f_1‖, ..., f_L/‖f_L‖) with f_l = flatten(O_l) token-major.
+
+    Args:
+        final: (B, D) the frozen backbone's final feature f_0.
+        outputs: (B, L, T, D) the per-layer query outputs O_l.
+
+    Returns:
+        (B, D·(1 + L·T)) features, each of the 1 + L groups of unit L2 norm.
+    """
+    per_layer = F.normalize(outputs.flatten(2), dim=-1).flatten(1)  # (B, L·T·D)
+    return torch.cat([F.normalize(final, dim=-1), per_layer], dim=1)
+
+
+def linear_head(in_features: int, num_classes: int) -> nn.Linear:
+    """The paper's head: one Linear(F, C), weight kaiming-normal (fan_out, as in the VPT/VQT code), default bias."""
+    head = nn.Linear(in_features, num_classes)
+    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    return head

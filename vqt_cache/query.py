@@ -1,0 +1,135 @@
+"""The VQT query path: learnable query tokens pushed through frozen timm blocks against cached image tokens.
+
+This is the only module that does attention math (method.md §2). It reuses each frozen block's own modules
+(norm1, attn.qkv, attn.q_norm/k_norm, attn.proj, ls1, norm2, mlp, ls2) and never runs the image tokens:
+those come from a cache, in one of two layouts, always layer-major so that a layer's slice is contiguous:
+
+    kv:     (L, 2, B, H, N, dh)   keys (after k_norm) and values, head-major: no transposed copy per step
+    hidden: (L, B, N, D)          X̂_l = LN1(Z_{l-1}); half the bytes, K/V folded into the GEMMs (method.md §4)
+
+Autograd records only the query tokens' activations: the cache carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("kv", "hidden")
+
+
+def query_init_bound(patch_size: tuple[int, int], dim: int) -> float:
+    """v of the U(-v, v) query init: sqrt(6 / (3·p_h·p_w + D)) (= 0.0625 for ViT-B/16)."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
+
+
+class Queries(nn.Module):
+    """Learnable query tokens P (L, T, D), U(-v, v) init per layer, per-sample dropout in training."""
+
+    def __init__(self, depth: int, num_queries: int, dim: int, init_bound: float, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_queries < 0:
+            raise ValueError(f"the number of queries must be >= 0, got {num_queries}")
+        self.prompts = nn.Parameter(torch.empty(depth, num_queries, dim))
+        nn.init.uniform_(self.prompts, -init_bound, init_bound)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def num_queries(self) -> int:
+        return self.prompts.shape[1]
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """P̃ = Dropout(P) for every image: (B, L, T, D); an expanded view (no copy) in eval mode."""
+        return self.dropout(self.prompts.expand(batch_size, *self.prompts.shape))
+
+
+def _split_qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
+    """W_q, W_k, W_v (each (H·dh, D), views) and their biases (None when qkv has no bias)."""
+    weights = attn.qkv.weight.chunk(3)
+    biases = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None, None, None)
+    return (*weights, *biases)
+
+
+def keys_values(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """K (after k_norm) and V of the image tokens from X̂ = LN1(Z): (B, N, D) -> (2, B, H, N, dh)."""
+    attn = block.attn
+    B, N, _ = hidden.shape
+    _, w_k, w_v, _, b_k, b_v = _split_qkv(attn)
+    k = attn.k_norm(F.linear(hidden, w_k, b_k).view(B, N, attn.num_heads, attn.head_dim))
+    v = F.linear(hidden, w_v, b_v).view(B, N, attn.num_heads, attn.head_dim)
+    return torch.stack([k, v]).transpose(2, 3)
+
+
+def kv_from_hidden(blocks: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
+    """Per-layer K/V from per-layer X̂: (L, B, N, D) -> the kv cache layout (L, 2, B, H, N, dh)."""
+    return torch.stack([keys_values(blk, hidden[layer]) for layer, blk in enumerate(blocks)])
+
+
+def _attend_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ) v per (image, head) as two batched GEMMs. q (B,H,T,dh) pre-scaled; k, v (B,H,N,dh)."""
+    B, H, T, dh = q.shape
+    N = k.shape[2]
+    scores = torch.bmm(q.reshape(B * H, T, dh), k.reshape(B * H, N, dh).transpose(1, 2))  # (B·H, T, N)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, N, dh)).view(B, H, T, dh)
+
+
+def _attend_hidden(
+    q: torch.Tensor, x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention against X̂ with K/V folded into the GEMMs (exact when k_norm is the identity).
+
+    Scores: q_h K_hᵀ = (q_h W_k,h) X̂ᵀ + q_h·b_k,h; the second term is constant along each score row and cancels
+    in the softmax. Values: A_h V_h = (A_h X̂) W_v,hᵀ + b_v,h because softmax rows sum to one.
+    q (B,H,T,dh) pre-scaled; x (B,N,D); w_k, w_v (H·dh, D). Returns (B,H,T,dh).
+    """
+    B, H, T, dh = q.shape
+    D = x.shape[-1]
+    q_tilde = torch.bmm(q.transpose(0, 1).reshape(H, B * T, dh), w_k.view(H, dh, D))  # (H, B·T, D)
+    q_tilde = q_tilde.view(H, B, T, D).transpose(0, 1).reshape(B, H * T, D)
+    scores = torch.bmm(q_tilde, x.transpose(1, 2))  # (B, H·T, N)
+    mixed = torch.bmm(scores.softmax(dim=-1), x)  # (B, H·T, D) = A X̂
+    out = torch.bmm(mixed.view(B, H, T, D).transpose(0, 1).reshape(H, B * T, D), w_v.view(H, dh, D).transpose(1, 2))
+    out = out.view(H, B, T, dh).transpose(0, 1)  # (B, H, T, dh)
+    return out if b_v is None else out + b_v.view(1, H, 1, dh)
+
+
+def query_block(block: nn.Module, p: torch.Tensor, layer_cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """One frozen timm Block applied to query tokens p (B, T, D) whose attention reads only the cached tokens.
+
+    layer_cache is (2, B, H, N, dh) for layout "kv" or (B, N, D) for "hidden". Returns O_l (B, T, D).
+    """
+    attn = block.attn
+    B, T, _ = p.shape
+    H, dh = attn.num_heads, attn.head_dim
+    w_q, w_k, w_v, b_q, _, b_v = _split_qkv(attn)
+    q = attn.q_norm(F.linear(block.norm1(p), w_q, b_q).view(B, T, H, dh)).transpose(1, 2) * attn.scale  # (B,H,T,dh)
+    if layout == "kv":
+        o = _attend_kv(q, layer_cache[0], layer_cache[1])
+    elif isinstance(attn.k_norm, nn.Identity):
+        o = _attend_hidden(q, layer_cache, w_k, w_v, b_v)
+    else:  # k_norm breaks the score trick: recompute K/V from X̂ (exact, ~2·N·D² MACs per image and layer)
+        k, v = keys_values(block, layer_cache)
+        o = _attend_kv(q, k, v)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, T, H * dh))))
+    x = p + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+class QueryPath(nn.Module):
+    """All layers: queries (B, L, T, D) + a layer-major cache -> per-layer query outputs O (B, L, T, D)."""
+
+    def __init__(self, blocks: nn.ModuleList, layout: str = "kv") -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.blocks = blocks  # frozen, built without dropout or drop-path: train/eval mode does not matter
+        self.layout = layout
+
+    def forward(self, queries: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        if queries.shape[2] == 0:  # T = 0: nothing to run (the linear-probe special case)
+            return queries
+        outs = [query_block(blk, queries[:, layer], cache[layer], self.layout) for layer, blk in enumerate(self.blocks)]
+        return torch.stack(outs, dim=1)
