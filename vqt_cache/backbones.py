@@ -19,17 +19,18 @@ from torch import nn
 
 from vqt_cache.errors import VQTError
 
-# Short name -> timm name (with pretrained tag). Any other timm ViT name is accepted as is.
-BACKBONES: dict[str, str] = {
-    "vit_b16": "vit_base_patch16_224.orig_in21k",  # the paper's main backbone (ImageNet-21k supervised)
-    "vit_b16_in1k": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
-    "vit_b16_mae": "vit_base_patch16_224.mae",  # global pool + fc_norm feature
-    "vit_b16_dino": "vit_base_patch16_224.dino",
-    "vit_b14_dinov2": "vit_base_patch14_dinov2.lvd142m",
-    "vit_b14_dinov2_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "vit_b16_clip": "vit_base_patch16_clip_224.openai",  # pre_norm + QuickGELU
-    "vit_l16": "vit_large_patch16_224.augreg_in21k",
-    "vit_s16": "vit_small_patch16_224.augreg_in21k",
+# Short name -> (timm name with pretrained tag, model kwargs). Any other timm ViT name is accepted as is.
+BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_b16": ("vit_base_patch16_224.orig_in21k", {}),  # the paper's main backbone (ImageNet-21k supervised)
+    "vit_b16_in1k": ("vit_base_patch16_224.augreg2_in21k_ft_in1k", {}),
+    # MAE: global average pool of the final-normed patch tokens (the pre-training checkpoint has no fc_norm)
+    "vit_b16_mae": ("vit_base_patch16_224.mae", {"global_pool": "avg", "fc_norm": False}),
+    "vit_b16_dino": ("vit_base_patch16_224.dino", {}),
+    "vit_b14_dinov2": ("vit_base_patch14_dinov2.lvd142m", {}),
+    "vit_b14_dinov2_reg": ("vit_base_patch14_reg4_dinov2.lvd142m", {}),
+    "vit_b16_clip": ("vit_base_patch16_clip_quickgelu_224.openai", {}),  # pre_norm + QuickGELU
+    "vit_l16": ("vit_large_patch16_224.augreg_in21k", {}),
+    "vit_s16": ("vit_small_patch16_224.augreg_in21k", {}),
 }
 
 # Every stochastic part of the frozen model is switched off, so train/eval mode never changes its output.
@@ -84,8 +85,12 @@ class Backbone:
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """timm's preprocessing for this model (input_size, interpolation, mean, std, crop_pct, crop_mode)."""
-        return timm.data.resolve_model_data_config(self.model)
+        """timm's preprocessing for this model (input_size, interpolation, mean, std, crop_pct, crop_mode).
+
+        The input size is the model's own (its token count depends on it), also when img_size was overridden.
+        """
+        config = timm.data.resolve_model_data_config(self.model)
+        return {**config, "input_size": (3, *self.model.patch_embed.img_size)}
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description, recorded in stores and run folders."""
@@ -121,13 +126,16 @@ class Backbone:
         return final, torch.stack(hidden, dim=1)
 
 
-def resolve_name(name: str) -> str:
-    """Short name or timm name -> timm name (with pretrained tag where the table gives one)."""
-    timm_name = BACKBONES.get(name, name)
+def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
+    """Short name or timm name -> (timm name, default model kwargs)."""
+    timm_name, kwargs = BACKBONES.get(name, (name, {}))
     if not timm.is_model(timm_name.split(".")[0]):
         known = ", ".join(sorted(BACKBONES))
         raise VQTError(f"unknown backbone {name!r}: use one of {known} or a timm ViT model name")
-    return timm_name
+    entrypoint = timm.models.model_entrypoint(timm_name.split(".")[0])
+    if entrypoint.__module__ != "timm.models.vision_transformer":
+        raise VQTError(f"backbone {name!r} is not a timm VisionTransformer, which VQT needs")
+    return timm_name, dict(kwargs)
 
 
 def check_supported(model: nn.Module, name: str) -> None:
@@ -144,7 +152,7 @@ def check_supported(model: nn.Module, name: str) -> None:
             raise VQTError(f"block {i} of {name!r} uses gated attention, which the VQT query path does not support")
 
 
-def _fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen state dict (names, dtypes, shapes and bytes), in name order."""
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
@@ -156,25 +164,29 @@ def _fingerprint(model: nn.Module) -> str:
 
 def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) -> nn.Module:
     args = {**_NO_DROP, **kwargs, "num_classes": 0}
-    if weights == "random":
-        return timm.create_model(timm_name, pretrained=False, **args)
-    if weights is None:
-        try:
-            return timm.create_model(timm_name, pretrained=True, **args)
-        except Exception as exc:  # hub/network/cache errors come in many types; report them as one sentence
-            raise VQTError(
-                f"could not load pretrained weights for {timm_name!r} from the local timm/Hugging Face cache "
-                f"({type(exc).__name__}); pass --weights FILE or --weights random"
-            ) from exc
-    path = Path(weights)
-    if not path.is_file():
-        raise VQTError(f"weights file {str(path)!r} does not exist")
-    # timm's own pretrained-cfg overlay: its checkpoint filter adapts .pth/.safetensors/.npz layouts.
-    overlay = {"file": str(path), "source": "", "hf_hub_id": None, "custom_load": path.suffix == ".npz"}
+    if weights is None or weights == "random":
+        overlay = None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise VQTError(f"weights file {str(path)!r} does not exist")
+        # timm's own pretrained-cfg overlay: its checkpoint filter adapts .pth/.safetensors/.npz layouts.
+        overlay = {"file": str(path), "source": "", "hf_hub_id": None, "custom_load": path.suffix == ".npz"}
     try:
-        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **args)
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise VQTError(f"weights file {str(path)!r} does not fit {timm_name!r}: {str(exc).splitlines()[0]}") from exc
+        return timm.create_model(timm_name, pretrained=weights != "random", pretrained_cfg_overlay=overlay, **args)
+    except (TypeError, AssertionError) as exc:  # timm's model constructors reject bad arguments this way
+        raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if overlay is None:
+            raise
+        raise VQTError(f"weights file {weights!s} does not fit {timm_name!r}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # hub, network and cache errors come in many types; report them as one sentence
+        if overlay is not None:
+            raise VQTError(f"could not read weights file {weights!s}: {exc}") from exc
+        raise VQTError(
+            f"could not load pretrained weights for {timm_name!r} from the local timm/Hugging Face cache "
+            f"({type(exc).__name__}); pass --weights FILE or --weights random"
+        ) from exc
 
 
 def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -> Backbone:
@@ -189,9 +201,10 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     Raises:
         VQTError: unknown name, missing or unfitting weights file, unsupported block type.
     """
-    timm_name = resolve_name(name)
+    timm_name, defaults = resolve_name(name)
+    kwargs = {**defaults, **kwargs}
     model = _create(timm_name, weights, kwargs)
     check_supported(model, name)
     model.eval().requires_grad_(False)
-    return Backbone(name=name, timm_name=timm_name, kwargs=dict(kwargs), model=model, fingerprint=_fingerprint(model))
+    return Backbone(name=name, timm_name=timm_name, kwargs=dict(kwargs), model=model, fingerprint=weights_fingerprint(model))
 

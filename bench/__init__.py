@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured side by side in one run (design.md §9). Run with `make bench`."""

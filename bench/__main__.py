@@ -1,0 +1,45 @@
+"""`python -m bench [--quick]`: run every benchmark, print one table, write bench/results.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench import stage_two
+
+BENCHES = {"stage_two": stage_two.run}
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    only = [a for a in argv if not a.startswith("--")] or list(BENCHES)
+    console = Console(width=200)
+    rows = []
+    for name in only:
+        console.print(f"[bold]running {name}[/bold] ...")
+        start = time.perf_counter()
+        rows += BENCHES[name](quick=quick)
+        console.print(f"  {name} took {time.perf_counter() - start:.0f} s")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=f"vqt-cache benchmarks ({platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
+    console.print(table)
+    out = Path(__file__).parent / "results.json"
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

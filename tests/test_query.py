@@ -1,0 +1,165 @@
+"""The query path is exact: it reproduces the frozen blocks, the live model, and itself across layouts."""
+
+import pytest
+import torch
+
+from conftest import images_for, tiny_backbone
+from vqt_cache.heads import assemble_features, feature_dim
+from vqt_cache.model import CachedVQT, LiveVQT
+from vqt_cache.query import Queries, kv_from_hidden, query_block, query_init_bound
+
+
+def block_inputs_outputs(backbone, images):
+    """Z_{l-1} and Z_l of every block, captured from timm's own forward."""
+    inputs, outputs = [], []
+
+    def record(_module, args, output):
+        inputs.append(args[0])
+        outputs.append(output)
+
+    hooks = [blk.register_forward_hook(record) for blk in backbone.blocks]
+    with torch.no_grad():
+        backbone.model.forward_features(images)
+    for h in hooks:
+        h.remove()
+    return inputs, outputs
+
+
+def caches(backbone, images):
+    """(final, kv cache, hidden cache), layer-major, from one frozen forward."""
+    final, hidden = backbone.forward_cache(images)
+    hidden = hidden.transpose(0, 1).contiguous()  # (L, B, N, D)
+    return final, kv_from_hidden(backbone.blocks, hidden), hidden
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_token_fed_as_query_reproduces_the_block(variant, layout):
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    inputs, outputs = block_inputs_outputs(backbone, images)
+    _, kv, hidden = caches(backbone, images)
+    cache = kv if layout == "kv" else hidden
+    with torch.no_grad():
+        for layer, blk in enumerate(backbone.blocks):
+            # every token j of the sequence is fed as its own query (T = N): O[:, j] must equal Z_l[:, j]
+            out = query_block(blk, inputs[layer], cache[layer], layout)
+            torch.testing.assert_close(out, outputs[layer], atol=1e-5, rtol=0)
+
+
+def _pair(backbone, num_queries=2, num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    vqt = CachedVQT.for_backbone(backbone, num_queries, num_classes)
+    with torch.no_grad():
+        vqt.head.bias.normal_()
+    return vqt, LiveVQT(backbone, vqt)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_cached_path_equals_live_model(variant, training):
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    final, kv, _ = caches(backbone, images)
+    vqt, live = _pair(backbone)
+    vqt.train(training)
+    target = torch.tensor([0, 3, 4])
+
+    def run(fn):
+        torch.manual_seed(123)  # same dropout masks on both paths
+        vqt.zero_grad()
+        feats = fn()
+        logits = vqt.head(feats)
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        return feats.detach(), logits.detach(), [p.grad.clone() for p in vqt.trainable_parameters().values()]
+
+    f_c, l_c, g_c = run(lambda: vqt.features(final, kv))
+    f_l, l_l, g_l = run(lambda: live.features(images))
+    torch.testing.assert_close(f_c, f_l, atol=1e-5, rtol=0)
+    torch.testing.assert_close(l_c, l_l, atol=1e-5, rtol=0)
+    for a, b in zip(g_c, g_l, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_kv_layout_equals_hidden_layout(variant):
+    backbone = tiny_backbone(variant)
+    final, kv, hidden = caches(backbone, images_for(backbone))
+    vqt, _ = _pair(backbone, num_queries=3)
+    vqt.eval()
+    with torch.no_grad():
+        a = vqt(final, kv)
+        vqt.path.layout = "hidden"
+        b = vqt(final, hidden)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# An fp16 cache perturbs K/V by ~2^-11 relative; after softmax and the frozen MLP the unit-norm features move by
+# well under this. Stated tolerance for a float16 cache (fp32 compute): features and logits within 5e-3.
+FP16_TOLERANCE = 5e-3
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_fp16_cache_within_stated_tolerance(layout):
+    backbone = tiny_backbone("cls")
+    final, kv, hidden = caches(backbone, images_for(backbone))
+    cache = kv if layout == "kv" else hidden
+    vqt, _ = _pair(backbone)
+    vqt.eval().path.layout = layout
+    with torch.no_grad():
+        exact = vqt.features(final, cache)
+        rounded = vqt.features(final.half().float(), cache.half().float())
+        assert (exact - rounded).abs().max() < FP16_TOLERANCE
+        assert (vqt.head(exact) - vqt.head(rounded)).abs().max() < FP16_TOLERANCE
+        assert (exact - rounded).abs().max() > 0  # the rounding really happened
+
+
+def test_query_init_range():
+    assert query_init_bound((16, 16), 768) == 0.0625  # ViT-B/16
+    torch.manual_seed(0)
+    q = Queries(depth=12, num_queries=10, dim=768, init_bound=0.0625)
+    p = q.prompts.detach()
+    assert p.shape == (12, 10, 768)
+    assert p.abs().max() <= 0.0625
+    assert p.min() < -0.06 and p.max() > 0.06  # spans the range
+    assert abs(p.std().item() - 0.0625 / 3**0.5) < 1e-3  # uniform: std = v/sqrt(3)
+    assert not torch.equal(p[0], p[1])  # each layer independently
+
+
+def test_query_dropout_only_in_training():
+    torch.manual_seed(0)
+    q = Queries(depth=2, num_queries=4, dim=64, init_bound=0.1, dropout=0.1)
+    q.eval()
+    assert torch.equal(q(3), q.prompts.expand(3, 2, 4, 64))
+    q.train()
+    dropped = q(3)
+    zeros = dropped == 0
+    assert 0.05 < zeros.float().mean() < 0.15
+    kept = ~zeros
+    torch.testing.assert_close(dropped[kept], (q.prompts.expand(3, 2, 4, 64) / 0.9)[kept])
+    assert not torch.equal(zeros[0], zeros[1])  # a mask per image
+
+
+@pytest.mark.parametrize(("T", "F"), [(1, 9_984), (10, 92_928), (20, 185_088)])
+def test_feature_dims_for_vit_b16(T, F):
+    assert feature_dim(768, 12, T) == F
+
+
+@pytest.mark.parametrize("T", [0, 1, 10, 20])
+def test_features_have_unit_norm_groups(T):
+    backbone = tiny_backbone("cls")
+    final, kv, _ = caches(backbone, images_for(backbone))
+    vqt, _ = _pair(backbone, num_queries=T)
+    with torch.no_grad():
+        feats = vqt.eval().features(final, kv)
+    D, L = backbone.dim, backbone.depth
+    assert feats.shape == (3, feature_dim(D, L, T))
+    groups = [feats[:, :D]] + list(feats[:, D:].split(T * D, dim=1)) if T else [feats]
+    assert len(groups) == (1 + L if T else 1)
+    for g in groups:
+        torch.testing.assert_close(g.norm(dim=1), torch.ones(3))
+
+
+def test_assemble_features_is_token_major():
+    final = torch.randn(2, 4)
+    outputs = torch.randn(2, 3, 2, 4)  # (B, L, T, D)
+    feats = assemble_features(final, outputs)
+    layer1 = outputs[:, 1].reshape(2, 8)  # token 0's D values, then token 1's
+    torch.testing.assert_close(feats[:, 4 + 8 : 4 + 16], layer1 / layer1.norm(dim=1, keepdim=True))
