@@ -28,8 +28,10 @@ def main(argv: list[str]) -> None:
         rows += BENCHES[name](quick=quick)
         console.print(f"  {name} took {time.perf_counter() - start:.0f} s")
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    table = Table(title=f"vqt-cache benchmarks ({platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+    table = Table(
+        title=f"vqt-cache benchmarks ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__})"
+    )
     for c in columns:
         table.add_column(c, justify="right")
     for r in rows:

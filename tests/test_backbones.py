@@ -2,9 +2,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_backbone
 from vqt_cache.backbones import BACKBONES, load_backbone, resolve_name
 from vqt_cache.errors import VQTError
+
+from conftest import tiny_backbone
 
 
 def test_short_names_resolve_to_timm_models():
@@ -24,8 +25,9 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["vit_base_patch16_rpn_224", "resnet18"])
 def test_unsupported_blocks_are_refused(name):
+    tiny = {"depth": 1, "embed_dim": 48, "num_heads": 3} if "vit" in name else {}
     with pytest.raises(VQTError, match="ResPostBlock|VisionTransformer"):
-        load_backbone(name, weights="random", **({"depth": 1, "embed_dim": 48, "num_heads": 3} if "vit" in name else {}))
+        load_backbone(name, weights="random", **tiny)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -43,7 +45,7 @@ def test_weights_file_of_another_shape_is_a_clear_error(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(src.model.state_dict(), path)
     with pytest.raises(VQTError, match="does not fit"):
-        load_backbone("vit_tiny_patch16_224", weights=path, img_size=32, patch_size=8, embed_dim=64, num_heads=4, depth=3)
+        load_backbone("vit_tiny_patch16_224", weights=path, **{**src.kwargs, "embed_dim": 64, "num_heads": 4})
 
 
 def test_fingerprint_tracks_weights():

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import images_for, tiny_backbone
 from vqt_cache.heads import assemble_features, feature_dim
 from vqt_cache.model import CachedVQT, LiveVQT
 from vqt_cache.query import Queries, kv_from_hidden, query_block, query_init_bound
+
+from conftest import images_for, tiny_backbone
 
 
 def block_inputs_outputs(backbone, images):

@@ -34,8 +34,9 @@ BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # Every stochastic part of the frozen model is switched off, so train/eval mode never changes its output.
-_NO_DROP = dict(drop_rate=0.0, pos_drop_rate=0.0, patch_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
-                drop_path_rate=0.0)
+_NO_DROP = dict(
+    drop_rate=0.0, pos_drop_rate=0.0, patch_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0
+)
 
 
 @dataclass
@@ -206,5 +207,4 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     model = _create(timm_name, weights, kwargs)
     check_supported(model, name)
     model.eval().requires_grad_(False)
-    return Backbone(name=name, timm_name=timm_name, kwargs=dict(kwargs), model=model, fingerprint=weights_fingerprint(model))
-
+    return Backbone(name, timm_name, dict(kwargs), model, fingerprint=weights_fingerprint(model))
