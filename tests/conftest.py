@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,46 @@ def variant(request) -> str:
 def images_for(backbone: Backbone, batch: int = 3, seed: int = 1) -> torch.Tensor:
     size = backbone.model.patch_embed.img_size
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+# The tiny backbone that extraction tests run (random weights are seeded, so every run gets the same model).
+TINY_EXTRACT = dict(
+    backbone="vit_tiny_patch16_224",
+    weights="random",
+    model_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
+)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run `vqt-cache ARGS` in this process; returns (exit code, printed text)."""
+    import io
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from vqt_cache import cli
+
+    buffer = io.StringIO()
+    argv, sys.argv = sys.argv, ["vqt-cache", *args]
+    code = 0
+    try:
+        with redirect_stdout(buffer), redirect_stderr(buffer):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, buffer.getvalue()
+
+
+def make_imagefolder(root, per_class: int = 5, classes=("cat", "dog", "owl"), splits=("train", "test"), size=20):
+    """A small torchvision-style image folder of random PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root

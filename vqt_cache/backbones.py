@@ -110,21 +110,44 @@ class Backbone:
         }
 
     @torch.no_grad()
-    def forward_cache(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the frozen model once and return what stage two needs.
+    def forward_cache(self, images: torch.Tensor, layout: str = "hidden") -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen model once; capture what stage two needs from inside its own blocks (no recompute).
 
         Returns:
             final: (B, D) the model's own final feature f_0 (pre-logits).
-            hidden: (B, L, N, D) X̂_l = LN1(Z_{l-1}), the normalised input of every block.
+            per-image layers: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at norm1; or
+                (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv.
         """
-        hidden: list[torch.Tensor] = []
-        hooks = [blk.norm1.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for blk in self.blocks]
+        captured: list[torch.Tensor] = []
+        if layout == "hidden":
+            hooks = [blk.norm1.register_forward_hook(lambda _m, _i, out: captured.append(out)) for blk in self.blocks]
+        else:
+
+            def capture_kv(block, qkv_out):
+                _, k, v = qkv_out.chunk(3, dim=-1)
+                captured.append(heads_kv(block, k, v).transpose(0, 1))  # (B, 2, H, N, dh)
+
+            hooks = [
+                blk.attn.qkv.register_forward_hook(lambda _m, _i, out, blk=blk: capture_kv(blk, out))
+                for blk in self.blocks
+            ]
         try:
             final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         finally:
             for h in hooks:
                 h.remove()
-        return final, torch.stack(hidden, dim=1)
+        return final, torch.stack(captured, dim=1)
+
+
+def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A block's keys (k_norm applied, as its attention does) and values, split into heads: (2, B, H, N, dh).
+
+    k, v: (B, N, H·dh), the key and value parts of the block's qkv projection.
+    """
+    attn = block.attn
+    B, N, _ = k.shape
+    k = attn.k_norm(k.view(B, N, attn.num_heads, attn.head_dim))
+    return torch.stack([k, v.view(B, N, attn.num_heads, attn.head_dim)]).transpose(2, 3)
 
 
 def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
@@ -174,7 +197,9 @@ def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) 
         # timm's own pretrained-cfg overlay: its checkpoint filter adapts .pth/.safetensors/.npz layouts.
         overlay = {"file": str(path), "source": "", "hf_hub_id": None, "custom_load": path.suffix == ".npz"}
     try:
-        return timm.create_model(timm_name, pretrained=weights != "random", pretrained_cfg_overlay=overlay, **args)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # "random" weights are the same on every run, so such stores resume
+            return timm.create_model(timm_name, pretrained=weights != "random", pretrained_cfg_overlay=overlay, **args)
     except (TypeError, AssertionError) as exc:  # timm's model constructors reject bad arguments this way
         raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
     except (RuntimeError, KeyError, ValueError) as exc:

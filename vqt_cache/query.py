@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqt_cache.backbones import heads_kv
+
 LAYOUTS = ("kv", "hidden")
 
 
@@ -55,12 +57,8 @@ def _split_qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
 
 def keys_values(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """K (after k_norm) and V of the image tokens from X̂ = LN1(Z): (B, N, D) -> (2, B, H, N, dh)."""
-    attn = block.attn
-    B, N, _ = hidden.shape
-    _, w_k, w_v, _, b_k, b_v = _split_qkv(attn)
-    k = attn.k_norm(F.linear(hidden, w_k, b_k).view(B, N, attn.num_heads, attn.head_dim))
-    v = F.linear(hidden, w_v, b_v).view(B, N, attn.num_heads, attn.head_dim)
-    return torch.stack([k, v]).transpose(2, 3)
+    _, w_k, w_v, _, b_k, b_v = _split_qkv(block.attn)
+    return heads_kv(block, F.linear(hidden, w_k, b_k), F.linear(hidden, w_v, b_v))
 
 
 def kv_from_hidden(blocks: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,300 @@
+"""Stage one: exact round trips, resume, idempotence, torchrun, and the store's self-description."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqt_cache.backbones import load_backbone
+from vqt_cache.datasets import ImageSplit, open_dataset
+from vqt_cache.errors import VQTError
+from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.store import open_store
+
+from conftest import TINY_EXTRACT, make_imagefolder, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(tmp_path, name="s.zarr", **overrides) -> ExtractConfig:
+    args = dict(
+        TINY_EXTRACT,
+        dataset="digits",
+        splits=("val200",),
+        out=str(tmp_path / name),
+        workers=0,
+        batch_size=16,
+        shard_size=32,
+    )
+    return ExtractConfig(**{**args, **overrides})
+
+
+def captured_from_model(cfg: ExtractConfig, split: str):
+    """K/V, LN1 outputs and final features taken straight from timm's attention, independent of vqt_cache code."""
+    backbone = load_backbone(cfg.backbone, weights=cfg.weights, **cfg.model_kwargs)
+    dataset = open_dataset(cfg.dataset)
+    store = open_store(cfg.store_url)
+    images = torch.stack([x for x, _, _ in ImageSplit(dataset, dataset.split(split), store.attrs["preprocessing"])])
+    kv, hidden = [], []
+
+    def record(attn, args, _out):
+        x = args[0]
+        B, N, _ = x.shape
+        hidden.append(x)
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # as timm does
+        kv.append(torch.stack([attn.k_norm(qkv[1]), qkv[2]], dim=1))  # (B, 2, H, N, dh)
+
+    hooks = [blk.attn.register_forward_hook(record) for blk in backbone.blocks]
+    finals = []
+    with torch.no_grad():
+        for batch in images.split(cfg.batch_size):  # the batches extraction uses, so results match bit for bit
+            finals.append(backbone.model.forward_head(backbone.model.forward_features(batch), pre_logits=True))
+    for h in hooks:
+        h.remove()
+    L = len(backbone.blocks)
+    per_batch = lambda xs: torch.cat([torch.stack(xs[i : i + L], 1) for i in range(0, len(xs), L)])  # noqa: E731
+    return per_batch(kv).numpy(), per_batch(hidden).numpy(), torch.cat(finals).numpy()
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_fp32_round_trip_is_exact(tmp_path, layout):
+    cfg = config(tmp_path, layout=layout, dtype="float32")
+    extract(cfg)
+    kv, hidden, final = captured_from_model(cfg, "val200")
+    split = open_store(cfg.store_url).split("val200")
+    stored = split.features[:]
+    np.testing.assert_array_equal(stored, kv if layout == "kv" else hidden)
+    np.testing.assert_array_equal(split.group["final"][:], final)
+    assert split.labels().tolist() == [label for _, label in open_dataset("digits").split("val200")]
+    assert split.valid().all()
+
+
+def test_fp16_round_trip_within_half_precision(tmp_path):
+    cfg = config(tmp_path, layout="kv", dtype="float16")
+    extract(cfg)
+    kv, _, _ = captured_from_model(cfg, "val200")
+    stored = open_store(cfg.store_url).split("val200").features[:]
+    assert stored.dtype == np.float16
+    np.testing.assert_array_equal(stored, kv.astype(np.float16))  # exactly the model's values, rounded once
+
+
+def _same_store(a: str, b: str) -> None:
+    sa, sb = open_store(a), open_store(b)
+    assert sa.split_names() == sb.split_names()
+    for name in sa.split_names():
+        ga, gb = sa.group[name], sb.group[name]
+        for array in ga.array_keys():
+            np.testing.assert_array_equal(ga[array][:], gb[array][:], err_msg=f"{name}/{array}")
+        assert dict(ga.attrs) == dict(gb.attrs)
+    assert sa.weights().keys() == sb.weights().keys()
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [64, 40], ids=["between-shards", "inside-a-shard"])
+def test_resume_after_interruption_equals_one_run(tmp_path, stop_after):
+    reference = config(tmp_path, "ref.zarr")
+    extract(reference)
+    cfg = config(tmp_path, "resumed.zarr")
+
+    def interrupt(_split, done, _total):
+        if done >= stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        extract(cfg, progress=interrupt)
+    split = open_store(cfg.store_url).split("val200", require_complete=False)
+    finished = stop_after // 32  # shards of 32 images: the interrupted one is redone whole
+    assert split.incomplete_shards() == list(range(finished, 7))
+    with pytest.raises(VQTError, match="incomplete"):
+        open_store(cfg.store_url).split("val200")
+    seen = []
+    summary = extract(cfg, progress=lambda s, done, total: seen.append((done, total)))
+    assert seen[-1] == (200 - 32 * finished, 200 - 32 * finished)  # only the missing shards
+    assert not summary.nothing_to_do
+    _same_store(reference.store_url, cfg.store_url)
+
+
+def test_rerun_over_complete_store_does_nothing(tmp_path):
+    cfg = config(tmp_path)
+    extract(cfg)
+    before = {p: p.stat().st_mtime_ns for p in Path(cfg.store_url).rglob("*") if p.is_file()}
+    assert extract(cfg).nothing_to_do
+    after = {p: p.stat().st_mtime_ns for p in Path(cfg.store_url).rglob("*") if p.is_file()}
+    assert before == after
+    code, out = run_cli(
+        "extract",
+        "--backbone",
+        cfg.backbone,
+        "--dataset",
+        "digits",
+        "--splits",
+        "val200",
+        "--weights",
+        "random",
+        "--out",
+        cfg.store_url,
+        "--shard-size",
+        "32",
+        "--workers",
+        "0",
+        *[f"--model-arg={k}={v}" for k, v in cfg.model_kwargs.items()],
+    )
+    assert code == 0 and "nothing to do" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layout": "hidden"}, "layout 'kv'"),
+        ({"dtype": "float32"}, "dtype 'float16'"),
+        ({"model_kwargs": {**TINY_EXTRACT["model_kwargs"], "depth": 3}}, "different backbone"),
+    ],
+)
+def test_mismatch_with_existing_store_is_refused(tmp_path, change, message):
+    extract(config(tmp_path))
+    with pytest.raises(VQTError, match=message):
+        extract(config(tmp_path, **change))
+    assert open_store(config(tmp_path).store_url).split("val200").complete  # untouched
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    extract(cfg)
+    open_store(cfg.store_url, mode="r+").group.attrs["format_version"] = 99
+    with pytest.raises(VQTError, match="format_version 99.*upgrade"):
+        open_store(cfg.store_url)
+
+
+def test_store_is_self_describing(tmp_path):
+    cfg = config(tmp_path, splits=("val200", "test"), codec="zstd")
+    extract(cfg)
+    code, out = run_cli("info", cfg.store_url, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["backbone"]["timm_name"] == "vit_tiny_patch16_224"
+    assert info["backbone"]["depth"] == 2 and info["backbone"]["tokens"] == 17
+    assert info["preprocessing"]["resize"] == "squash" and info["preprocessing"]["input_size"] == [3, 32, 32]
+    assert info["dataset"]["num_classes"] == 10 and info["codec"] == "zstd"
+    assert {s["name"]: s["images"] for s in info["splits"]} == {"test": 797, "val200": 200}
+    assert all(s["complete"] for s in info["splits"])
+    assert info["versions"]["zarr"].startswith("3.")
+    code, out = run_cli("info", cfg.store_url)
+    assert code == 0 and "val200" in out and "vit_tiny_patch16_224" in out
+    # the store alone rebuilds the frozen backbone, bit for bit
+    weights = open_store(cfg.store_url).weights()
+    model = load_backbone(cfg.backbone, weights=cfg.weights, **cfg.model_kwargs).model
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(weights[k], v.numpy())
+
+
+def test_imagefolder_end_to_end_with_odd_image_modes(tmp_path):
+    from PIL import Image
+
+    root = make_imagefolder(tmp_path / "imgs")
+    Image.new("L", (20, 20), 128).save(root / "train" / "cat" / "gray.png")
+    Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(root / "train" / "cat" / "cmyk.jpg")
+    Image.new("RGBA", (20, 20), (1, 2, 3, 4)).save(root / "train" / "dog" / "rgba.png")
+    cfg = ExtractConfig(**TINY_EXTRACT, dataset="imagefolder", root=str(root), out=str(tmp_path / "f.zarr"), workers=0)
+    extract(cfg)
+    store = open_store(cfg.store_url)
+    assert store.split_names() == ["test", "train"]
+    train = store.split("train")
+    assert train.num_samples == 18 and train.valid().all()
+    assert "train/cat/gray.png" in train.sources
+    assert store.attrs["dataset"]["class_names"] == ["cat", "dog", "owl"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_one_run(tmp_path):
+    args = [
+        "--backbone",
+        TINY_EXTRACT["backbone"],
+        "--dataset",
+        "digits",
+        "--splits",
+        "train800",
+        "--weights",
+        "random",
+        "--shard-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
+    ]
+    cmd = [sys.executable, "-m", "vqt_cache", "extract", *args]
+    subprocess.run([*cmd, "--out", str(tmp_path / "ref.zarr")], check=True, capture_output=True, cwd=REPO)
+    out = str(tmp_path / "killed.zarr")
+    proc = subprocess.Popen([*cmd, "--out", out], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once some shards are done
+        done = Path(out, "train800", "shard_done", "c")
+        if done.exists() and len(list(done.iterdir())) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not open_store(out).split("train800", require_complete=False).complete
+    subprocess.run([*cmd, "--out", out], check=True, capture_output=True, cwd=REPO)
+    _same_store(str(tmp_path / "ref.zarr"), out)
+
+
+def test_two_process_torchrun_equals_one_process(tmp_path):
+    args = [
+        "extract",
+        "--backbone",
+        TINY_EXTRACT["backbone"],
+        "--dataset",
+        "digits",
+        "--splits",
+        "val200,test",
+        "--weights",
+        "random",
+        "--shard-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--json",
+        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "vqt_cache",
+    ]
+    result = subprocess.run(
+        [*torchrun, *args, "--out", str(tmp_path / "two.zarr")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    subprocess.run(
+        [sys.executable, "-m", "vqt_cache", *args, "--out", str(tmp_path / "one.zarr")],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    _same_store(str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr"))

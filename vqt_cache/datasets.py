@@ -1,0 +1,305 @@
+"""Dataset adapters: each turns a dataset's native layout into named splits of (image source, label).
+
+A split is a fixed, ordered list; its order is recorded in the store (as the source list and its hash), so a
+cache row always maps back to the same file. Images are decoded here and nowhere else; the only image code
+stage one runs is `ImageSplit` with the backbone's preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from vqt_cache.errors import VQTError
+
+# VTAB-1k: task -> (folder names used by the common image-folder releases, number of classes, group)
+VTAB_TASKS: dict[str, tuple[tuple[str, ...], int, str]] = {
+    "caltech101": (("caltech101",), 102, "natural"),
+    "cifar100": (("cifar100", "cifar"), 100, "natural"),
+    "dtd": (("dtd",), 47, "natural"),
+    "oxford_flowers102": (("oxford_flowers102",), 102, "natural"),
+    "oxford_iiit_pet": (("oxford_iiit_pet",), 37, "natural"),
+    "svhn": (("svhn",), 10, "natural"),
+    "sun397": (("sun397",), 397, "natural"),
+    "patch_camelyon": (("patch_camelyon",), 2, "specialized"),
+    "eurosat": (("eurosat",), 10, "specialized"),
+    "resisc45": (("resisc45",), 45, "specialized"),
+    "diabetic_retinopathy": (("diabetic_retinopathy",), 5, "specialized"),
+    "clevr_count": (("clevr_count",), 8, "structured"),
+    "clevr_dist": (("clevr_dist",), 6, "structured"),
+    "dmlab": (("dmlab",), 6, "structured"),
+    "kitti": (("kitti",), 4, "structured"),
+    "dsprites_loc": (("dsprites_loc",), 16, "structured"),
+    "dsprites_ori": (("dsprites_ori",), 16, "structured"),
+    "smallnorb_azi": (("smallnorb_azi",), 18, "structured"),
+    "smallnorb_ele": (("smallnorb_ele",), 9, "structured"),
+}
+VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+
+# VPT's FGVC release: task -> image folder below the task root ({train,val,test}.json hold paths relative to it)
+FGVC_TASKS: dict[str, str] = {
+    "cub": "images",
+    "nabirds": "images",
+    "oxfordflower": "",
+    "stanforddogs": "Images",
+    "stanfordcars": "",
+}
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+@dataclass
+class Dataset:
+    """Named splits of (source, label) plus how to turn a source into an RGB image."""
+
+    name: str
+    root: Path | None
+    class_names: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    resize: str = "timm"  # "timm": the backbone's resize + center crop; "squash": straight to the input size
+    _loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_image(self, source: str) -> Image.Image:
+        """Decode one image as RGB (grayscale, palette, CMYK and RGBA are converted); BadImage if unreadable."""
+        if self._loader is not None:
+            return self._loader(source)
+        path = self.root / source
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except FileNotFoundError as exc:
+            raise BadImage(f"image {path} does not exist") from exc
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise BadImage(f"cannot read image {path}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root) if self.root else None,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "resize": self.resize,
+        }
+
+    def split(self, name: str) -> list[tuple[str, int]]:
+        if name not in self.splits:
+            raise VQTError(f"dataset {self.name!r} has no split {name!r} (it has {', '.join(self.splits)})")
+        items = self.splits[name]
+        if not items:
+            raise VQTError(f"split {name!r} of dataset {self.name!r} is empty")
+        return items
+
+
+def index_hash(items: list[tuple[str, int]]) -> str:
+    """sha256 of a split's ordered (source, label) list: the identity of a split's rows."""
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def _check_labels(items: list[tuple[str, int]], num_classes: int, where: str) -> None:
+    for source, label in items:
+        if not 0 <= label < num_classes:
+            raise VQTError(f"label {label} of {source} in {where} is outside 0..{num_classes - 1}")
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise VQTError(f"{what} {path} does not exist")
+    return path
+
+
+def _read_rows(path: Path, columns: int) -> list[list[str]]:
+    rows = []
+    for number, line in enumerate(_require(path, "split file").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=columns - 1)
+        if len(parts) != columns:
+            raise VQTError(f"line {number} of {path} should have {columns} fields: {line!r}")
+        rows.append(parts)
+    return rows
+
+
+def _int(value: str, path: Path) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise VQTError(f"{path} has a non-integer label or id {value!r}") from exc
+
+
+def cub(root: Path) -> Dataset:
+    """CUB-200-2011 native layout: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt."""
+    _require(root, "dataset root")
+    paths = {i: p for i, p in _read_rows(root / "images.txt", 2)}
+    labels = {
+        i: _int(c, root / "image_class_labels.txt") - 1 for i, c in _read_rows(root / "image_class_labels.txt", 2)
+    }
+    is_train = {i: t == "1" for i, t in _read_rows(root / "train_test_split.txt", 2)}
+    classes = [name for _, name in _read_rows(root / "classes.txt", 2)]
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for image_id, rel in paths.items():  # images.txt order
+        if image_id not in labels or image_id not in is_train:
+            raise VQTError(f"image id {image_id} of {root / 'images.txt'} has no label or no train/test entry")
+        splits["train" if is_train[image_id] else "test"].append((f"images/{rel}", labels[image_id]))
+    for name, items in splits.items():
+        _check_labels(items, len(classes), f"CUB split {name}")
+    return Dataset("cub", root, classes, splits)
+
+
+def fgvc(task: str, root: Path) -> Dataset:
+    """VPT's FGVC release: {train,val,test}.json map image paths (relative to the image folder) to labels."""
+    if task not in FGVC_TASKS:
+        raise VQTError(f"unknown FGVC task {task!r}: use one of {', '.join(FGVC_TASKS)}")
+    _require(root, "dataset root")
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = _require(root / f"{split}.json", "split file")
+        try:
+            mapping = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise VQTError(f"split file {path} is not valid JSON: {exc}") from exc
+        prefix = f"{FGVC_TASKS[task]}/" if FGVC_TASKS[task] else ""
+        splits[split] = [(prefix + rel, _int(str(label), path)) for rel, label in mapping.items()]
+    num_classes = 1 + max(label for items in splits.values() for _, label in items)
+    for name, items in splits.items():
+        _check_labels(items, num_classes, f"FGVC split {name}")
+    return Dataset(f"fgvc/{task}", root, [str(i) for i in range(num_classes)], splits)
+
+
+def vtab1k(task: str, root: Path) -> Dataset:
+    """VTAB-1k image-folder release: <root>/<task>/{train800,val200,train800val200,test}.txt, `<path> <label>`."""
+    if task not in VTAB_TASKS:
+        raise VQTError(f"unknown VTAB-1k task {task!r}: use one of {', '.join(VTAB_TASKS)}")
+    folders, num_classes, _ = VTAB_TASKS[task]
+    _require(root, "dataset root")
+    task_root = next((root / f for f in folders if (root / f).is_dir()), root / folders[0])
+    _require(task_root, f"VTAB-1k task folder for {task}:")
+    splits = {}
+    for split in VTAB_SPLITS:
+        path = task_root / f"{split}.txt"
+        splits[split] = [(rel, _int(label, path)) for rel, label in _read_rows(path, 2)]
+        _check_labels(splits[split], num_classes, str(path))
+    return Dataset(f"vtab1k/{task}", task_root, [str(i) for i in range(num_classes)], splits, resize="squash")
+
+
+def imagefolder(root: Path) -> Dataset:
+    """torchvision-style <root>/<split>/<class>/<image>; classes from the sorted class folders of all splits."""
+    _require(root, "dataset root")
+    split_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not split_dirs:
+        raise VQTError(f"image folder {root} has no split folders (expected <root>/<split>/<class>/<image>)")
+    classes = sorted({c.name for s in split_dirs for c in s.iterdir() if c.is_dir()})
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split_dir in split_dirs:
+        splits[split_dir.name] = [
+            (str(f.relative_to(root)), index[c.name])
+            for c in sorted(d for d in split_dir.iterdir() if d.is_dir())
+            for f in sorted(c.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return Dataset("imagefolder", root, classes, splits)
+
+
+def digits() -> Dataset:
+    """scikit-learn's bundled 8×8 digits (1,797 images, no download), split like VTAB-1k: 800/200/rest.
+
+    The split is a fixed seeded permutation; images are upscaled to the backbone's input by its preprocessing.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    pixels = (data.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    order = np.random.default_rng(0).permutation(len(pixels))
+    items = [(f"digits:{i}", int(data.target[i])) for i in order]
+    splits = {"train800": items[:800], "val200": items[800:1000], "train800val200": items[:1000], "test": items[1000:]}
+
+    def load(source: str) -> Image.Image:
+        return Image.fromarray(pixels[int(source.split(":")[1])], mode="L").convert("RGB")
+
+    return Dataset("digits", None, [str(d) for d in range(10)], splits, resize="squash", _loader=load)
+
+
+def open_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """`cub`, `fgvc/<task>`, `vtab1k/<task>`, `imagefolder` or `digits` -> Dataset.
+
+    root defaults to data/downloads/<name>.
+    """
+    family, _, task = name.partition("/")
+    if family == "digits":
+        return digits()
+    path = Path(root) if root is not None else Path("data/downloads") / name
+    if family == "cub":
+        return cub(path)
+    if family == "fgvc":
+        return fgvc(task, path)
+    if family == "vtab1k":
+        return vtab1k(task, path)
+    if family == "imagefolder":
+        return imagefolder(path)
+    raise VQTError(f"unknown dataset {name!r}: use cub, fgvc/<task>, vtab1k/<task>, imagefolder or digits")
+
+
+def preprocessing(data_config: dict[str, Any], resize: str) -> dict[str, Any]:
+    """The recorded preprocessing: the backbone's timm data config plus the dataset's resize mode."""
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k in keys}
+    return {**config, "resize": resize}
+
+
+def build_transform(prep: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised (3, H, W) tensor, exactly as recorded in `prep`."""
+    size = tuple(prep["input_size"][1:])
+    if prep["resize"] == "squash":
+        interpolation = transforms.InterpolationMode(prep["interpolation"])
+        return transforms.Compose(
+            [
+                transforms.Resize(size, interpolation=interpolation),
+                transforms.ToTensor(),
+                transforms.Normalize(prep["mean"], prep["std"]),
+            ]
+        )
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(3, *size),
+        interpolation=prep["interpolation"],
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+        crop_pct=prep["crop_pct"],
+        crop_mode=prep["crop_mode"],
+    )
+
+
+class ImageSplit(torch.utils.data.Dataset):
+    """Decoded, preprocessed images of a slice of one split; a bad image yields (zeros, False)."""
+
+    def __init__(self, dataset: Dataset, items: list[tuple[str, int]], prep: dict[str, Any]) -> None:
+        self.dataset, self.items, self.prep = dataset, items, prep
+        self.transform = build_transform(prep)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            return self.transform(self.dataset.load_image(self.items[i][0])), True, ""
+        except BadImage as exc:
+            return torch.zeros(self.prep["input_size"]), False, str(exc)

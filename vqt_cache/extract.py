@@ -1,0 +1,252 @@
+"""Stage one: run the frozen backbone once over a dataset and write the store (design.md §5, §8).
+
+Work is done shard by shard. Each shard is read in the same fixed batches whatever the run, so a resumed or
+multi-process extraction writes the very bytes a single uninterrupted run would. Under torchrun, rank r owns the
+shards s with s % world_size == r; rank 0 writes all metadata before any rank writes data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vqt_cache import __version__
+from vqt_cache.backbones import Backbone, load_backbone
+from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
+from vqt_cache.errors import VQTError
+from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store
+
+ON_BAD_IMAGE = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `vqt-cache extract` needs; validated on construction."""
+
+    backbone: str
+    dataset: str
+    root: str | None = None
+    splits: tuple[str, ...] | None = None  # None: every split of the dataset
+    layout: str = "kv"
+    dtype: str = "float16"
+    codec: str = "none"
+    batch_size: int = 32
+    shard_size: int = 64
+    device: str = "auto"
+    out: str | None = None  # default <cache_root>/<dataset>/<backbone>.zarr
+    cache_root: str = "data/cache"
+    weights: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    on_bad_image: str = "fail"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in (
+            (self.layout, LAYOUTS, "layout"),
+            (self.dtype, DTYPES, "dtype"),
+            (self.codec, CODECS, "codec"),
+            (self.on_bad_image, ON_BAD_IMAGE, "on-bad-image"),
+        ):
+            if value not in allowed:
+                raise VQTError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise VQTError("batch size and shard size must be at least 1")
+        if self.workers < 0:
+            raise VQTError("workers must be >= 0")
+
+    @property
+    def store_url(self) -> str:
+        return self.out or str(Path(self.cache_root) / self.dataset / f"{self.backbone}.zarr")
+
+
+@dataclass
+class SplitSummary:
+    name: str
+    images: int
+    written: int
+    skipped: list[str]
+    seconds: float
+    bytes_written: int
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    splits: list[SplitSummary]
+    nothing_to_do: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Progress: called with (split name, images done in this run, images to do in this run)
+Progress = Callable[[str, int, int], None]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dict[str, Any]:
+    import numcodecs
+    import timm
+    import zarr
+
+    return {
+        "backbone": backbone.describe(),
+        "preprocessing": preprocessing(backbone.data_config, dataset.resize),
+        "dataset": dataset.describe(),
+        "layout": cfg.layout,
+        "dtype": cfg.dtype,
+        "codec": cfg.codec,
+        "versions": {
+            "vqt_cache": __version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
+        },
+    }
+
+
+def _prepare_split(store: Store, dataset: Dataset, name: str, shard_size: int) -> None:
+    """Create a split's metadata, or check that an existing split lists the very same images."""
+    items = dataset.split(name)
+    digest = index_hash(items)
+    if store.has_split(name):
+        if store.group[name].attrs["index_hash"] != digest:
+            raise VQTError(
+                f"split {name!r} in {store.url} lists other images than {dataset.name!r} at "
+                f"{dataset.root} does now; use another --out or delete the store"
+            )
+        return
+    if name in store.split_names():  # interrupted creation: no data was written yet
+        store.remove_split(name)
+    store.create_split(name, [s for s, _ in items], [label for _, label in items], shard_size, digest)
+
+
+def _shard_batches(split, shards: list[int], batch_size: int) -> list[list[int]]:
+    """The fixed batches of the given shards: a batch never crosses a shard boundary."""
+    batches = []
+    for shard in shards:
+        start, stop = split.shard_range(shard)
+        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+    return batches
+
+
+def extract_split(
+    backbone: Backbone,
+    split,
+    dataset: Dataset,
+    shards: list[int],
+    prep: dict,
+    cfg: ExtractConfig,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> list[str]:
+    """Write the given whole shards of one split; returns the sources of skipped bad images."""
+    items = dataset.split(split.name)
+    loader = torch.utils.data.DataLoader(
+        ImageSplit(dataset, items, prep),
+        num_workers=cfg.workers,
+        batch_sampler=_shard_batches(split, shards, cfg.batch_size),
+    )
+    batches = iter(loader)
+    dtype = getattr(torch, cfg.dtype)
+    skipped: list[str] = []
+    for shard in shards:
+        start, stop = split.shard_range(shard)
+        finals, valid = [], []
+        position = start
+        while position < stop:
+            images, ok, errors = next(batches)
+            bad = [i for i, good in enumerate(ok.tolist()) if not good]
+            if bad and cfg.on_bad_image == "fail":
+                raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
+            skipped += [items[position + i][0] for i in bad]
+            final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout)
+            layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
+            split.write_images(position, layers.to("cpu", dtype).numpy())
+            finals.append(final.float().cpu().numpy())
+            valid.append(ok.numpy().astype(np.uint8))
+            position += len(images)
+            if position == stop:
+                split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid))
+            advance(len(images))
+    return skipped
+
+
+def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
+    """Run stage one; resumable, idempotent and torchrun-aware. Returns what this process did."""
+    rank, world = _distributed()
+    dataset = open_dataset(cfg.dataset, cfg.root)
+    split_names = list(cfg.splits) if cfg.splits else list(dataset.splits)
+    for name in split_names:
+        dataset.split(name)  # unknown or empty splits fail before anything is written
+    backbone = load_backbone(cfg.backbone, weights=cfg.weights, **cfg.model_kwargs)
+    device = _device(cfg.device)
+    backbone.model.to(device)
+    attrs = store_attrs(backbone, dataset, cfg)
+    prep = attrs["preprocessing"]
+    url = cfg.store_url
+
+    if rank == 0:
+        if "://" not in url:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
+        store = create_store(url, attrs, weights)
+        for name in split_names:
+            _prepare_split(store, dataset, name, cfg.shard_size)
+    _barrier(world)
+    store = create_store(url, attrs, {}) if rank else store  # opens and checks; rank 0 already has it
+
+    summaries = []
+    nothing_to_do = True
+    for name in split_names:
+        split = store.split(name, require_complete=False)
+        mine = [s for s in split.incomplete_shards() if s % world == rank]
+        todo = sum(split.shard_range(s)[1] - split.shard_range(s)[0] for s in mine)
+        nothing_to_do &= not mine
+        done = 0
+        skipped: list[str] = []
+        started = time.perf_counter()
+
+        def advance(n: int, name=name, todo=todo) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(name, done, todo)
+
+        if progress:
+            progress(name, 0, todo)
+        if mine:
+            skipped = extract_split(backbone, split, dataset, mine, prep, cfg, device, advance)
+        per_image = split.features.nbytes // max(split.num_samples, 1)
+        summaries.append(
+            SplitSummary(name, split.num_samples, todo, skipped, time.perf_counter() - started, todo * per_image)
+        )
+    _barrier(world)
+    return ExtractSummary(url, summaries, nothing_to_do)
