@@ -210,5 +210,5 @@ def main() -> None:
     try:
         app()
     except VQTError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -87,7 +87,10 @@ class Dataset:
                 return img.convert("RGB")
         except FileNotFoundError as exc:
             raise BadImage(f"image {path} does not exist") from exc
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError as exc:
+            empty = path.stat().st_size == 0
+            raise BadImage(f"image {path} is {'an empty file' if empty else 'not in a readable image format'}") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"cannot read image {path}: {exc}") from exc
 
     def describe(self) -> dict[str, Any]:
