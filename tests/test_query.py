@@ -164,3 +164,14 @@ def test_assemble_features_is_token_major():
     feats = assemble_features(final, outputs)
     layer1 = outputs[:, 1].reshape(2, 8)  # token 0's D values, then token 1's
     torch.testing.assert_close(feats[:, 4 + 8 : 4 + 16], layer1 / layer1.norm(dim=1, keepdim=True))
+
+
+def test_captured_kv_equals_kv_recomputed_from_hidden(variant):
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    _, kv, _ = caches(backbone, images)  # recomputed from LN1 outputs by the query path
+    final, captured = backbone.forward_cache(images, layout="kv")  # captured inside the blocks' own qkv
+    torch.testing.assert_close(captured.permute(1, 2, 0, 3, 4, 5), kv, atol=1e-5, rtol=0)
+    _, half = backbone.forward_cache(images, layout="kv", dtype=torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, captured.half(), atol=0, rtol=0)

@@ -110,33 +110,40 @@ class Backbone:
         }
 
     @torch.no_grad()
-    def forward_cache(self, images: torch.Tensor, layout: str = "hidden") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cache(
+        self, images: torch.Tensor, layout: str = "hidden", dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen model once; capture what stage two needs from inside its own blocks (no recompute).
 
+        Each layer's capture is copied once, cast to `dtype` on the way, into one per-image buffer.
+
         Returns:
-            final: (B, D) the model's own final feature f_0 (pre-logits).
-            per-image layers: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at norm1; or
-                (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv.
+            final: (B, D) the model's own final feature f_0 (pre-logits), float32.
+            per-image layers in `dtype`: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at
+                norm1; or (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv.
         """
-        captured: list[torch.Tensor] = []
+        B, L, N, D, H = images.shape[0], self.depth, self.tokens, self.dim, self.heads
+        shape = (B, L, N, D) if layout == "hidden" else (B, L, 2, H, N, D // H)
+        out = torch.empty(shape, dtype=dtype, device=images.device)
+
+        def capture_hidden(layer: int, x_hat: torch.Tensor) -> None:
+            out[:, layer].copy_(x_hat)
+
+        def capture_kv(layer: int, qkv_out: torch.Tensor) -> None:
+            _, k, v = qkv_out.chunk(3, dim=-1)
+            out[:, layer].copy_(heads_kv(self.blocks[layer], k, v).transpose(0, 1))  # (B, 2, H, N, dh)
+
         if layout == "hidden":
-            hooks = [blk.norm1.register_forward_hook(lambda _m, _i, out: captured.append(out)) for blk in self.blocks]
+            modules, capture = [blk.norm1 for blk in self.blocks], capture_hidden
         else:
-
-            def capture_kv(block, qkv_out):
-                _, k, v = qkv_out.chunk(3, dim=-1)
-                captured.append(heads_kv(block, k, v).transpose(0, 1))  # (B, 2, H, N, dh)
-
-            hooks = [
-                blk.attn.qkv.register_forward_hook(lambda _m, _i, out, blk=blk: capture_kv(blk, out))
-                for blk in self.blocks
-            ]
+            modules, capture = [blk.attn.qkv for blk in self.blocks], capture_kv
+        hooks = [m.register_forward_hook(lambda _m, _i, o, i=i: capture(i, o)) for i, m in enumerate(modules)]
         try:
             final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         finally:
             for h in hooks:
                 h.remove()
-        return final, torch.stack(captured, dim=1)
+        return final, out
 
 
 def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,11 @@ def extract_split(
     device: torch.device,
     advance: Callable[[int], None],
 ) -> list[str]:
-    """Write the given whole shards of one split; returns the sources of skipped bad images."""
+    """Write the given whole shards of one split; returns the sources of skipped bad images.
+
+    Image writes run on a background thread while the next batch computes; a shard's completion flag is
+    written only after all of its image writes have finished.
+    """
     items = dataset.split(split.name)
     loader = torch.utils.data.DataLoader(
         ImageSplit(dataset, items, prep),
@@ -177,25 +182,28 @@ def extract_split(
     batches = iter(loader)
     dtype = getattr(torch, cfg.dtype)
     skipped: list[str] = []
-    for shard in shards:
-        start, stop = split.shard_range(shard)
-        finals, valid = [], []
-        position = start
-        while position < stop:
-            images, ok, errors = next(batches)
-            bad = [i for i, good in enumerate(ok.tolist()) if not good]
-            if bad and cfg.on_bad_image == "fail":
-                raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
-            skipped += [items[position + i][0] for i in bad]
-            final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout)
-            layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
-            split.write_images(position, layers.to("cpu", dtype).numpy())
-            finals.append(final.float().cpu().numpy())
-            valid.append(ok.numpy().astype(np.uint8))
-            position += len(images)
-            if position == stop:
-                split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid))
-            advance(len(images))
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for shard in shards:
+            start, stop = split.shard_range(shard)
+            finals, valid, writes = [], [], []
+            position = start
+            while position < stop:
+                images, ok, errors = next(batches)
+                bad = [i for i, good in enumerate(ok.tolist()) if not good]
+                if bad and cfg.on_bad_image == "fail":
+                    raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
+                skipped += [items[position + i][0] for i in bad]
+                final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
+                layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
+                writes.append(writer.submit(split.write_images, position, layers.cpu().numpy()))
+                finals.append(final.float().cpu().numpy())
+                valid.append(ok.numpy().astype(np.uint8))
+                position += len(images)
+                if position == stop:
+                    for write in writes:
+                        write.result()  # re-raises a failed write before the shard is marked complete
+                    split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid))
+                advance(len(images))
     return skipped
 
 

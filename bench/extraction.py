@@ -1,0 +1,144 @@
+"""Stage one: extraction throughput against a plain forward, and store I/O per layout and codec (issue 4).
+
+ViT-B/16 geometry with random weights on CPU. Both timed loops run the same DataLoader over the same in-memory
+images (decoding and preprocessing included in both), so the ratio isolates what extraction adds: capturing
+K/V or LN1 outputs, casting, and writing a real Zarr store on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vqt_cache.backbones import load_backbone
+from vqt_cache.datasets import Dataset, ImageSplit, index_hash
+from vqt_cache.extract import ExtractConfig, extract_split, store_attrs
+from vqt_cache.store import CODECS, create_store
+
+
+def _synthetic(n: int) -> Dataset:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+    items = [(f"synthetic:{i}", i % 10) for i in range(n)]
+    return Dataset(
+        "synthetic",
+        None,
+        [str(c) for c in range(10)],
+        {"train": items},
+        _loader=lambda s: Image.fromarray(pixels[int(s.split(":")[1])]),
+    )
+
+
+def _new_store(path: str, backbone, dataset, cfg: ExtractConfig, with_weights: bool = False):
+    attrs = store_attrs(backbone, dataset, cfg)
+    weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()} if with_weights else {}
+    store = create_store(path, attrs, weights)
+    items = dataset.split("train")
+    split = store.create_split(
+        "train", [s for s, _ in items], [label for _, label in items], cfg.shard_size, index_hash(items)
+    )
+    return attrs, split
+
+
+def run(quick: bool = False) -> list[dict]:
+    n = 32 if quick else 64
+    torch.manual_seed(0)
+    backbone = load_backbone("vit_b16", weights="random")
+    dataset = _synthetic(n)
+    tmp = tempfile.mkdtemp(prefix="vqt-bench-")
+    rows = []
+    try:
+        cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", batch_size=32, shard_size=32, workers=0)
+        attrs, _ = _new_store(f"{tmp}/probe.zarr", backbone, dataset, cfg)
+        loader = torch.utils.data.DataLoader(
+            ImageSplit(dataset, dataset.split("train"), attrs["preprocessing"]),
+            batch_size=cfg.batch_size,
+            num_workers=0,
+        )
+        start = time.perf_counter()
+        with torch.no_grad():
+            for images, _, _ in loader:
+                backbone.model.forward_features(images)
+        plain = n / (time.perf_counter() - start)
+        rows.append({"bench": "extract", "what": "plain forward_features", "images_per_s": plain, "ratio": 1.0})
+        for layout, dtype in (("kv", "float16"), ("hidden", "float16")):
+            cfg_l = ExtractConfig(
+                backbone="vit_b16",
+                dataset="synthetic",
+                layout=layout,
+                dtype=dtype,
+                batch_size=32,
+                shard_size=32,
+                workers=0,
+            )
+            attrs, split = _new_store(f"{tmp}/{layout}.zarr", backbone, dataset, cfg_l)
+            start = time.perf_counter()
+            extract_split(
+                backbone,
+                split,
+                dataset,
+                list(range(split.num_shards)),
+                attrs["preprocessing"],
+                cfg_l,
+                torch.device("cpu"),
+                lambda _n: None,
+            )
+            ips = n / (time.perf_counter() - start)
+            rows.append(
+                {
+                    "bench": "extract",
+                    "what": f"extract {layout} {dtype} to disk",
+                    "images_per_s": ips,
+                    "ratio": ips / plain,
+                }
+            )
+        rows += _store_io(tmp, backbone, dataset)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def _store_io(tmp: str, backbone, dataset) -> list[dict]:
+    """Write and random-batch read MB/s, and bytes per image, for each layout and codec (real ViT-B/16 outputs)."""
+    rows = []
+    images = torch.stack([ImageSplit(dataset, dataset.split("train")[:16], _prep(backbone))[i][0] for i in range(16)])
+    outputs = {layout: backbone.forward_cache(images, layout=layout)[1].half().numpy() for layout in ("kv", "hidden")}
+    n = len(dataset.split("train"))
+    rng = np.random.default_rng(0)
+    for layout, data in outputs.items():
+        for codec in CODECS:
+            cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout, codec=codec, shard_size=32)
+            _, split = _new_store(f"{tmp}/{layout}-{codec}.zarr", backbone, dataset, cfg)
+            rows_per_image = data.nbytes / len(data)
+            start = time.perf_counter()
+            for s in range(0, n, len(data)):
+                split.write_images(s, data[: min(len(data), n - s)])
+            write_s = time.perf_counter() - start
+            order = rng.permutation(n)
+            start = time.perf_counter()
+            for batch in np.array_split(order, max(n // 32, 1)):  # stage two: random batches, read image by image
+                np.stack([split.features[int(i)] for i in batch])
+            read_s = time.perf_counter() - start
+            stored = split.features.nbytes_stored()
+            rows.append(
+                {
+                    "bench": "store_io",
+                    "what": f"{layout} float16 {codec}",
+                    "write_MB_s": n * rows_per_image / write_s / 1e6,
+                    "random_read_MB_s": n * rows_per_image / read_s / 1e6,
+                    "MB_per_image": stored / n / 1e6,
+                    "compression": n * rows_per_image / stored,
+                }
+            )
+    return rows
+
+
+def _prep(backbone) -> dict:
+    from vqt_cache.datasets import preprocessing
+
+    return preprocessing(backbone.data_config, "timm")
