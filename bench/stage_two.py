@@ -54,7 +54,7 @@ def run(quick: bool = False) -> list[dict]:
         weights = [*backbone.model.parameters(), *vqt.parameters()]
 
         def step(logits_fn):
-            logits = logits_fn()
+            logits = logits_fn()[0]
             F.cross_entropy(logits, labels[: len(logits)]).backward()
 
         def cached(cache, layout, vqt=vqt):

@@ -49,9 +49,9 @@ def test_token_fed_as_query_reproduces_the_block(variant, layout):
 
 def _pair(backbone, num_queries=2, num_classes=5, seed=0):
     torch.manual_seed(seed)
-    vqt = CachedVQT.for_backbone(backbone, num_queries, num_classes)
+    vqt = CachedVQT.for_backbone(backbone, num_queries, num_classes, seed=seed)
     with torch.no_grad():
-        vqt.head.bias.normal_()
+        vqt.runs[0].head.bias.normal_()
     return vqt, LiveVQT(backbone, vqt)
 
 
@@ -68,12 +68,12 @@ def test_cached_path_equals_live_model(variant, training):
         torch.manual_seed(123)  # same dropout masks on both paths
         vqt.zero_grad()
         feats = fn()
-        logits = vqt.head(feats)
+        logits = vqt.runs[0].head(feats)
         torch.nn.functional.cross_entropy(logits, target).backward()
-        return feats.detach(), logits.detach(), [p.grad.clone() for p in vqt.trainable_parameters().values()]
+        return feats.detach(), logits.detach(), [p.grad.clone() for p in vqt.runs[0].tensors().values()]
 
-    f_c, l_c, g_c = run(lambda: vqt.features(final, kv))
-    f_l, l_l, g_l = run(lambda: live.features(images))
+    f_c, l_c, g_c = run(lambda: vqt.features(final, kv)[0])
+    f_l, l_l, g_l = run(lambda: live.features(images)[0])
     torch.testing.assert_close(f_c, f_l, atol=1e-5, rtol=0)
     torch.testing.assert_close(l_c, l_l, atol=1e-5, rtol=0)
     for a, b in zip(g_c, g_l, strict=True):
@@ -86,9 +86,9 @@ def test_kv_layout_equals_hidden_layout(variant):
     vqt, _ = _pair(backbone, num_queries=3)
     vqt.eval()
     with torch.no_grad():
-        a = vqt(final, kv)
+        a = vqt(final, kv)[0]
         vqt.path.layout = "hidden"
-        b = vqt(final, hidden)
+        b = vqt(final, hidden)[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -105,10 +105,11 @@ def test_fp16_cache_within_stated_tolerance(layout):
     vqt, _ = _pair(backbone)
     vqt.eval().path.layout = layout
     with torch.no_grad():
-        exact = vqt.features(final, cache)
-        rounded = vqt.features(final.half().float(), cache.half().float())
+        exact = vqt.features(final, cache)[0]
+        rounded = vqt.features(final.half().float(), cache.half().float())[0]
+        head = vqt.runs[0].head
         assert (exact - rounded).abs().max() < FP16_TOLERANCE
-        assert (vqt.head(exact) - vqt.head(rounded)).abs().max() < FP16_TOLERANCE
+        assert (head(exact) - head(rounded)).abs().max() < FP16_TOLERANCE
         assert (exact - rounded).abs().max() > 0  # the rounding really happened
 
 
@@ -149,7 +150,7 @@ def test_features_have_unit_norm_groups(T):
     final, kv, _ = caches(backbone, images_for(backbone))
     vqt, _ = _pair(backbone, num_queries=T)
     with torch.no_grad():
-        feats = vqt.eval().features(final, kv)
+        feats = vqt.eval().features(final, kv)[0]
     D, L = backbone.dim, backbone.depth
     assert feats.shape == (3, feature_dim(D, L, T))
     groups = [feats[:, :D]] + list(feats[:, D:].split(T * D, dim=1)) if T else [feats]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from timm.layers import Attention
@@ -240,3 +241,24 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     check_supported(model, name)
     model.eval().requires_grad_(False)
     return Backbone(name, timm_name, dict(kwargs), model, fingerprint=weights_fingerprint(model))
+
+
+def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.ndarray]) -> Backbone:
+    """Rebuild a store's frozen backbone from its stored tensors (no download, no weights file).
+
+    Raises:
+        VQTError: the rebuilt weights do not hash to the fingerprint the store recorded.
+    """
+    model = _create(description["timm_name"], "random", description["kwargs"])
+    check_supported(model, description["name"])
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+    except RuntimeError as exc:
+        raise VQTError(
+            f"the stored weights do not fit {description['timm_name']!r}: {str(exc).splitlines()[0]}"
+        ) from exc
+    model.eval().requires_grad_(False)
+    found = weights_fingerprint(model)
+    if found != description["fingerprint"]:
+        raise VQTError("the stored backbone weights do not match the store's recorded fingerprint; re-extract it")
+    return Backbone(description["name"], description["timm_name"], dict(description["kwargs"]), model, found)

@@ -51,7 +51,7 @@ class _Rate(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:7.1f} {self.unit}/s")
+        return Text(f"{task.speed or 0:.1f} {self.unit}/s")
 
 
 @contextmanager
@@ -201,6 +201,190 @@ def info(
             "yes" if s["complete"] else "[red]no[/red]",
             str(len(s["skipped"])),
             f"{s['bytes'] / 1e6:.1f}",
+        )
+    console.print(table)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise VQTError(f"{what} takes comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise VQTError(f"{what} takes comma-separated integers, got {text!r}") from exc
+
+
+def _gib(value: float | None) -> int | None:
+    return None if value is None else int(value * 2**30)
+
+
+def _find_store(cache_root: str) -> str:
+    """The only store under the cache root; with none or several, a clear error listing them."""
+    from pathlib import Path
+
+    stores = sorted(str(p) for p in Path(cache_root).glob("**/*.zarr") if (p / "zarr.json").exists())
+    if len(stores) == 1:
+        return stores[0]
+    if not stores:
+        raise VQTError(f"no store under {cache_root}; run `vqt-cache extract` first or pass --store")
+    raise VQTError(f"several stores under {cache_root}, pass --store with one of: {', '.join(stores)}")
+
+
+@app.command()
+def train(
+    queries: Annotated[str, typer.Option(help="T, or a list: 1,10")] = "1",
+    store: Annotated[
+        str | None, typer.Option(help="store path or URL (default: the only store under --cache-root)")
+    ] = None,
+    method: Annotated[str, typer.Option(help="vqt, linear (probe on f_0), pooled (Head2Toe-style); a list")] = "vqt",
+    lr: Annotated[str, typer.Option(help="base learning rate(s), scaled by batch/256")] = "0.5",
+    wd: Annotated[str, typer.Option(help="weight decay(s), coupled L2 as in torch Adam")] = "0.001",
+    seed: Annotated[str, typer.Option(help="seed(s); runs of one seed share a pass")] = "42",
+    epochs: Annotated[int, typer.Option(help="epochs")] = 100,
+    warmup_epochs: Annotated[int, typer.Option(help="linear warm-up epochs before the cosine")] = 10,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 128,
+    dropout: Annotated[float, typer.Option(help="query dropout")] = 0.1,
+    train_split: Annotated[str | None, typer.Option(help="default train800, else train")] = None,
+    eval_split: Annotated[str | None, typer.Option(help="default val200, else val, else test")] = None,
+    out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
+    memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N epochs, for resume")] = 10,
+    cache_root: Annotated[str, typer.Option(help="where to look for the store")] = "data/cache",
+    json_out: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+) -> None:
+    """Train VQT queries + linear heads from a store alone; every combination of the lists in one pass per seed.
+
+    Examples:
+      vqt-cache train --queries 10
+      vqt-cache train --store data/cache/cub/vit_b16.zarr --queries 1,10 --lr 0.5,0.25 --wd 1e-3,0
+      vqt-cache train --method vqt,linear,pooled --queries 1 --epochs 50
+    """
+    from vqt_cache.train import TrainConfig, grid
+    from vqt_cache.train import train as run_train
+
+    runs = grid(
+        [m.strip() for m in method.split(",")],
+        _ints(queries, "--queries"),
+        _floats(lr, "--lr"),
+        _floats(wd, "--wd"),
+        _ints(seed, "--seed"),
+    )
+    cfg = TrainConfig(
+        store=store or _find_store(cache_root),
+        runs=runs,
+        train_split=train_split,
+        eval_split=eval_split,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        batch_size=batch_size,
+        dropout=dropout,
+        memory_budget=_gib(memory_budget),
+        device=device,
+        out=out,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )
+    with _progress("step") as update:
+        results = run_train(cfg, progress=None if json_out else update)
+    if json_out:
+        print(json.dumps(results))
+        return
+    table = Table(title=f"trained on {cfg.store}")
+    for column in ("run", "eval top-1", "eval mean-class", "folder"):
+        table.add_column(column, justify="right")
+    for r in results:
+        note = " (already done)" if r["skipped"] else ""
+        table.add_row(
+            r["name"] + note,
+            f"{100 * r['final'].get('top1', float('nan')):.2f}",
+            f"{100 * r['final'].get('mean_class', float('nan')):.2f}",
+            r["dir"],
+        )
+    console.print(table)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    split: Annotated[str, typer.Option(help="cached split to evaluate on")] = "test",
+    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """Top-1 and mean per-class accuracy of a trained run on a cached split.
+
+    Example:
+      vqt-cache evaluate data/runs/digits/tiny/vqt-T4-lr0.25-wd0-seed42 --split test
+    """
+    from vqt_cache.train import evaluate as run_evaluate
+
+    result = run_evaluate(run_dir, split, store)
+    if json_out:
+        print(json.dumps(result))
+        return
+    console.print(
+        f"{run_dir} on {split} ({result['images']} images): top-1 {100 * result['top1']:.2f}%, "
+        f"mean per-class {100 * result['mean_class']:.2f}%"
+    )
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    images: Annotated[list[str], typer.Argument(help="image files")],
+    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """Classify raw images through the live path (frozen backbone + the run's queries and head).
+
+    Example:
+      vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42 bird1.jpg bird2.jpg
+    """
+    from vqt_cache.predict import predict as run_predict
+
+    results = run_predict(run_dir, images, store)
+    if json_out:
+        print(json.dumps(results))
+        return
+    table = Table()
+    for column in ("image", "class", "label", "probability"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["image"], r["class"], str(r["label"]), f"{r['probability']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    root: Annotated[str, typer.Option(help="where the demo leaves its store and runs")] = "data",
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 50,
+) -> None:
+    """The whole pipeline on scikit-learn's bundled digits, no downloads: extract, train VQT and baselines.
+
+    Example:
+      vqt-cache demo
+    """
+    from vqt_cache.demo import LRS, run_demo
+
+    with _progress("step") as update:
+        rows = run_demo(root, epochs=epochs, progress=update, say=console.print)
+    table = Table(title="digits: frozen tiny ViT (pretrained on digit parity), transfer to the 10 digits")
+    for column in ("method", "T", "val top-1", "test top-1", f"{len(LRS)}-lr pass s", "pass img/s"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            r["method"],
+            str(r["T"]),
+            f"{100 * r['val']:.1f}",
+            f"{100 * r['test']:.1f}",
+            f"{r['seconds']:.1f}",
+            f"{r['images_per_s']:.0f}",
         )
     console.print(table)
 

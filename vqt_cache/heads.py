@@ -26,8 +26,25 @@ def assemble_features(final: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
     return torch.cat([F.normalize(final, dim=-1), per_layer], dim=1)
 
 
-def linear_head(in_features: int, num_classes: int) -> nn.Linear:
-    """The paper's head: one Linear(F, C), weight kaiming-normal (fan_out, as in the VPT/VQT code), default bias."""
+def pooled_features(final: torch.Tensor, cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """Head2Toe-style baseline: f_0 plus each layer's mean cached token, each group L2-normalised.
+
+    The pooled token is the mean over the N image tokens of what the cache holds per layer: V_l (heads
+    concatenated) for layout "kv", X̂_l = LN1(Z_{l-1}) for "hidden". Returns (B, D·(1 + L)).
+    """
+    if layout == "kv":  # (L, 2, B, H, N, dh) -> (B, L, H·dh)
+        pooled = cache[:, 1].mean(dim=3).permute(1, 0, 2, 3).flatten(2)
+    else:  # (L, B, N, D) -> (B, L, D)
+        pooled = cache.mean(dim=2).transpose(0, 1)
+    return torch.cat([F.normalize(final, dim=-1), F.normalize(pooled, dim=-1).flatten(1)], dim=1)
+
+
+def linear_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """The paper's head: one Linear(F, C), weight kaiming-normal (fan_out, as in the VPT/VQT code) and
+    torch's default uniform(±1/sqrt(F)) bias, both drawn from `generator`."""
     head = nn.Linear(in_features, num_classes)
-    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    with torch.no_grad():
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out", generator=generator)
+        bound = 1 / in_features**0.5
+        nn.init.uniform_(head.bias, -bound, bound, generator=generator)
     return head

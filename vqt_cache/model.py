@@ -1,63 +1,135 @@
 """VQT models: the cached one that stage two trains, and the live one that runs on raw images.
 
-Both hold the same trainable parts (queries + head); they differ only in where the image tokens come from.
-`CachedVQT` reads them from a cache through the query path. `LiveVQT` is the reference semantics of the
-authors' code: one forward of the frozen backbone in which each block sees [image tokens; queries] with an
-attention mask (image tokens never attend to queries, queries attend to image tokens only), computed by timm's
-own Block.forward; it is the `predict` path and the ground truth that the cached path is tested against.
+A `Run` holds one configuration's trainable parts: its queries (L, T, D) and its linear head. Runs are
+independent token sets, so any number of them share one pass of the frozen query path: their queries are
+concatenated along T, the path runs once, and each run reads back its own outputs (method.md §8). Their
+gradients never mix, since each run's loss depends only on its own parameters.
+
+`CachedVQT` feeds the runs from a cache. `LiveVQT` is the reference semantics of the authors' code: one forward
+of the frozen backbone in which each block sees [image tokens; queries] with an attention mask (image tokens
+never attend to queries, queries attend to image tokens only), computed by timm's own Block.forward. It is the
+`predict` path and the ground truth that the cached path is tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqt_cache.backbones import Backbone
-from vqt_cache.heads import assemble_features, feature_dim, linear_head
+from vqt_cache.errors import VQTError
+from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 
+METHODS = ("vqt", "linear", "pooled")  # VQT; linear probe on f_0; Head2Toe-style pooled intermediate features
 
-class CachedVQT(nn.Module):
-    """Queries + frozen query path + linear head, fed by (final feature, layer-major cache)."""
+
+class Run(nn.Module):
+    """One configuration's trainable parameters: queries (T = 0 unless method is "vqt") and a linear head.
+
+    Initialisation draws from a generator seeded with `seed`: queries first, then the head.
+    """
 
     def __init__(
         self,
-        blocks: nn.ModuleList,
+        method: str,
         num_queries: int,
+        depth: int,
+        dim: int,
         num_classes: int,
         patch_size: tuple[int, int],
-        layout: str = "kv",
         dropout: float = 0.1,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        dim = blocks[0].norm1.normalized_shape[0]
-        self.queries = Queries(len(blocks), num_queries, dim, query_init_bound(patch_size, dim), dropout)
-        self.path = QueryPath(blocks, layout)
-        self.head = linear_head(feature_dim(dim, len(blocks), num_queries), num_classes)
+        if method not in METHODS:
+            raise VQTError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if num_queries < 0:
+            raise VQTError(f"the number of queries must be >= 0, got {num_queries}")
+        generator = torch.Generator().manual_seed(seed)
+        self.method = method
+        T = num_queries if method == "vqt" else 0
+        self.queries = Queries(depth, T, dim, query_init_bound(patch_size, dim), dropout, generator)
+        in_features = dim * (1 + depth) if method == "pooled" else feature_dim(dim, depth, T)
+        self.head = linear_head(in_features, num_classes, generator)
 
-    @classmethod
-    def for_backbone(cls, backbone: Backbone, num_queries: int, num_classes: int, **kwargs) -> CachedVQT:
-        return cls(backbone.blocks, num_queries, num_classes, backbone.patch_size, **kwargs)
+    def features(self, final: torch.Tensor, outputs: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """This run's (B, F) features from f_0, its query outputs (B, L, T, D) and the pooled baseline features."""
+        if self.method == "vqt":
+            return assemble_features(final, outputs)
+        if self.method == "linear":
+            return F.normalize(final, dim=-1)
+        return pooled
 
-    def features(self, final: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """(B, D) final feature + cache -> (B, F) normalised features."""
-        return assemble_features(final, self.path(self.queries(final.shape[0]), cache))
-
-    def forward(self, final: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(final, cache))
-
-    def trainable_parameters(self) -> dict[str, torch.Tensor]:
-        """What a run folder stores: the queries (L, T, D) and the head."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a run folder stores: queries (L, T, D), head.weight (C, F), head.bias (C,)."""
         return {"queries": self.queries.prompts, "head.weight": self.head.weight, "head.bias": self.head.bias}
 
 
+def _split_outputs(runs: Sequence[Run], outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return outputs.split([run.queries.num_queries for run in runs], dim=2)
+
+
+def _prompts(runs: Sequence[Run], batch_size: int, generators: Sequence[torch.Generator | None] | None):
+    generators = generators or [None] * len(runs)
+    return torch.cat([run.queries(batch_size, g) for run, g in zip(runs, generators, strict=True)], dim=2)
+
+
+class CachedVQT(nn.Module):
+    """The frozen query path shared by one or more runs, fed by (final feature, layer-major cache)."""
+
+    def __init__(self, blocks: nn.ModuleList, runs: Sequence[Run], layout: str = "kv") -> None:
+        super().__init__()
+        self.path = QueryPath(blocks, layout)
+        self.runs = nn.ModuleList(runs)
+
+    @classmethod
+    def for_backbone(
+        cls,
+        backbone: Backbone,
+        num_queries: int,
+        num_classes: int,
+        layout: str = "kv",
+        dropout: float = 0.1,
+        seed: int = 0,
+        method: str = "vqt",
+    ) -> CachedVQT:
+        """A single-run model for `backbone`."""
+        run = Run(method, num_queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, dropout, seed)
+        return cls(backbone.blocks, [run], layout)
+
+    def features(
+        self, final: torch.Tensor, cache: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None
+    ) -> list[torch.Tensor]:
+        """(B, D) final features + cache -> each run's (B, F) features (dropout masks from `generators`)."""
+        prompts = _prompts(self.runs, final.shape[0], generators)
+        outputs = self.path(prompts, cache)
+        pooled = (
+            pooled_features(final, cache, self.path.layout) if any(r.method == "pooled" for r in self.runs) else None
+        )
+        return [
+            run.features(final, out, pooled)
+            for run, out in zip(self.runs, _split_outputs(self.runs, outputs), strict=True)
+        ]
+
+    def forward(
+        self, final: torch.Tensor, cache: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None
+    ) -> list[torch.Tensor]:
+        """Each run's (B, C) logits."""
+        return [run.head(f) for run, f in zip(self.runs, self.features(final, cache, generators), strict=True)]
+
+
 class LiveVQT(nn.Module):
-    """The frozen backbone run on images with the queries of a `CachedVQT` appended to every block's input."""
+    """The frozen backbone run on images with the queries of every run appended to every block's input."""
 
     def __init__(self, backbone: Backbone, vqt: CachedVQT) -> None:
         super().__init__()
+        if any(run.method == "pooled" for run in vqt.runs):
+            raise VQTError("the live path runs vqt and linear runs only, not the pooled baseline")
         self.backbone = backbone.model
         self.vqt = vqt
 
@@ -87,16 +159,18 @@ class LiveVQT(nn.Module):
             for h in handles:
                 h.remove()
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, F) normalised features."""
-        queries = self.vqt.queries(images.shape[0])
-        outputs: list[torch.Tensor] = []
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) preprocessed images -> each run's (B, F) features."""
+        runs = self.vqt.runs
+        queries = _prompts(runs, images.shape[0], None)
         if queries.shape[2] == 0:
             final = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-            return assemble_features(final, queries)
+            return [run.features(final, queries, None) for run in runs]
+        outputs: list[torch.Tensor] = []
         with self._appended_queries(queries, outputs):
             final = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-        return assemble_features(final, torch.stack(outputs, dim=1))
+        per_run = _split_outputs(runs, torch.stack(outputs, dim=1))
+        return [run.features(final, out, None) for run, out in zip(runs, per_run, strict=True)]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vqt.head(self.features(images))
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [run.head(f) for run, f in zip(self.vqt.runs, self.features(images), strict=True)]

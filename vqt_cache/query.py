@@ -31,21 +31,36 @@ def query_init_bound(patch_size: tuple[int, int], dim: int) -> float:
 class Queries(nn.Module):
     """Learnable query tokens P (L, T, D), U(-v, v) init per layer, per-sample dropout in training."""
 
-    def __init__(self, depth: int, num_queries: int, dim: int, init_bound: float, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        depth: int,
+        num_queries: int,
+        dim: int,
+        init_bound: float,
+        dropout: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if num_queries < 0:
             raise ValueError(f"the number of queries must be >= 0, got {num_queries}")
         self.prompts = nn.Parameter(torch.empty(depth, num_queries, dim))
-        nn.init.uniform_(self.prompts, -init_bound, init_bound)
-        self.dropout = nn.Dropout(dropout)
+        nn.init.uniform_(self.prompts, -init_bound, init_bound, generator=generator)
+        self.p = dropout
 
     @property
     def num_queries(self) -> int:
         return self.prompts.shape[1]
 
-    def forward(self, batch_size: int) -> torch.Tensor:
-        """P̃ = Dropout(P) for every image: (B, L, T, D); an expanded view (no copy) in eval mode."""
-        return self.dropout(self.prompts.expand(batch_size, *self.prompts.shape))
+    def forward(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """P̃ = Dropout(P) for every image: (B, L, T, D); an expanded view (no copy) in eval mode.
+
+        Each image gets its own dropout mask, drawn from `generator` (the global RNG when None).
+        """
+        prompts = self.prompts.expand(batch_size, *self.prompts.shape)
+        if not self.training or self.p == 0:
+            return prompts
+        keep = torch.rand(prompts.shape, generator=generator, device=prompts.device) >= self.p
+        return prompts * keep / (1 - self.p)
 
 
 def _split_qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
