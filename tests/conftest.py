@@ -87,3 +87,13 @@ def make_imagefolder(root, per_class: int = 5, classes=("cat", "dog", "owl"), sp
                 pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> str:
+    """digits train800/val200 through the tiny random ViT, kv float16 (session-wide, read-only for tests)."""
+    from vqt_cache.extract import ExtractConfig, extract
+
+    out = str(tmp_path_factory.mktemp("store") / "digits.zarr")
+    extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), out=out, workers=0))
+    return out

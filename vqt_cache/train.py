@@ -331,7 +331,8 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
 
 def _identity(config: dict) -> dict:
     """What must match for a run folder to be resumed or skipped (not where the store lives)."""
-    return {**config, "store": {k: v for k, v in config["store"].items() if k != "url"}}
+    kept = {k: v for k, v in config.items() if k not in ("versions", "git_sha")}
+    return {**kept, "store": {k: v for k, v in config["store"].items() if k != "url"}}
 
 
 def _prepare_folder(folder: Path, config: dict) -> bool:

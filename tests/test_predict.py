@@ -1,0 +1,57 @@
+"""The live path on raw image files gives the cached path's answers."""
+
+import json
+
+import numpy as np
+import torch
+
+from vqt_cache.data import CachedSplit
+from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.predict import predict
+from vqt_cache.train import RunSpec, TrainConfig, load_run, train
+
+from conftest import TINY_EXTRACT, make_imagefolder, run_cli
+
+
+def test_predict_equals_cached_path(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=4, classes=("a", "b", "c"), splits=("train", "test"))
+    store = str(tmp_path / "s.zarr")
+    extract(ExtractConfig(**TINY_EXTRACT, dataset="imagefolder", root=str(root), out=store, dtype="float32", workers=0))
+    [run] = train(
+        TrainConfig(
+            store=store,
+            runs=(RunSpec("vqt", 2, 0.5, 0, 0),),
+            train_split="train",
+            eval_split="test",
+            epochs=3,
+            warmup_epochs=1,
+            out=str(tmp_path / "run"),
+        )
+    )
+    config, st, _, model = load_run(run["dir"])
+    data = CachedSplit(st.split("test"))
+    batch = next(data.batches())
+    with torch.no_grad():
+        cached = model(batch.final, batch.cache)[0]
+    files = [str(root / source) for source in st.split("test").sources]
+    live = predict(run["dir"], files)
+    np.testing.assert_allclose([r["logits"] for r in live], cached.numpy(), atol=1e-4, rtol=0)
+    assert [r["label"] for r in live] == cached.argmax(1).tolist()
+    code, out = run_cli("predict", run["dir"], *files[:2], "--json")
+    assert code == 0 and [r["class"] for r in json.loads(out)] == [r["class"] for r in live[:2]]
+
+
+def test_predict_names_an_unreadable_image(tmp_path, tiny_store):
+    [run] = train(
+        TrainConfig(
+            store=tiny_store,
+            runs=(RunSpec("linear", 0, 0.5, 0, 0),),
+            epochs=2,
+            warmup_epochs=1,
+            out=str(tmp_path / "run"),
+        )
+    )
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    code, out = run_cli("predict", run["dir"], str(bad))
+    assert code == 2 and "Traceback" not in out and "bad.png" in out

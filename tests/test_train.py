@@ -1,0 +1,260 @@
+"""Stage two: golden curve, determinism, grid == separate runs, in-memory == streaming, resume, evaluate."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqt_cache.errors import VQTError
+from vqt_cache.store import open_store
+from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, lr_factor, train
+
+from conftest import run_cli
+
+GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
+
+
+VQT_T2 = RunSpec("vqt", 2, 0.5, 1e-3, 0)
+
+
+def cfg(store, out, runs=(VQT_T2,), **overrides) -> TrainConfig:
+    args = dict(store=store, runs=tuple(runs), epochs=4, warmup_epochs=1, batch_size=64, out=str(out))
+    return TrainConfig(**{**args, **overrides})
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def curve(run_dir) -> list[tuple[float, float]]:
+    return [(e["train_loss"], e["eval_top1"]) for e in metrics(run_dir)["epochs"]]
+
+
+def test_lr_schedule_matches_the_paper():
+    assert lr_factor(0, 100, 10) == 0
+    assert lr_factor(5, 100, 10) == 0.5
+    assert lr_factor(10, 100, 10) == 1
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10) == pytest.approx(0.5 * (1 + np.cos(np.pi * 89 / 90)))
+
+
+def test_golden_loss_curve(tiny_store, tmp_path):
+    [result] = train(cfg(tiny_store, tmp_path / "run"))
+    got = curve(result["dir"])
+    if os.environ.get("VQT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"curve": got}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["curve"]
+    np.testing.assert_allclose(got, golden, rtol=1e-5, atol=1e-6)
+    assert got[-1][0] < got[1][0]  # it learns
+
+
+def test_same_seed_same_metrics(tiny_store, tmp_path):
+    a = train(cfg(tiny_store, tmp_path / "a"))[0]["dir"]
+    b = train(cfg(tiny_store, tmp_path / "b"))[0]["dir"]
+    assert (Path(a) / "metrics.json").read_bytes() == (Path(b) / "metrics.json").read_bytes()
+
+
+def test_grid_in_one_pass_equals_separate_runs(tiny_store, tmp_path):
+    specs = grid(["vqt", "linear"], [1, 3], [0.5, 0.1], [1e-3], [0])
+    together = train(cfg(tiny_store, tmp_path / "grid", specs))
+    assert len(together) == 6
+    for spec, result in zip(specs, together, strict=True):
+        alone = train(cfg(tiny_store, tmp_path / "alone" / spec.name, [spec]))[0]
+        np.testing.assert_allclose(curve(result["dir"]), curve(alone["dir"]), rtol=1e-5, atol=1e-6)
+
+
+def test_vqt_with_no_queries_is_the_linear_probe(tiny_store, tmp_path):
+    vqt0, linear = train(
+        cfg(tiny_store, tmp_path, [RunSpec("vqt", 0, 0.5, 1e-3, 0), RunSpec("linear", 0, 0.5, 1e-3, 0)])
+    )
+    np.testing.assert_allclose(curve(vqt0["dir"]), curve(linear["dir"]), rtol=1e-6, atol=1e-7)
+
+
+def test_in_memory_equals_streaming(tiny_store, tmp_path):
+    memory = train(cfg(tiny_store, tmp_path / "memory"))[0]
+    streamed = train(cfg(tiny_store, tmp_path / "stream", memory_budget=0))[0]
+    assert json.loads((Path(streamed["dir"]) / "timing.json").read_text())["in_memory"] is False
+    assert curve(memory["dir"]) == curve(streamed["dir"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_store, tmp_path):
+    specs = [RunSpec("vqt", 2, 0.5, 1e-3, 0), RunSpec("pooled", 0, 0.5, 0, 0)]
+    full = train(cfg(tiny_store, tmp_path / "full", specs, epochs=6, checkpoint_every=2))
+    steps_per_epoch = 800 // 64 + 1
+
+    def interrupt(_label, step, _total):
+        if step == 5 * steps_per_epoch + 3:  # inside epoch 6, after the checkpoint of epoch 4
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2), progress=interrupt)
+    assert sorted(p.name for p in (tmp_path / "resumed" / specs[0].name).glob("checkpoint-*")) == [
+        "checkpoint-2.pt",
+        "checkpoint-4.pt",
+    ]
+    seen = []
+    resumed = train(
+        cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2),
+        progress=lambda _l, step, _t: seen.append(step),
+    )
+    assert seen[0] == 4 * steps_per_epoch  # continued from the checkpoint, not from scratch
+    for a, b in zip(full, resumed, strict=True):
+        assert curve(a["dir"]) == curve(b["dir"])
+        assert not list(Path(b["dir"]).glob("checkpoint-*"))
+    # a finished run is skipped on a re-run
+    again = train(cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2))
+    assert all(r["skipped"] for r in again)
+
+
+def test_evaluate_from_the_cache(tiny_store, tmp_path):
+    run = train(cfg(tiny_store, tmp_path))[0]
+    result = evaluate(run["dir"], "val200")
+    assert result["images"] == 200
+    assert result["top1"] == pytest.approx(metrics(run["dir"])["final"]["top1"])
+    code, out = run_cli("evaluate", run["dir"], "--split", "val200", "--json")
+    assert code == 0 and json.loads(out)["top1"] == pytest.approx(result["top1"])
+
+
+def test_cli_train_writes_the_run_folder(tiny_store, tmp_path):
+    code, out = run_cli(
+        "train",
+        "--store",
+        tiny_store,
+        "--queries",
+        "1,2",
+        "--lr",
+        "0.5",
+        "--wd",
+        "0",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
+    assert code == 0, out
+    results = json.loads(out)
+    assert [r["name"] for r in results] == ["vqt-T1-lr0.5-wd0-seed42", "vqt-T2-lr0.5-wd0-seed42"]
+    folder = tmp_path / "vqt-T2-lr0.5-wd0-seed42"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["store"]["fingerprint"] == open_store(tiny_store).attrs["backbone"]["fingerprint"]
+    assert config["model"]["feature_dim"] == 48 * (1 + 2 * 2)
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    assert tensors["queries"].shape == (2, 2, 48) and tensors["head.weight"].shape == (10, 240)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+def test_negative_queries_is_refused():
+    with pytest.raises(VQTError, match="T must be >= 0"):
+        RunSpec("vqt", -1)
+
+
+def _error_line(code, out):
+    assert code == 2, out
+    assert "Traceback" not in out
+    [line] = [line for line in out.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_missing_store(tmp_path):
+    line = _error_line(*run_cli("train", "--store", str(tmp_path / "none.zarr")))
+    assert "no store at" in line
+
+
+def test_no_store_under_cache_root(tmp_path):
+    line = _error_line(*run_cli("train", "--cache-root", str(tmp_path)))
+    assert "no store under" in line
+
+
+def test_bad_queries_value(tiny_store):
+    assert "T must be >= 0" in _error_line(*run_cli("train", "--store", tiny_store, "--queries", "-1"))
+    assert "comma-separated integers" in _error_line(*run_cli("train", "--store", tiny_store, "--queries", "x"))
+
+
+def test_missing_and_incomplete_split(tiny_store, tmp_path):
+    line = _error_line(*run_cli("train", "--store", tiny_store, "--eval-split", "test"))
+    assert "no split 'test'" in line
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    open_store(str(copy), mode="r+").group["train800"]["shard_done"][3] = 0
+    line = _error_line(*run_cli("train", "--store", str(copy)))
+    assert "split 'train800'" in line and "incomplete" in line
+
+
+def test_split_without_labels(tiny_store, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    open_store(str(copy), mode="r+").group["train800"]["labels"][:] = -1
+    line = _error_line(*run_cli("train", "--store", str(copy), "--epochs", "2", "--warmup-epochs", "1"))
+    assert "has no labels" in line
+
+
+def test_nan_in_the_cache(tiny_store, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    features = open_store(str(copy), mode="r+").group["train800"]["kv"]
+    row = features[5]
+    row[0, 0, 0, 0, 0] = np.nan
+    features[5] = row
+    for budget in ("100", "0"):  # in memory, streaming
+        line = _error_line(
+            *run_cli(
+                "train",
+                "--store",
+                str(copy),
+                "--epochs",
+                "2",
+                "--warmup-epochs",
+                "1",
+                "--memory-budget",
+                budget,
+                "--out",
+                str(tmp_path / budget),
+            )
+        )
+        assert "NaN or Inf at row 5" in line
+
+
+def test_run_folder_from_another_store(tiny_store, tmp_path):
+    from vqt_cache.extract import ExtractConfig, extract
+
+    from conftest import TINY_EXTRACT
+
+    other = str(tmp_path / "other.zarr")
+    kwargs = {**TINY_EXTRACT["model_kwargs"], "depth": 3}
+    extract(
+        ExtractConfig(
+            **{**TINY_EXTRACT, "model_kwargs": kwargs}, dataset="digits", splits=("val200",), out=other, workers=0
+        )
+    )
+    run = train(cfg(tiny_store, tmp_path / "run", epochs=2))[0]
+    line = _error_line(*run_cli("evaluate", run["dir"], "--split", "val200", "--store", other))
+    assert "trained on another store" in line
+    assert "not a finished run folder" in _error_line(*run_cli("evaluate", str(tmp_path)))
+
+
+def test_run_folder_with_another_configuration(tiny_store, tmp_path):
+    train(cfg(tiny_store, tmp_path / "run", epochs=2))
+    with pytest.raises(VQTError, match="holds another configuration"):
+        train(cfg(tiny_store, tmp_path / "run", epochs=3))
+
+
+def test_recipe_values_are_checked(tiny_store, tmp_path):
+    for bad in ({"epochs": 0}, {"warmup_epochs": 5, "epochs": 5}, {"batch_size": 0}, {"dropout": 1.0}):
+        with pytest.raises(VQTError):
+            cfg(tiny_store, tmp_path, **bad)
+    with pytest.raises(VQTError, match="learning rate"):
+        RunSpec(lr=0)
+    assert torch.get_num_threads() >= 1
