@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, stage_two
+from bench import extraction, stage_two, training
 
-BENCHES = {"stage_two": stage_two.run, "extraction": extraction.run}
+BENCHES = {"stage_two": stage_two.run, "training": training.run, "extraction": extraction.run}
 
 
 def main(argv: list[str]) -> None:

@@ -249,10 +249,14 @@ def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.nda
     Raises:
         VQTError: the rebuilt weights do not hash to the fingerprint the store recorded.
     """
-    model = _create(description["timm_name"], "random", description["kwargs"])
+    with torch.device("meta"):  # no random init, no second copy: the stored tensors become the parameters
+        model = _create(description["timm_name"], "random", description["kwargs"])
     check_supported(model, description["name"])
     try:
-        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+        model.load_state_dict(state, assign=True)
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            raise RuntimeError("some tensors of the model are not in the store")
     except RuntimeError as exc:
         raise VQTError(
             f"the stored weights do not fit {description['timm_name']!r}: {str(exc).splitlines()[0]}"

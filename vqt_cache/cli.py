@@ -389,6 +389,98 @@ def demo(
     console.print(table)
 
 
+@app.command()
+def sweep(
+    pipeline: Annotated[str, typer.Argument(help="a pipeline file, e.g. pipelines/demo.toml")],
+    shard: Annotated[str | None, typer.Option(help="i/n: run only this share of the datasets")] = None,
+    one_pass: Annotated[bool, typer.Option(help="train each grid in one pass over the cache")] = True,
+    report_only: Annotated[bool, typer.Option(help="skip training; merge the run folders into the report")] = False,
+) -> None:
+    """Grids × datasets × seeds over cached features with the paper's selection protocol, then the report.
+
+    Examples:
+      vqt-cache sweep pipelines/demo.toml
+      vqt-cache sweep pipelines/vtab1k.toml --shard 0/4     # on four machines, then: vqt-cache report ...
+    """
+    from vqt_cache.report import write_report
+    from vqt_cache.sweep import load_pipeline, parse_shard, run_sweep
+
+    p = load_pipeline(pipeline)
+    part = parse_shard(shard)
+    if not report_only:
+        with _progress("step") as update:
+
+            def on_run(done: int, total: int) -> None:
+                update(f"sweep {p.name}: runs", done, total)
+
+            handled = run_sweep(p, part, one_pass=one_pass, progress=update, on_run=on_run)
+        console.print(f"sweep {p.name}: shard {part[0]}/{part[1]} handled {', '.join(handled) or 'no datasets'}")
+    _print_report(write_report(p))
+
+
+def _print_report(report: dict) -> None:
+    table = Table(title="test top-1 (%), mean ± std over seeds")
+    for column in ("dataset", "method", "lr", "wd", "val top-1", "test top-1", "seeds"):
+        table.add_column(column, justify="right")
+    for r in report["rows"]:
+        test = (
+            "-" if r["test_top1_mean"] is None else f"{100 * r['test_top1_mean']:.2f} ± {100 * r['test_top1_std']:.2f}"
+        )
+        table.add_row(
+            r["dataset"],
+            r["label"],
+            f"{r['lr']:g}",
+            f"{r['wd']:g}",
+            f"{100 * r['val_top1']:.2f}",
+            test,
+            str(r["seeds"]),
+        )
+    console.print(table)
+    console.print(f"wrote {report['csv']}, {report['markdown']}" + "".join(f", {p}" for p in report["plots"]))
+
+
+@app.command()
+def report(
+    pipeline: Annotated[str, typer.Argument(help="the pipeline file the sweep ran")],
+    out: Annotated[str | None, typer.Option(help="folder for results.csv/.md and plots")] = None,
+) -> None:
+    """Merge a sweep's run folders (from any number of shards) into results.csv, results.md and plots.
+
+    Example:
+      vqt-cache report pipelines/vtab1k.toml
+    """
+    from vqt_cache.report import write_report
+    from vqt_cache.sweep import load_pipeline
+
+    _print_report(write_report(load_pipeline(pipeline), out))
+
+
+@app.command()
+def compress(
+    run_dir: Annotated[str, typer.Argument(help="a finished VQT run folder")],
+    keep: Annotated[float, typer.Option(help="fraction of features kept")] = 0.7,
+    lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = 1e-4,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """Group-lasso feature selection (method.md §6): keep the top features, retrain the head; writes compressed/.
+
+    Example:
+      vqt-cache compress data/runs/digits/demo/vqt-T4-lr0.25-wd0-seed42 --keep 0.7
+    """
+    from vqt_cache.compress import compress as run_compress
+
+    result = run_compress(run_dir, keep=keep, lasso=lasso)
+    if json_out:
+        print(json.dumps(result))
+        return
+    console.print(
+        f"kept {result['features_kept']} of {result['features_before']} features; head parameters "
+        f"{result['head_params_before']} -> {result['head_params_after']}"
+    )
+    for split, acc in result["accuracy"].items():
+        console.print(f"{split}: top-1 {100 * acc['before']['top1']:.2f}% -> {100 * acc['after']['top1']:.2f}%")
+
+
 def main() -> None:
     """Console-script entry: bad input ends with one sentence and exit code 2, never a traceback."""
     try:

@@ -58,6 +58,9 @@ class CachedSplit:
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.in_memory = len(self.rows) * self.row_bytes <= budget
         self._features = None
+        if not self.in_memory:  # the budget holds the batches being prepared and trained on instead
+            batch_bytes = batch_size * int(np.prod(self.row_shape)) * 4
+            self.prefetch = max(1, min(prefetch, budget // max(batch_bytes, 1) - 1))
         if self.in_memory:
             self._features = torch.from_numpy(split.features[:])
             self._check_finite(self._features[self.rows], self.rows)

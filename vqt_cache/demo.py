@@ -74,7 +74,7 @@ def run_demo(
             dataset="digits",
             weights=str(weights),
             model_kwargs=MODEL,
-            splits=("train800", "val200", "test"),
+            splits=("train800", "val200", "train800val200", "test"),
             out=store,
             workers=0,
         ),

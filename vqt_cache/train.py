@@ -105,7 +105,7 @@ def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
 
 
-def _mix(seed: int, epoch: int) -> int:
+def derived_seed(seed: int, epoch: int) -> int:
     """A generator seed for (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
@@ -248,7 +248,7 @@ class _Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = self._lr(spec, epoch)
             self.model.train()
-            generators = [torch.Generator(self.device).manual_seed(_mix(s.seed, epoch)) for s in self.specs]
+            generators = [torch.Generator(self.device).manual_seed(derived_seed(s.seed, epoch)) for s in self.specs]
             losses = torch.zeros(len(self.specs), dtype=torch.float64)
             for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
                 per_run = [

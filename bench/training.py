@@ -1,0 +1,176 @@
+"""Stage two end to end (issue 5): `train` from a real store on disk, grids in one pass, streaming memory.
+
+ViT-B/16 geometry, random weights, CPU. The stores hold synthetic float16 K/V (speed does not depend on the
+values) and the real frozen weights, written straight through the store API, so the bench needs no extraction.
+- train step: `vqt_cache.train.train` (batch 64, in memory: gather + cast per step included) vs the live steps of
+  bench.stage_two, T = 1 and 10, kv and hidden layouts, and streaming (each batch read from disk).
+- grid: 20 configurations (lr × wd, T = 1) in one pass vs the same 20 trained one after another.
+- memory: peak RSS of a streaming `train` in a fresh process on a store 4× larger than its memory budget.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.extraction import _synthetic
+from bench.stage_two import live_rates, vit_b16
+from vqt_cache.datasets import index_hash
+from vqt_cache.extract import ExtractConfig, store_attrs
+from vqt_cache.store import create_store
+from vqt_cache.train import RunSpec, TrainConfig, grid, train
+
+GiB = 2**30
+
+
+def synthetic_store(path: str, backbone, layout: str, n_train: int, n_eval: int = 16) -> str:
+    """A ViT-B/16 store with the real frozen weights and random float16 features (one random image, repeated)."""
+    dataset = _synthetic(1)
+    attrs = store_attrs(backbone, dataset, ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout))
+    weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()}
+    store = create_store(path, attrs, weights)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("val", n_eval)):
+        items = [(f"synthetic:{i}", i % 10) for i in range(n)]
+        split = store.create_split(name, [s for s, _ in items], [c for _, c in items], 64, index_hash(items))
+        block = rng.standard_normal((16, *split.features.shape[1:]), dtype=np.float32).astype(np.float16)
+        for start in range(0, n, 16):
+            split.write_images(start, block[: min(16, n - start)])
+        for shard in range(split.num_shards):
+            lo, hi = split.shard_range(shard)
+            final = rng.standard_normal((hi - lo, backbone.dim), dtype=np.float32)
+            split.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8))
+    return path
+
+
+def _rate(store: str, out: str, spec: RunSpec, epochs: int = 3, **kwargs) -> float:
+    """images/s of one run's training epochs (data loading included, evaluation excluded)."""
+    train(
+        TrainConfig(
+            store=store,
+            runs=(spec,),
+            epochs=epochs,
+            warmup_epochs=1,
+            batch_size=64,
+            out=out,
+            eval_every=epochs,
+            checkpoint_every=epochs,
+            **kwargs,
+        )
+    )
+    timing = json.loads(Path(out, "timing.json").read_text())
+    return timing["train_images"] / timing["train_seconds"]
+
+
+def run(quick: bool = False) -> list[dict]:
+    backbone, _, _ = vit_b16()
+    tmp = tempfile.mkdtemp(prefix="vqt-bench-train-")
+    rows = []
+    try:
+        n = 64 if quick else 128
+        stores = {layout: synthetic_store(f"{tmp}/{layout}.zarr", backbone, layout, n) for layout in ("kv", "hidden")}
+        for T in (1, 10):
+            live = live_rates(T, quick)
+            spec = RunSpec("vqt", T, 0.5, 1e-3, 0)
+            cases = [("kv", {}), ("hidden", {}), ("kv", {"memory_budget": 0})]
+            for layout, extra in cases:
+                ips = _rate(stores[layout], f"{tmp}/run-{layout}-{T}-{len(extra)}", spec, **extra)
+                mode = "streamed from disk" if extra else "in memory"
+                rows.append(
+                    {
+                        "bench": "train",
+                        "T": T,
+                        "what": f"train {layout} fp16 store, {mode}",
+                        "images_per_s": ips,
+                        "x_live_semantics": ips / live["semantics"],
+                        "x_live_frozen": ips / live["frozen"],
+                    }
+                )
+        rows += _grid(stores["kv"], tmp, quick)
+        rows.append(_streaming_memory(backbone, tmp, quick))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def _grid(store: str, tmp: str, quick: bool) -> list[dict]:
+    specs = grid(["vqt"], [1], [1.0, 0.5, 0.25, 0.1, 0.05], [1e-2, 1e-3, 1e-4, 0.0], [100])
+    epochs = 2
+    start = time.perf_counter()
+    train(
+        TrainConfig(
+            store=store,
+            runs=specs,
+            epochs=epochs,
+            warmup_epochs=1,
+            batch_size=64,
+            out=f"{tmp}/grid",
+            eval_every=epochs,
+            checkpoint_every=epochs,
+        )
+    )
+    one_pass = time.perf_counter() - start
+    start = time.perf_counter()
+    for spec in specs:
+        train(
+            TrainConfig(
+                store=store,
+                runs=(spec,),
+                epochs=epochs,
+                warmup_epochs=1,
+                batch_size=64,
+                out=f"{tmp}/seq/{spec.name}",
+                eval_every=epochs,
+                checkpoint_every=epochs,
+            )
+        )
+    sequential = time.perf_counter() - start
+    return [
+        {
+            "bench": "grid",
+            "what": "20 configs (T=1): one pass vs 20 runs",
+            "one_pass_s": one_pass,
+            "sequential_s": sequential,
+            "speedup": sequential / one_pass,
+        }
+    ]
+
+
+MEASURE = """
+import json, resource, sys
+from vqt_cache.train import RunSpec, TrainConfig, train
+store, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+train(TrainConfig(store=store, runs=(RunSpec("vqt", 1, 0.5, 1e-3, 0),), epochs=1, warmup_epochs=0, batch_size=64,
+                  out=out, memory_budget=budget))
+timing = json.load(open(out + "/timing.json"))
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **timing}))
+"""
+
+
+def _streaming_memory(backbone, tmp: str, quick: bool) -> dict:
+    budget = 1 * GiB if quick else 2 * GiB
+    per_image = 12 * 2 * 197 * 768 * 2  # kv float16
+    n = int(4 * budget / per_image) + 1
+    store = synthetic_store(f"{tmp}/big.zarr", backbone, "kv", n)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, store, f"{tmp}/big-run", str(budget)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "bench": "memory",
+        "what": f"streaming train, store {n * per_image / GiB:.1f} GiB, budget {budget / GiB:.0f} GiB",
+        "peak_rss_GiB": result["peak_rss"] / GiB,
+        "limit_GiB": budget / GiB + 1,
+        "in_memory": result["in_memory"],
+        "images_per_s": result["train_images"] / result["train_seconds"],
+    }

@@ -1,0 +1,187 @@
+"""`vqt-cache sweep` / `report` / `compress`: pipelines, the selection protocol, re-runs, shards, reports."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vqt_cache.compress import compress
+from vqt_cache.errors import VQTError
+from vqt_cache.report import write_report
+from vqt_cache.sweep import load_pipeline, run_sweep, select
+from vqt_cache.train import RunSpec, TrainConfig, train
+
+from conftest import TINY_EXTRACT, run_cli
+
+PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_every_shipped_pipeline_loads(path):
+    p = load_pipeline(path)
+    assert p.datasets and p.grid.lr and p.protocol.final_seeds
+
+
+def test_shipped_pipelines_cover_the_paper():
+    vtab = load_pipeline(PIPELINES[0].parent / "vtab1k.toml")
+    assert len(vtab.datasets) == 19
+    queries = {d.name.split("/")[1]: d.queries[0] for d in vtab.datasets}
+    assert queries["svhn"] == 20 and queries["clevr_dist"] == 10 and queries["caltech101"] == 1
+    assert [vtab.group_of(d) for d in vtab.datasets].count("structured") == 8
+    assert len(vtab.grid.lr) * len(vtab.grid.wd) == 20
+    assert load_pipeline(PIPELINES[0].parent / "ablation_queries.toml").datasets[0].queries == (1, 2, 5, 10, 20)
+    assert len(load_pipeline(PIPELINES[0].parent / "fgvc.toml").datasets) == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('name = "x"\n[[datasets]]\nname = "digits"\nqueries = [1]\ncolour = "red"\n', "unknown key colour"),
+        ('[protocol]\nepoch = 3\n[[datasets]]\nname = "d"\n', "unknown key epoch"),
+        ('[[datasets]]\nname = "d"\nqueries = [-1]\n', "queries must be >= 0"),
+        ('name = "x"\n', "no \\[\\[datasets\\]\\]"),
+        ("name = \n", "not valid TOML"),
+    ],
+)
+def test_bad_pipeline_files(tmp_path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(VQTError, match=message):
+        load_pipeline(path)
+
+
+def _fake_run(folder: Path, method: str, T: int, lr: float, wd: float, top1: float) -> Path:
+    folder.mkdir(parents=True)
+    run = {"method": method, "queries": T, "lr": lr, "wd": wd, "seed": 100}
+    (folder / "config.json").write_text(json.dumps({"run": run}))
+    (folder / "metrics.json").write_text(json.dumps({"final": {"top1": top1}}))
+    return folder
+
+
+def test_selection_picks_best_last_epoch_val_with_ties_to_smaller_lr(tmp_path):
+    folders = [
+        _fake_run(tmp_path / "a", "vqt", 1, 0.5, 1e-3, 0.80),
+        _fake_run(tmp_path / "b", "vqt", 1, 0.1, 1e-3, 0.85),
+        _fake_run(tmp_path / "c", "vqt", 1, 0.05, 0.0, 0.85),  # tie with b: the smaller lr wins
+        _fake_run(tmp_path / "d", "vqt", 1, 0.05, 1e-2, 0.85),  # tie on lr too: the smaller wd wins
+        _fake_run(tmp_path / "e", "vqt", 10, 0.5, 0.0, 0.70),
+        _fake_run(tmp_path / "f", "vqt", 10, 0.25, 0.0, 0.75),
+        _fake_run(tmp_path / "g", "linear", 0, 1.0, 0.0, 0.60),
+    ]
+    chosen = select(folders)
+    assert (chosen[("vqt", 1)]["lr"], chosen[("vqt", 1)]["wd"]) == (0.05, 0.0)
+    assert chosen[("vqt", 10)]["lr"] == 0.25
+    assert chosen[("linear", 0)]["val_top1"] == 0.60
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory) -> str:
+    from vqt_cache.extract import ExtractConfig, extract
+
+    out = str(tmp_path_factory.mktemp("sweep") / "digits.zarr")
+    extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", out=out, workers=0))
+    return out
+
+
+def write_pipeline(tmp_path: Path, store: str, runs_root: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+name = "tiny"
+runs_root = "{runs_root}"
+baselines = ["linear"]
+compress = true
+[protocol]
+final_seeds = [1, 2]
+epochs = 2
+warmup_epochs = 1
+batch_size = 128
+[grid]
+lr = [0.5, 0.1]
+wd = [1e-3, 0.0]
+[[datasets]]
+name = "digits-a"
+queries = [1, 2]
+store = "{store}"
+[[datasets]]
+name = "digits-b"
+queries = [1]
+group = "other"
+store = "{store}"
+""")
+    return path
+
+
+def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
+    p = load_pipeline(write_pipeline(tmp_path, sweep_store, tmp_path / "full"))
+    seen = []
+    run_sweep(p, on_run=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (seen[-1][1], 4 * 3 + 3 * 2 + 4 * 2 + 2 * 2)  # selection + final runs of both datasets
+    report = write_report(p)
+    rows = report["rows"]
+    assert {(r["dataset"], r["label"]) for r in rows} == {
+        ("digits-a", "linear probe"),
+        ("digits-a", "VQT T=1"),
+        ("digits-a", "VQT T=2"),
+        ("digits-a", "VQT T=1 compressed"),
+        ("digits-a", "VQT T=2 compressed"),
+        ("digits-b", "linear probe"),
+        ("digits-b", "VQT T=1"),
+        ("digits-b", "VQT T=1 compressed"),
+    }
+    assert all(r["seeds"] == 2 for r in rows)
+    csv_lines = Path(report["csv"]).read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows)
+    markdown = Path(report["markdown"]).read_text()
+    assert "mean of group means" in markdown and "mean of tasks" in markdown and "| digits-b | other |" in markdown
+    assert sorted(Path(x).name for x in report["plots"]) == [
+        "accuracy_vs_T.png",
+        "heatmap-digits-a.png",
+        "heatmap-digits-b.png",
+    ]
+    # a re-run trains nothing: every run folder is already complete
+    stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "full").glob("**/model.safetensors")}
+    run_sweep(p)
+    assert stamps == {f: f.stat().st_mtime_ns for f in (tmp_path / "full").glob("**/model.safetensors")}
+    # two shards (two processes' worth of folders) merge into the same report
+    q = load_pipeline(write_pipeline(tmp_path, sweep_store, tmp_path / "sharded"))
+    assert run_sweep(q, (0, 2)) == ["digits-a"]
+    assert run_sweep(q, (1, 2)) == ["digits-b"]
+    assert write_report(q)["rows"] == rows
+
+
+def test_sweep_and_report_commands(tmp_path, sweep_store):
+    path = write_pipeline(tmp_path, sweep_store, tmp_path / "cli")
+    code, out = run_cli("sweep", str(path), "--shard", "1/2")
+    assert code == 0, out
+    assert "digits-b" in out and (tmp_path / "cli" / "tiny" / "results.md").exists()
+    code, out = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
+    assert code == 0 and (tmp_path / "rep" / "results.csv").exists()
+    code, out = run_cli("sweep", str(path), "--shard", "2/2")
+    assert code == 2 and "need 0 <= i < n" in out
+
+
+def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
+    [run] = train(
+        TrainConfig(
+            store=sweep_store,
+            runs=(RunSpec("vqt", 2, 0.5, 1e-3, 0),),
+            epochs=2,
+            warmup_epochs=1,
+            out=str(tmp_path / "run"),
+        )
+    )
+    F = 48 * (1 + 2 * 2)
+    for keep in (0.7, 0.33):
+        report = compress(run["dir"], keep=keep)
+        assert report["features_before"] == F and report["features_kept"] == int(keep * F)
+        assert report["head_params_after"] == 10 * int(keep * F) + 10
+        assert set(report["accuracy"]) == {"val200", "test"}
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(run["dir"]) / "compressed" / "model.safetensors")
+    assert tensors["feature_index"].shape == (int(0.33 * F),) and tensors["head.weight"].shape == (10, int(0.33 * F))
+    assert len(set(tensors["feature_index"].tolist())) == int(0.33 * F)
+    code, out = run_cli("compress", run["dir"], "--keep", "1.5")
+    assert code == 2 and "--keep must be in (0, 1]" in out
+    shutil.rmtree(Path(run["dir"]) / "compressed")

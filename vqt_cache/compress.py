@@ -1,0 +1,119 @@
+"""Group-lasso feature selection for a trained VQT run (method.md §6): keep fewer features, same queries.
+
+1. With the run's queries frozen, train a fresh head with loss CE + λ·Σ_j ‖W[:, j]‖₂ (group lasso over input
+   features) at half the run's learning rate, same schedule.
+2. Rank features by that head's column norms, keep the top int(keep·F), train another fresh head on them.
+Frozen queries make the features fixed, so they are computed once (eval mode) and the heads train on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vqt_cache.data import CachedSplit
+from vqt_cache.errors import VQTError
+from vqt_cache.heads import linear_head
+from vqt_cache.train import accuracy, derived_seed, load_run, lr_factor
+
+
+def _features(model, data: CachedSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, labels = [], []
+    with torch.no_grad():
+        for batch in data.batches():
+            feats.append(model.features(batch.final, batch.cache)[0])
+            labels.append(batch.labels)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_head(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    recipe: dict,
+    lr: float,
+    wd: float,
+    seed: int,
+    lasso: float = 0.0,
+) -> torch.nn.Linear:
+    """A fresh linear head on fixed features with the run's recipe (Adam, warm-up + cosine per epoch)."""
+    head = linear_head(x.shape[1], num_classes, torch.Generator().manual_seed(seed))
+    groups = [{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}]
+    optimizer = torch.optim.Adam(groups, lr=lr)
+    epochs, warmup, batch = recipe["epochs"], recipe["warmup_epochs"], recipe["batch_size"]
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * batch / 256 * lr_factor(epoch, epochs, warmup)
+        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x)))
+        for i in range(0, len(x), batch):
+            rows = order[i : i + batch]
+            loss = F.cross_entropy(head(x[rows]), y[rows])
+            if lasso:
+                loss = loss + lasso * head.weight.norm(dim=0).sum()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return head.eval()
+
+
+def compress(
+    run_dir: str | Path,
+    keep: float = 0.7,
+    lasso: float = 1e-4,
+    splits: tuple[str, ...] | None = None,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:
+    """Compress a finished VQT run into <run_dir>/compressed/; returns what it reports."""
+    if not 0 < keep <= 1:
+        raise VQTError(f"--keep must be in (0, 1], got {keep}")
+    config, store, _, model = load_run(run_dir)
+    if config["model"]["method"] != "vqt":
+        raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
+    spec, recipe, C = config["run"], config["recipe"], config["model"]["num_classes"]
+    train_x, train_y = _features(model, CachedSplit(store.split(config["splits"]["train"]), memory_budget))
+    lr = 0.5 * spec["lr"]
+    seed = derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
+    lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
+    F_all = train_x.shape[1]
+    k = int(keep * F_all)
+    kept = torch.argsort(lasso_head.weight.detach().norm(dim=0), descending=True)[:k].sort().values
+    head = train_head(train_x[:, kept], train_y, C, recipe, lr, spec["wd"], seed + 1)
+    eval_splits = splits or tuple(
+        dict.fromkeys(s for s in (config["splits"]["eval"], "test") if s in store.split_names())
+    )
+    accuracies = {}
+    for name in eval_splits:
+        x, y = _features(model, CachedSplit(store.split(name), memory_budget))
+        with torch.no_grad():
+            accuracies[name] = {
+                "before": accuracy(model.runs[0].head(x), y, C),
+                "after": accuracy(head(x[:, kept]), y, C),
+            }
+    out = Path(run_dir) / "compressed"
+    out.mkdir(exist_ok=True)
+    save_file(
+        {
+            "queries": model.runs[0].queries.prompts.detach().contiguous(),
+            "head.weight": head.weight.detach(),
+            "head.bias": head.bias.detach(),
+            "feature_index": kept.to(torch.int64),
+        },
+        out / "model.safetensors",
+    )
+    report = {
+        "keep": keep,
+        "lasso": lasso,
+        "features_before": F_all,
+        "features_kept": k,
+        "head_params_before": C * F_all + C,
+        "head_params_after": C * k + C,
+        "accuracy": accuracies,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,289 @@
+"""`vqt-cache sweep`: grids × datasets × seeds over existing stores, with the paper's selection protocol.
+
+A pipeline (pipelines/*.toml) names the datasets, the grid and the protocol (method.md §5):
+1. selection: every (method, T, lr, wd) on `select_train`, evaluated on `select_eval`, seed `select_seed`; all
+   of it is one pass over the cache (one seed);
+2. per (method, T), the (lr, wd) with the best last-epoch eval top-1 (ties -> smaller lr, then smaller wd);
+3. final: the selected configurations on `final_train` with every seed of `final_seeds`, tested on `final_eval`
+   (one pass per seed, all methods together);
+4. optionally group-lasso compression of the final VQT runs (method.md §6).
+Run folders are the only state: finished runs are skipped, and `--shard i/n` splits the datasets across
+processes or machines, whose folders `vqt-cache report` merges.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vqt_cache.errors import VQTError
+from vqt_cache.train import RunSpec, TrainConfig, grid, train
+
+# VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
+VTAB_GROUPS = {
+    "natural": ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
+    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+    "structured": (
+        "clevr_count",
+        "clevr_dist",
+        "dmlab",
+        "kitti",
+        "dsprites_loc",
+        "dsprites_ori",
+        "smallnorb_azi",
+        "smallnorb_ele",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    select_train: str = "train800"
+    select_eval: str = "val200"
+    select_seed: int = 100
+    final_train: str = "train800val200"
+    final_eval: str = "test"
+    final_seeds: tuple[int, ...] = (42, 44, 82, 100, 800)
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 128
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class Grid:
+    lr: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)  # base lrs, scaled by batch/256
+    wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 0.0)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    queries: tuple[int, ...] = (1,)
+    group: str | None = None
+    compress: bool | None = None  # None: the pipeline's default
+    store: str | None = None  # None: <cache_root>/<name>/<backbone>.zarr
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    datasets: tuple[DatasetEntry, ...]
+    backbone: str = "vit_b16"
+    cache_root: str = "data/cache"
+    runs_root: str = "data/runs/sweeps"
+    baselines: tuple[str, ...] = ("linear", "pooled")
+    compress: bool = False
+    keep: float = 0.7
+    description: str = ""
+    protocol: Protocol = field(default_factory=Protocol)
+    grid: Grid = field(default_factory=Grid)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.runs_root) / self.name
+
+    def store_for(self, entry: DatasetEntry) -> str:
+        return entry.store or str(Path(self.cache_root) / entry.name / f"{self.backbone}.zarr")
+
+    def group_of(self, entry: DatasetEntry) -> str:
+        if entry.group:
+            return entry.group
+        task = entry.name.split("/")[-1]
+        return next((g for g, tasks in VTAB_GROUPS.items() if task in tasks), "all")
+
+    def folder(self, entry: DatasetEntry, phase: str) -> Path:
+        return self.root / entry.name.replace("/", "-") / phase
+
+
+def _build(cls, table: dict[str, Any], where: str):
+    """A frozen dataclass from a TOML table: unknown keys are errors, lists become tuples."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise VQTError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise VQTError(f"bad {where}: {exc}") from exc
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read and validate a pipeline file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VQTError(f"pipeline file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise VQTError(f"pipeline file {path} is not valid TOML: {exc}") from exc
+    data.setdefault("name", path.stem)
+    entries = data.pop("datasets", None)
+    if not entries:
+        raise VQTError(f"pipeline file {path} lists no [[datasets]]")
+    datasets = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry.get("queries"), int):
+            entry = {**entry, "queries": [entry["queries"]]}
+        datasets.append(_build(DatasetEntry, entry, f"[[datasets]] #{i + 1} of {path}"))
+    protocol = _build(Protocol, data.pop("protocol", {}), f"[protocol] of {path}")
+    grid_ = _build(Grid, data.pop("grid", {}), f"[grid] of {path}")
+    pipeline = _build(Pipeline, {**data, "datasets": datasets, "protocol": protocol, "grid": grid_}, str(path))
+    _check(pipeline, path)
+    return pipeline
+
+
+def _check(p: Pipeline, path: Path) -> None:
+    if any(t < 0 for d in p.datasets for t in d.queries):
+        raise VQTError(f"{path}: queries must be >= 0")
+    if not p.grid.lr or not p.grid.wd or not p.protocol.final_seeds:
+        raise VQTError(f"{path}: the grid (lr, wd) and final_seeds must not be empty")
+    if not 0 < p.keep <= 1:
+        raise VQTError(f"{path}: keep must be in (0, 1]")
+    bad = [b for b in p.baselines if b not in ("linear", "pooled")]
+    if bad:
+        raise VQTError(f"{path}: unknown baseline {bad[0]!r} (use linear, pooled)")
+    names = [d.name for d in p.datasets]
+    if len(set(names)) != len(names):
+        raise VQTError(f"{path}: a dataset is listed twice")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as exc:
+        raise VQTError(f"--shard takes i/n, e.g. 0/2, got {text!r}") from exc
+    if not 0 <= i < n:
+        raise VQTError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def select(folders: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (method, T): the run with the best last-epoch eval top-1; ties -> smaller lr, then smaller wd."""
+    best: dict[tuple[str, int], tuple[tuple, dict]] = {}
+    for folder in folders:
+        metrics_path = folder / "metrics.json"
+        if not metrics_path.exists():
+            continue
+        run = json.loads((folder / "config.json").read_text())["run"]
+        top1 = json.loads(metrics_path.read_text())["final"]["top1"]
+        key = (run["method"], run["queries"])
+        rank = (-top1, run["lr"], run["wd"])
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, {**run, "val_top1": top1, "folder": str(folder)})
+    return {k: v[1] for k, v in best.items()}
+
+
+def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...]:
+    seeds = [p.protocol.select_seed]
+    return grid(["vqt"], list(entry.queries), list(p.grid.lr), list(p.grid.wd), seeds) + grid(
+        list(p.baselines), [0], list(p.grid.lr), list(p.grid.wd), seeds
+    )
+
+
+def _train(
+    p: Pipeline,
+    store: str,
+    specs: tuple[RunSpec, ...],
+    train_split: str,
+    eval_split: str,
+    out: Path,
+    one_pass: bool,
+    progress,
+) -> list[dict]:
+    proto = p.protocol
+    common = dict(
+        store=store,
+        train_split=train_split,
+        eval_split=eval_split,
+        epochs=proto.epochs,
+        warmup_epochs=proto.warmup_epochs,
+        batch_size=proto.batch_size,
+        dropout=proto.dropout,
+        eval_every=proto.epochs,
+        checkpoint_every=max(proto.epochs // 4, 1),
+        extra={"sweep": p.name},
+    )
+    if one_pass:
+        return train(TrainConfig(runs=specs, out=str(out), **common), progress=progress)
+    results = []
+    for spec in specs:  # the same runs one at a time (for comparison only)
+        results += train(TrainConfig(runs=(spec,), out=str(out / spec.name), **common), progress=progress)
+    return results
+
+
+def run_sweep(
+    p: Pipeline,
+    shard: tuple[int, int] = (0, 1),
+    one_pass: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_run: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Run this shard's datasets through the protocol; returns the datasets it handled."""
+    from vqt_cache.compress import compress
+
+    mine = [d for i, d in enumerate(p.datasets) if i % shard[1] == shard[0]]
+    per_dataset = {
+        d.name: len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * len(p.protocol.final_seeds)
+        for d in mine
+    }
+    total, done = sum(per_dataset.values()), 0
+    if on_run:
+        on_run(0, total)
+    for entry in mine:
+        store = p.store_for(entry)
+        specs = _specs_for_selection(p, entry)
+        _train(
+            p,
+            store,
+            specs,
+            p.protocol.select_train,
+            p.protocol.select_eval,
+            p.folder(entry, "select"),
+            one_pass,
+            progress,
+        )
+        done += len(specs)
+        if on_run:
+            on_run(done, total)
+        chosen = select(run_folders(p.folder(entry, "select")))
+        finals = tuple(
+            RunSpec(m, t, c["lr"], c["wd"], seed)
+            for (m, t), c in sorted(chosen.items())
+            for seed in p.protocol.final_seeds
+        )
+        results = _train(
+            p,
+            store,
+            finals,
+            p.protocol.final_train,
+            p.protocol.final_eval,
+            p.folder(entry, "final"),
+            one_pass,
+            progress,
+        )
+        if entry.compress if entry.compress is not None else p.compress:
+            for result in results:
+                folder = Path(result["dir"])
+                if result["name"].startswith("vqt-") and not (folder / "compressed" / "metrics.json").exists():
+                    compress(folder, keep=p.keep)
+        done += len(finals)
+        if on_run:
+            on_run(done, total)
+    return [d.name for d in mine]
+
+
+def run_folders(parent: Path) -> list[Path]:
+    """Run folders below `parent` (directly, or one level down for one-at-a-time sweeps), in name order."""
+    return sorted(c.parent for c in parent.glob("**/config.json"))
