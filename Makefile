@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PIPELINE ?= pipelines/demo.toml
+DEMO_STORE := data/cache/digits/tiny_vit_parity.zarr/zarr.json
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-all lint format bench demo sweep clean
@@ -40,8 +41,11 @@ bench: $(STAMP)  ## run the benchmarks, print a table, write bench/results.json
 demo: $(STAMP)  ## whole pipeline on the embedded digits data (no downloads)
 	$(VENV)/bin/vqt-cache demo
 
-sweep: $(STAMP)  ## grid x datasets x seeds over cached features (PIPELINE=pipelines/demo.toml)
+sweep: $(STAMP) $(if $(filter pipelines/demo.toml,$(PIPELINE)),$(DEMO_STORE))  ## grid x datasets x seeds (PIPELINE=pipelines/demo.toml)
 	$(VENV)/bin/vqt-cache sweep $(PIPELINE)
+
+$(DEMO_STORE): | $(STAMP)
+	$(VENV)/bin/vqt-cache demo
 
 clean:  ## remove caches, runs and build artefacts (keeps .venv)
 	rm -rf data/cache data/runs .pytest_cache .ruff_cache build dist *.egg-info bench/results.json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from contextlib import contextmanager
@@ -395,6 +396,7 @@ def sweep(
     shard: Annotated[str | None, typer.Option(help="i/n: run only this share of the datasets")] = None,
     one_pass: Annotated[bool, typer.Option(help="train each grid in one pass over the cache")] = True,
     report_only: Annotated[bool, typer.Option(help="skip training; merge the run folders into the report")] = False,
+    runs_root: Annotated[str | None, typer.Option(help="override the pipeline's runs_root")] = None,
 ) -> None:
     """Grids × datasets × seeds over cached features with the paper's selection protocol, then the report.
 
@@ -406,6 +408,8 @@ def sweep(
     from vqt_cache.sweep import load_pipeline, parse_shard, run_sweep
 
     p = load_pipeline(pipeline)
+    if runs_root:
+        p = dataclasses.replace(p, runs_root=runs_root)
     part = parse_shard(shard)
     if not report_only:
         with _progress("step") as update:
