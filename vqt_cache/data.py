@@ -45,7 +45,12 @@ class CachedSplit:
         prefetch: int = 2,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.split, self.batch_size, self.prefetch, self.device = split, batch_size, prefetch, torch.device(device)
+        """Hold the split in memory if its valid rows and two batches fit `memory_budget` bytes, else stream it.
+
+        The budget covers the resident features and the float32 batches alive at once (the one being trained on
+        and those being prepared ahead, at least two, at most `prefetch` + 1 in memory).
+        """
+        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
         self.rows = np.flatnonzero(split.valid())
         self.labels = torch.from_numpy(split.labels())
         if (self.labels[self.rows] < 0).any():
@@ -56,77 +61,111 @@ class CachedSplit:
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.row_bytes = int(np.prod(self.row_shape)) * split.features.dtype.itemsize
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        self.in_memory = len(self.rows) * self.row_bytes <= budget
+        batch_bytes = max(batch_size * int(np.prod(self.row_shape)) * 4, 1)  # one float32 batch
+        self.in_memory = len(self.rows) * self.row_bytes + 2 * batch_bytes <= budget
         self._features = None
-        if not self.in_memory:  # the budget holds the batches being prepared and trained on instead
-            batch_bytes = batch_size * int(np.prod(self.row_shape)) * 4
-            self.prefetch = max(1, min(prefetch, budget // max(batch_bytes, 1) - 1))
         if self.in_memory:
+            self.buffers = max(2, min(prefetch + 1, (budget - len(self.rows) * self.row_bytes) // batch_bytes))
             self._features = torch.from_numpy(split.features[:])
-            self._check_finite(self._features[self.rows], self.rows)
+            for row in self.rows:
+                self._check_finite(self._features[row], row)
+        else:
+            self.buffers = max(2, budget // batch_bytes)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of cached features held for the whole run (0 when streaming)."""
+        return len(self.rows) * self.row_bytes if self._features is not None else 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _check_finite(self, features: torch.Tensor, rows: np.ndarray) -> None:
-        finite = torch.isfinite(features.reshape(len(rows), -1)).all(dim=1)
-        if not finite.all():
-            bad = rows[int(torch.nonzero(~finite)[0])]
+    def _check_finite(self, features: torch.Tensor, row: int) -> None:
+        if not torch.isfinite(features).all():
             raise VQTError(
-                f"the cache of split {self.split.name!r} holds NaN or Inf at row {bad} "
-                f"({self.split.sources[bad]}); re-extract it"
+                f"the cache of split {self.split.name!r} holds NaN or Inf at row {row} "
+                f"({self.split.sources[row]}); re-extract it"
             )
 
     def _row(self, row: int) -> torch.Tensor:
         if self._features is not None:
             return self._features[row]
-        return torch.from_numpy(self.split.features[int(row)])
+        features = torch.from_numpy(self.split.features[int(row)])
+        self._check_finite(features, row)
+        return features
 
-    def make_batch(self, rows: np.ndarray) -> Batch:
-        """One copy per image: cast to float32 and place it at its batch position of the layer-major cache."""
+    def new_buffer(self) -> torch.Tensor:
+        """A float32 layer-major buffer for one full batch."""
         shape = list(self.row_shape)
-        shape.insert(self.batch_axis, len(rows))
-        cache = torch.empty(shape, dtype=torch.float32)
+        shape.insert(self.batch_axis, self.batch_size)
+        return torch.empty(shape, dtype=torch.float32)
+
+    def make_batch(self, rows: np.ndarray, buffer: torch.Tensor | None = None) -> Batch:
+        """One copy per image: cast to float32 and place it at its batch position of the layer-major cache.
+
+        The cache is written into `buffer` (reused across batches: a fresh 1 GB tensor costs more in page
+        faults than the copy itself) or a new one; a short last batch is a narrowed view of it.
+        """
+        cache = (self.new_buffer() if buffer is None else buffer).narrow(self.batch_axis, 0, len(rows))
         for b, row in enumerate(rows):
             cache.select(self.batch_axis, b).copy_(self._row(row))
-        if not self.in_memory:
-            moved = cache.movedim(self.batch_axis, 0)
-            self._check_finite(moved, rows)
         index = torch.from_numpy(rows)
         return Batch(self.final[index].to(self.device), cache.to(self.device), self.labels[index].to(self.device), rows)
 
     def batches(self, order: np.ndarray | None = None) -> Iterator[Batch]:
-        """Batches of `batch_size` rows in `order` (default: store order), prepared ahead on a thread."""
+        """Batches of `batch_size` rows in `order` (default: store order).
+
+        Batch buffers are reused (at most `self.buffers` exist): a batch's tensors stay valid until the caller asks
+        for the batch after the next one (when it asks for batch k+1, batch k-1's buffer is refilled).
+        """
         rows = self.rows if order is None else order
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        ready: queue.Queue = queue.Queue(maxsize=max(self.prefetch, 1))
-        stop = threading.Event()
+        if self.in_memory:  # a memory copy: done inline, as a second thread would fight the compute for the cores
+            buffers = [self.new_buffer() for _ in range(min(2, len(chunks)))]
+            for k, chunk in enumerate(chunks):
+                yield self.make_batch(chunk, buffers[k % 2])
+            return
+        yield from self._prefetched(chunks)
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+    def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Batch]:
+        """Streaming: a thread reads and builds the next batches while the caller trains on the current one."""
+        ready: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for _ in range(self.buffers):
+            free.put(None)  # allocated on first use
+        stop = threading.Event()
 
         def produce() -> None:
             try:
                 for chunk in chunks:
-                    if not put(self.make_batch(chunk)):
-                        return
-                put(None)
+                    while True:
+                        if stop.is_set():
+                            return
+                        try:
+                            buffer = free.get(timeout=0.1)
+                            break
+                        except queue.Empty:
+                            continue
+                    buffer = self.new_buffer() if buffer is None else buffer
+                    ready.put((self.make_batch(chunk, buffer), buffer))
+                ready.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
-                put(exc)
+                ready.put(exc)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
+        previous = None
         try:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                batch, buffer = item
+                del item
+                yield batch
+                del batch
+                if previous is not None:
+                    free.put(previous)  # the caller now holds this batch and has dropped the one before
+                previous = buffer
         finally:
             stop.set()
             thread.join()

@@ -382,10 +382,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
             todo.append(spec)
     if not todo:
         return results
+    # the budget covers the frozen weights and the cached features (held in memory, or the streaming batches)
     budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
-    train_data = CachedSplit(train_split, budget, cfg.batch_size, device=device)
-    resident = len(train_data) * train_data.row_bytes if train_data.in_memory else 0
-    eval_data = CachedSplit(eval_split, max(budget - resident, 0), cfg.batch_size, device=device)
+    budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device=device)
+    eval_data = CachedSplit(eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device=device)
     for seed in sorted({s.seed for s in todo}):
         specs = [s for s in todo if s.seed == seed]
         timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory}
