@@ -42,13 +42,12 @@ class CachedSplit:
         split: Split,
         memory_budget: int | None = None,
         batch_size: int = 128,
-        prefetch: int = 2,
         device: torch.device | str = "cpu",
     ) -> None:
         """Hold the split in memory if its valid rows and two batches fit `memory_budget` bytes, else stream it.
 
-        The budget covers the resident features and the float32 batches alive at once (the one being trained on
-        and those being prepared ahead, at least two, at most `prefetch` + 1 in memory).
+        The budget covers the resident features and the float32 batch buffers: two in memory (one trained on,
+        one being filled), and as many as fit (at least two) when streaming, to read ahead.
         """
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
         self.rows = np.flatnonzero(split.valid())
@@ -61,21 +60,24 @@ class CachedSplit:
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.row_bytes = int(np.prod(self.row_shape)) * split.features.dtype.itemsize
         budget = default_memory_budget() if memory_budget is None else memory_budget
-        batch_bytes = max(batch_size * int(np.prod(self.row_shape)) * 4, 1)  # one float32 batch
-        self.in_memory = len(self.rows) * self.row_bytes + 2 * batch_bytes <= budget
+        self.batch_rows = max(min(batch_size, len(self.rows)), 1)  # a buffer's batch size
+        self.batch_bytes = self.batch_rows * int(np.prod(self.row_shape)) * 4  # one float32 batch buffer
+        self.in_memory = len(self.rows) * self.row_bytes + 2 * self.batch_bytes <= budget
         self._features = None
+        self._pool: list[torch.Tensor] = []
         if self.in_memory:
-            self.buffers = max(2, min(prefetch + 1, (budget - len(self.rows) * self.row_bytes) // batch_bytes))
+            self.buffers = 2
             self._features = torch.from_numpy(split.features[:])
             for row in self.rows:
                 self._check_finite(self._features[row], row)
         else:
-            self.buffers = max(2, budget // batch_bytes)
+            self.buffers = max(2, budget // self.batch_bytes)
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of cached features held for the whole run (0 when streaming)."""
-        return len(self.rows) * self.row_bytes if self._features is not None else 0
+        """Bytes held for the whole run: the features (in memory) and the batch buffers."""
+        features = len(self.rows) * self.row_bytes if self._features is not None else 0
+        return features + self.buffers * self.batch_bytes
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,7 +99,7 @@ class CachedSplit:
     def new_buffer(self) -> torch.Tensor:
         """A float32 layer-major buffer for one full batch."""
         shape = list(self.row_shape)
-        shape.insert(self.batch_axis, self.batch_size)
+        shape.insert(self.batch_axis, self.batch_rows)
         return torch.empty(shape, dtype=torch.float32)
 
     def make_batch(self, rows: np.ndarray, buffer: torch.Tensor | None = None) -> Batch:
@@ -121,18 +123,23 @@ class CachedSplit:
         rows = self.rows if order is None else order
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         if self.in_memory:  # a memory copy: done inline, as a second thread would fight the compute for the cores
-            buffers = [self.new_buffer() for _ in range(min(2, len(chunks)))]
             for k, chunk in enumerate(chunks):
-                yield self.make_batch(chunk, buffers[k % 2])
+                yield self.make_batch(chunk, self._buffer(k % 2))
             return
         yield from self._prefetched(chunks)
+
+    def _buffer(self, slot: int) -> torch.Tensor:
+        """Batch buffer number `slot`, allocated once and kept for every later epoch."""
+        while len(self._pool) <= slot:
+            self._pool.append(self.new_buffer())
+        return self._pool[slot]
 
     def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Batch]:
         """Streaming: a thread reads and builds the next batches while the caller trains on the current one."""
         ready: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
-        for _ in range(self.buffers):
-            free.put(None)  # allocated on first use
+        for slot in range(self.buffers):
+            free.put(slot)
         stop = threading.Event()
 
         def produce() -> None:
@@ -142,12 +149,11 @@ class CachedSplit:
                         if stop.is_set():
                             return
                         try:
-                            buffer = free.get(timeout=0.1)
+                            slot = free.get(timeout=0.1)
                             break
                         except queue.Empty:
                             continue
-                    buffer = self.new_buffer() if buffer is None else buffer
-                    ready.put((self.make_batch(chunk, buffer), buffer))
+                    ready.put((self.make_batch(chunk, self._buffer(slot)), slot))
                 ready.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 ready.put(exc)

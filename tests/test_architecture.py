@@ -1,0 +1,50 @@
+"""design.md §7: one-way data flow. Stage two never imports image code, the store never imports timm,
+only the CLI imports typer/rich, and only the query path does attention math."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vqt_cache"
+
+
+def loaded_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["vqt_cache.train", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"])
+def test_stage_two_does_not_import_image_code(module):
+    loaded = loaded_after_import(module)
+    assert "vqt_cache.datasets" not in loaded and "vqt_cache.extract" not in loaded
+
+
+def test_store_does_not_import_timm():
+    assert "timm" not in loaded_after_import("vqt_cache.store")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_cli_imports_typer_and_rich():
+    for path in PACKAGE.glob("*.py"):
+        if path.name != "cli.py":
+            assert not {"typer", "rich"} & _imports(path), path.name
+
+
+def test_only_the_query_path_does_attention_math():
+    for path in PACKAGE.glob("*.py"):
+        if path.name != "query.py":
+            text = path.read_text()
+            assert "softmax(dim=-1)" not in text and "scaled_dot_product_attention" not in text, path.name
