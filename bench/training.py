@@ -48,7 +48,7 @@ def synthetic_store(path: str, backbone, layout: str, n_train: int, n_eval: int 
         for shard in range(split.num_shards):
             lo, hi = split.shard_range(shard)
             final = rng.standard_normal((hi - lo, backbone.dim), dtype=np.float32)
-            split.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8))
+            split.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8), b"synthetic")
     return path
 
 

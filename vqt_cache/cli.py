@@ -485,6 +485,42 @@ def compress(
         console.print(f"{split}: top-1 {100 * acc['before']['top1']:.2f}% -> {100 * acc['after']['top1']:.2f}%")
 
 
+@app.command()
+def verify(
+    path: Annotated[str, typer.Argument(help="a store (path or URL)")],
+    recompute: Annotated[int, typer.Option(help="also re-run the backbone on N images per split and compare")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """Re-read every shard: completion records, checksums, shapes, NaN/Inf; optionally recompute a sample.
+
+    Exit code 1 when anything is wrong. Example:
+      vqt-cache verify data/cache/cub/vit_b16.zarr --recompute 8
+    """
+    from vqt_cache.verify import verify as run_verify
+
+    with _progress("shard") as update:
+        result = run_verify(path, recompute=recompute, progress=None if json_out else update)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        for s in result["splits"]:
+            console.print(
+                f"split {s['name']}: {s['checked']} of {s['shards']} shards checked, "
+                f"{'complete' if s['complete'] else 'INCOMPLETE'}"
+            )
+        if result["recomputed"]:
+            console.print(f"recomputed {result['recomputed']} images against the backbone")
+        for fault in result["faults"]:
+            console.print(f"[red]fault:[/red] {fault}", soft_wrap=True, highlight=False)
+        console.print(
+            "[green]store verified: no faults[/green]"
+            if not result["faults"]
+            else f"[red]{len(result['faults'])} fault(s) found[/red]"
+        )
+    if result["faults"]:
+        sys.exit(1)
+
+
 def main() -> None:
     """Console-script entry: bad input ends with one sentence and exit code 2, never a traceback."""
     try:

@@ -7,10 +7,13 @@ shards s with s % world_size == r; rank 0 writes all metadata before any rank wr
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,25 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextmanager
+def _creation_lock(url: str):
+    """An exclusive lock around creating a local store's metadata (chunk writes are atomic renames already).
+
+    Object stores get no lock: run their concurrent writers under torchrun, whose rank 0 alone creates.
+    """
+    if "://" in url:
+        yield
+        return
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dict[str, Any]:
     import numcodecs
     import timm
@@ -186,6 +208,7 @@ def extract_split(
         for shard in shards:
             start, stop = split.shard_range(shard)
             finals, valid, writes = [], [], []
+            checksum = hashlib.sha256()  # of the rows as written, checked again by `vqt-cache verify`
             position = start
             while position < stop:
                 images, ok, errors = next(batches)
@@ -195,14 +218,16 @@ def extract_split(
                 skipped += [items[position + i][0] for i in bad]
                 final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
                 layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
-                writes.append(writer.submit(split.write_images, position, layers.cpu().numpy()))
+                rows = layers.cpu().numpy()
+                checksum.update(rows)  # the same bytes, in the same order, as verify reads them back
+                writes.append(writer.submit(split.write_images, position, rows))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(images)
                 if position == stop:
                     for write in writes:
                         write.result()  # re-raises a failed write before the shard is marked complete
-                    split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid))
+                    split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
                 advance(len(images))
     return skipped
 
@@ -222,12 +247,11 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     url = cfg.store_url
 
     if rank == 0:
-        if "://" not in url:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
-        store = create_store(url, attrs, weights)
-        for name in split_names:
-            _prepare_split(store, dataset, name, cfg.shard_size)
+        with _creation_lock(url):  # other extract processes on the same store wait here, then find it made
+            store = create_store(url, attrs, weights)
+            for name in split_names:
+                _prepare_split(store, dataset, name, cfg.shard_size)
     _barrier(world)
     store = create_store(url, attrs, {}) if rank else store  # opens and checks; rank 0 already has it
 
@@ -251,7 +275,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
         if progress:
             progress(name, 0, todo)
         if mine:
-            skipped = extract_split(backbone, split, dataset, mine, prep, cfg, device, advance)
+            try:
+                skipped = extract_split(backbone, split, dataset, mine, prep, cfg, device, advance)
+            except OSError as exc:  # a full disk, a lost mount, permissions: the finished shards stay finished
+                raise VQTError(
+                    f"writing to {url} failed ({exc.strerror or exc}); fix that and re-run the same command to resume"
+                ) from exc
         per_image = split.features.nbytes // max(split.num_samples, 1)
         summaries.append(
             SplitSummary(name, split.num_samples, todo, skipped, time.perf_counter() - started, todo * per_image)

@@ -9,6 +9,7 @@
         final   (n, D)               the backbone's final feature f_0
         labels  (n,)                 int64
         valid   (n,)                 0 where a bad image was skipped
+        checksum (num_shards, 32)    sha256 of the shard's feature rows (in order) and final features
         shard_done (num_shards,)     1 once every image of the shard is written (one chunk per shard)
 
 One Zarr chunk of kv/hidden = one image, all layers. Logical shards (fixed groups of `shard_size` images) are the
@@ -18,6 +19,7 @@ complete when it is not. final/labels/valid are chunked by shard, so writers nev
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -118,12 +120,38 @@ class Split:
         """Write features of images start.. (one chunk per image)."""
         self.features[start : start + len(features)] = features
 
-    def finish_shard(self, shard: int, final: np.ndarray, valid: np.ndarray) -> None:
-        """Write the shard's final features and valid flags, then (last) its completion flag."""
+    def finish_shard(self, shard: int, final: np.ndarray, valid: np.ndarray, features_sha256: bytes) -> None:
+        """Write the shard's final features, valid flags and checksum, then (last) its completion flag.
+
+        features_sha256: sha256 of the shard's feature rows as written, in row order (see `shard_checksum`).
+        """
         start, stop = self.shard_range(shard)
         self.group["final"][start:stop] = final
         self.group["valid"][start:stop] = valid
+        digest = hashlib.sha256(features_sha256)
+        digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
+        self.group["checksum"][shard] = np.frombuffer(digest.digest(), dtype=np.uint8)
         self.group["shard_done"][shard] = 1
+
+    def verify_shard(self, shard: int) -> list[str]:
+        """Re-read a complete shard: every chunk readable, finite, and matching the checksum recorded at write."""
+        start, stop = self.shard_range(shard)
+        where = f"split {self.name!r} shard {shard} (rows {start}..{stop - 1})"
+        rows = hashlib.sha256()
+        try:
+            for row in range(start, stop):
+                features = self.features[row]
+                if not np.isfinite(features).all():
+                    return [f"{where}: row {row} holds NaN or Inf"]
+                rows.update(np.ascontiguousarray(features))
+            final = self.group["final"][start:stop]
+        except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
+            return [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
+        digest = hashlib.sha256(rows.digest())
+        digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
+        if digest.digest() != self.group["checksum"][shard].tobytes():
+            return [f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"]
+        return []
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
@@ -188,6 +216,9 @@ class Store:
         group.create_array("valid", shape=(n,), chunks=(shard_size,), dtype="uint8", compressors=None, fill_value=0)
         group.create_array(
             "shard_done", shape=(num_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0
+        )
+        group.create_array(
+            "checksum", shape=(num_shards, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0
         )
         group["labels"][:] = np.asarray(labels, dtype=np.int64)
         # attrs last: a split group without them is a creation that was interrupted and is redone
