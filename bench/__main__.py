@@ -14,7 +14,12 @@ from rich.table import Table
 
 from bench import extraction, stage_two, training
 
-BENCHES = {"stage_two": stage_two.run, "training": training.run, "extraction": extraction.run}
+BENCHES = {
+    "stage_two": stage_two.run,
+    "training": training.run,
+    "grid": training.run_grid,
+    "extraction": extraction.run,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -95,54 +95,49 @@ def run(quick: bool = False) -> list[dict]:
                         "x_live_frozen": ips / live["frozen"],
                     }
                 )
-        rows += _grid(stores["kv"], tmp, quick)
         rows.append(_streaming_memory(backbone, tmp, quick))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
-def _grid(store: str, tmp: str, quick: bool) -> list[dict]:
+def run_grid(quick: bool = False) -> list[dict]:
+    """20 configurations (lr × wd, T = 1) in one pass vs one after another, in memory and streamed from disk."""
+    backbone, _, _ = vit_b16()
+    tmp = tempfile.mkdtemp(prefix="vqt-bench-grid-")
+    try:
+        store = synthetic_store(f"{tmp}/kv.zarr", backbone, "kv", 128)
+        return [_grid(store, f"{tmp}/{mode}", budget) for mode, budget in (("in memory", None), ("streamed", 0))]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _grid(store: str, out: str, memory_budget: int | None) -> dict:
     specs = grid(["vqt"], [1], [1.0, 0.5, 0.25, 0.1, 0.05], [1e-2, 1e-3, 1e-4, 0.0], [100])
-    epochs = 2
-    start = time.perf_counter()
-    train(
-        TrainConfig(
-            store=store,
-            runs=specs,
-            epochs=epochs,
-            warmup_epochs=1,
-            batch_size=64,
-            out=f"{tmp}/grid",
-            eval_every=epochs,
-            checkpoint_every=epochs,
-        )
+    common = dict(
+        store=store,
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=64,
+        eval_every=2,
+        checkpoint_every=2,
+        memory_budget=memory_budget,
     )
+    start = time.perf_counter()
+    train(TrainConfig(runs=specs, out=f"{out}/grid", **common))
     one_pass = time.perf_counter() - start
     start = time.perf_counter()
     for spec in specs:
-        train(
-            TrainConfig(
-                store=store,
-                runs=(spec,),
-                epochs=epochs,
-                warmup_epochs=1,
-                batch_size=64,
-                out=f"{tmp}/seq/{spec.name}",
-                eval_every=epochs,
-                checkpoint_every=epochs,
-            )
-        )
+        train(TrainConfig(runs=(spec,), out=f"{out}/seq/{spec.name}", **common))
     sequential = time.perf_counter() - start
-    return [
-        {
-            "bench": "grid",
-            "what": "20 configs (T=1): one pass vs 20 runs",
-            "one_pass_s": one_pass,
-            "sequential_s": sequential,
-            "speedup": sequential / one_pass,
-        }
-    ]
+    mode = "in memory" if memory_budget is None else "streamed"
+    return {
+        "bench": "grid",
+        "what": f"20 configs (T=1, 128 images, 2 epochs, {mode}): one pass vs 20 runs",
+        "one_pass_s": one_pass,
+        "sequential_s": sequential,
+        "speedup": sequential / one_pass,
+    }
 
 
 MEASURE = """

@@ -147,6 +147,13 @@ class Backbone:
         return final, out
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A block's keys (k_norm applied, as its attention does) and values, split into heads: (2, B, H, N, dh).
 

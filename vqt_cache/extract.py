@@ -8,7 +8,6 @@ shards s with s % world_size == r; rank 0 writes all metadata before any rank wr
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vqt_cache import __version__
-from vqt_cache.backbones import Backbone, load_backbone
+from vqt_cache import package_versions
+from vqt_cache.backbones import Backbone, load_backbone, resolve_device
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
 from vqt_cache.errors import VQTError
-from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store
+from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store, row_checksum
 
 ON_BAD_IMAGE = ("fail", "skip")
 
@@ -108,12 +107,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @contextmanager
 def _creation_lock(url: str):
     """An exclusive lock around creating a local store's metadata (chunk writes are atomic renames already).
@@ -134,10 +127,6 @@ def _creation_lock(url: str):
 
 
 def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dict[str, Any]:
-    import numcodecs
-    import timm
-    import zarr
-
     return {
         "backbone": backbone.describe(),
         "preprocessing": preprocessing(backbone.data_config, dataset.resize),
@@ -145,13 +134,7 @@ def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dic
         "layout": cfg.layout,
         "dtype": cfg.dtype,
         "codec": cfg.codec,
-        "versions": {
-            "vqt_cache": __version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__,
-        },
+        "versions": package_versions(),
     }
 
 
@@ -178,6 +161,12 @@ def _shard_batches(split, shards: list[int], batch_size: int) -> list[list[int]]
         start, stop = split.shard_range(shard)
         batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
     return batches
+
+
+def write_and_hash(split, position: int, rows: np.ndarray, checksum) -> None:
+    """Runs on the single writer thread, so rows are written and hashed in order, off the compute thread."""
+    split.write_images(position, rows)
+    checksum.update(rows)
 
 
 def extract_split(
@@ -208,7 +197,7 @@ def extract_split(
         for shard in shards:
             start, stop = split.shard_range(shard)
             finals, valid, writes = [], [], []
-            checksum = hashlib.sha256()  # of the rows as written, checked again by `vqt-cache verify`
+            checksum = row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
                 images, ok, errors = next(batches)
@@ -218,9 +207,7 @@ def extract_split(
                 skipped += [items[position + i][0] for i in bad]
                 final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
                 layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
-                rows = layers.cpu().numpy()
-                checksum.update(rows)  # the same bytes, in the same order, as verify reads them back
-                writes.append(writer.submit(split.write_images, position, rows))
+                writes.append(writer.submit(write_and_hash, split, position, layers.cpu().numpy(), checksum))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(images)
@@ -240,7 +227,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     for name in split_names:
         dataset.split(name)  # unknown or empty splits fail before anything is written
     backbone = load_backbone(cfg.backbone, weights=cfg.weights, **cfg.model_kwargs)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     backbone.model.to(device)
     attrs = store_attrs(backbone, dataset, cfg)
     prep = attrs["preprocessing"]

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vqt_cache import __version__
-from vqt_cache.backbones import Backbone, backbone_from_weights
+from vqt_cache import package_versions
+from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.model import METHODS, CachedVQT, Run
@@ -144,10 +144,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
-
-
 class _Trainer:
     """One pass: runs of one seed over one train split (and evaluation on one eval split)."""
 
@@ -160,11 +156,10 @@ class _Trainer:
         evaluation: CachedSplit | None,
         specs: list[RunSpec],
         dirs: dict[RunSpec, Path],
-        configs: dict[RunSpec, dict],
         device: torch.device,
     ) -> None:
-        self.cfg, self.store, self.train_data, self.eval_data = cfg, store, train, evaluation
-        self.specs, self.dirs, self.configs, self.device = specs, dirs, configs, device
+        self.cfg, self.train_data, self.eval_data = cfg, train, evaluation
+        self.specs, self.dirs, self.device = specs, dirs, device
         self.seed = specs[0].seed
         num_classes = store.attrs["dataset"]["num_classes"]
         runs = [
@@ -345,18 +340,7 @@ def _prepare_folder(folder: Path, config: dict) -> bool:
         metrics = folder / "metrics.json"
         return metrics.exists() and json.loads(metrics.read_text()).get("complete", False)
     folder.mkdir(parents=True, exist_ok=True)
-    import numcodecs
-    import timm
-    import zarr
-
-    versions = {
-        "vqt_cache": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-    }
-    path.write_text(json.dumps({**config, "versions": versions, "git_sha": _git_sha()}, indent=1))
+    path.write_text(json.dumps({**config, "versions": package_versions(), "git_sha": _git_sha()}, indent=1))
     return False
 
 
@@ -370,7 +354,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     train_split = store.split(splits["train"])
     eval_split = store.split(splits["eval"])
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     dirs = run_dirs(cfg, store)
     configs = {spec: _run_config(cfg, spec, store, splits, backbone) for spec in cfg.runs}
     results, todo = [], []
@@ -390,7 +374,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     for seed in sorted({s.seed for s in todo}):
         specs = [s for s in todo if s.seed == seed]
         timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory}
-        trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, dirs, configs, device)
+        trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, dirs, device)
         trainer.run(progress, timing)
         results += trainer.save(timing)
     order = {spec.name: i for i, spec in enumerate(cfg.runs)}
