@@ -97,3 +97,23 @@ def tiny_store(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("store") / "digits.zarr")
     extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), out=out, workers=0))
     return out
+
+
+def tiny_extract_args(splits: str, *options: str) -> list[str]:
+    """`vqt-cache extract` arguments for digits through the tiny backbone (no decoding workers), plus options."""
+    model_args = [f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()]
+    return [
+        "extract",
+        "--backbone",
+        TINY_EXTRACT["backbone"],
+        "--weights",
+        "random",
+        "--dataset",
+        "digits",
+        "--splits",
+        splits,
+        "--workers",
+        "0",
+        *model_args,
+        *options,
+    ]

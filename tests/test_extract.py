@@ -18,7 +18,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.extract import ExtractConfig, extract
 from vqt_cache.store import open_store
 
-from conftest import TINY_EXTRACT, make_imagefolder, run_cli
+from conftest import TINY_EXTRACT, make_imagefolder, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,24 +216,8 @@ def test_imagefolder_end_to_end_with_odd_image_modes(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_one_run(tmp_path):
-    args = [
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "train800",
-        "--weights",
-        "random",
-        "--shard-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
-    ]
-    cmd = [sys.executable, "-m", "vqt_cache", "extract", *args]
+    args = tiny_extract_args("train800", "--shard-size", "32", "--batch-size", "16")
+    cmd = [sys.executable, "-m", "vqt_cache", *args]
     subprocess.run([*cmd, "--out", str(tmp_path / "ref.zarr")], check=True, capture_output=True, cwd=REPO)
     out = str(tmp_path / "killed.zarr")
     proc = subprocess.Popen([*cmd, "--out", out], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -251,25 +235,7 @@ def test_kill_9_then_resume_equals_one_run(tmp_path):
 
 
 def test_two_process_torchrun_equals_one_process(tmp_path):
-    args = [
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "val200,test",
-        "--weights",
-        "random",
-        "--shard-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--json",
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
-    ]
+    args = tiny_extract_args("val200,test", "--shard-size", "32", "--batch-size", "16", "--json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [
         sys.executable,

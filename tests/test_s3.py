@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_EXTRACT, run_cli
+from conftest import run_cli, tiny_extract_args
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -45,22 +45,7 @@ def s3(tmp_path_factory):
 
 def test_extract_train_round_trip_on_s3(s3, tmp_path, tiny_store):
     url = f"{s3}/digits/tiny.zarr"
-    args = [
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "val200",
-        "--weights",
-        "random",
-        "--workers",
-        "0",
-        "--out",
-        url,
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
-    ]
+    args = tiny_extract_args("val200", "--out", url)
     code, out = run_cli(*args)
     assert code == 0, out
     code, out = run_cli(*args)

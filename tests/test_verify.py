@@ -16,7 +16,7 @@ from vqt_cache.extract import ExtractConfig, extract
 from vqt_cache.store import open_store
 from vqt_cache.verify import verify
 
-from conftest import TINY_EXTRACT, run_cli
+from conftest import TINY_EXTRACT, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,22 +96,7 @@ def test_kill_9_at_random_points_never_leaves_a_store_that_reads_complete_but_is
         sys.executable,
         "-m",
         "vqt_cache",
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "train800,val200",
-        "--weights",
-        "random",
-        "--shard-size",
-        "16",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
+        *tiny_extract_args("train800,val200", "--shard-size", "16", "--batch-size", "8"),
     ]
     out = tmp_path / "killed.zarr"
     readable = 0
@@ -144,22 +129,7 @@ def test_concurrent_writers_make_one_good_store(tmp_path, clean_store):
         sys.executable,
         "-m",
         "vqt_cache",
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "val200",
-        "--weights",
-        "random",
-        "--shard-size",
-        "32",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path / "shared.zarr"),
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
+        *tiny_extract_args("val200", "--shard-size", "32", "--out", str(tmp_path / "shared.zarr")),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
@@ -187,26 +157,7 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_module.Split, "write_images", failing)
     out = str(tmp_path / "full.zarr")
-    args = [
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--dataset",
-        "digits",
-        "--splits",
-        "val200",
-        "--weights",
-        "random",
-        "--shard-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--out",
-        out,
-        *[f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()],
-    ]
+    args = tiny_extract_args("val200", "--shard-size", "32", "--batch-size", "16", "--out", out)
     code, text = run_cli(*args)
     assert code == 2 and "No space left on device" in text and "re-run the same command" in text
     assert open_store(out).split("val200", require_complete=False).done().tolist()[:3] == [True, True, False]
