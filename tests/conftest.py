@@ -99,9 +99,11 @@ def tiny_store(tmp_path_factory) -> str:
     return out
 
 
-def tiny_extract_args(splits: str, *options: str) -> list[str]:
-    """`vqt-cache extract` arguments for digits through the tiny backbone (no decoding workers), plus options."""
+def tiny_extract_args(splits: str | None, *options: str, dataset: str = "digits") -> list[str]:
+    """`vqt-cache extract` arguments for a dataset (all splits when None) through the tiny backbone, no decoding
+    workers, plus options."""
     model_args = [f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()]
+    chosen = ["--splits", splits] if splits else []
     return [
         "extract",
         "--backbone",
@@ -109,9 +111,8 @@ def tiny_extract_args(splits: str, *options: str) -> list[str]:
         "--weights",
         "random",
         "--dataset",
-        "digits",
-        "--splits",
-        splits,
+        dataset,
+        *chosen,
         "--workers",
         "0",
         *model_args,

@@ -6,33 +6,12 @@ from PIL import Image
 
 from vqt_cache.store import open_store
 
-from conftest import TINY_EXTRACT, make_imagefolder, run_cli
-
-MODEL_ARGS = [f"--model-arg={k}={v}" for k, v in TINY_EXTRACT["model_kwargs"].items()]
+from conftest import make_imagefolder, run_cli, tiny_extract_args
 
 
 def extract_cli(dataset: str, root, out, *extra: str) -> tuple[int, str]:
-    return run_cli(
-        "extract",
-        "--backbone",
-        TINY_EXTRACT["backbone"],
-        "--weights",
-        "random",
-        "--dataset",
-        dataset,
-        "--root",
-        str(root),
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--shard-size",
-        "4",
-        "--batch-size",
-        "4",
-        *MODEL_ARGS,
-        *extra,
-    )
+    options = ["--root", str(root), "--out", str(out), "--shard-size", "4", "--batch-size", "4", *extra]
+    return run_cli(*tiny_extract_args(None, *options, dataset=dataset))
 
 
 def assert_one_sentence(code: int, out: str, *needles: str) -> None:
