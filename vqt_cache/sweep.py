@@ -234,11 +234,9 @@ def run_sweep(
     from vqt_cache.compress import compress
 
     mine = [d for i, d in enumerate(p.datasets) if i % shard[1] == shard[0]]
-    per_dataset = {
-        d.name: len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * len(p.protocol.final_seeds)
-        for d in mine
-    }
-    total, done = sum(per_dataset.values()), 0
+    seeds = len(p.protocol.final_seeds)
+    total = sum(len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * seeds for d in mine)
+    done = 0
     if on_run:
         on_run(0, total)
     for entry in mine:
