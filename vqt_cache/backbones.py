@@ -132,7 +132,9 @@ class Backbone:
 
         def capture_kv(layer: int, qkv_out: torch.Tensor) -> None:
             _, k, v = qkv_out.chunk(3, dim=-1)
-            out[:, layer].copy_(heads_kv(self.blocks[layer], k, v).transpose(0, 1))  # (B, 2, H, N, dh)
+            keys, values = heads_kv(self.blocks[layer], k, v)
+            out[:, layer, 0].copy_(keys)  # (B, H, N, dh), cast on the copy
+            out[:, layer, 1].copy_(values)
 
         if layout == "hidden":
             modules, capture = [blk.norm1 for blk in self.blocks], capture_hidden
@@ -154,15 +156,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A block's keys (k_norm applied, as its attention does) and values, split into heads: (2, B, H, N, dh).
+def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's keys (k_norm applied, as its attention does) and values, split into heads: each (B, H, N, dh).
 
-    k, v: (B, N, H·dh), the key and value parts of the block's qkv projection.
+    k, v: (B, N, H·dh), the key and value parts of the block's qkv projection. The results are views where
+    possible (no copy), for the caller to place where it needs them.
     """
     attn = block.attn
     B, N, _ = k.shape
     k = attn.k_norm(k.view(B, N, attn.num_heads, attn.head_dim))
-    return torch.stack([k, v.view(B, N, attn.num_heads, attn.head_dim)]).transpose(2, 3)
+    return k.transpose(1, 2), v.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 def resolve_name(name: str) -> tuple[str, dict[str, Any]]:

@@ -73,7 +73,7 @@ def _split_qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
 def keys_values(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """K (after k_norm) and V of the image tokens from X̂ = LN1(Z): (B, N, D) -> (2, B, H, N, dh)."""
     _, w_k, w_v, _, b_k, b_v = _split_qkv(block.attn)
-    return heads_kv(block, F.linear(hidden, w_k, b_k), F.linear(hidden, w_v, b_v))
+    return torch.stack(heads_kv(block, F.linear(hidden, w_k, b_k), F.linear(hidden, w_v, b_v)))
 
 
 def kv_from_hidden(blocks: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
