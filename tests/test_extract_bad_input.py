@@ -112,3 +112,11 @@ def test_bad_image_skip_is_recorded(tmp_path):
     assert not split.features[1].any()  # a skipped row stays zero
     code, out = run_cli("info", str(out_path), "--json")
     assert '"train/a/1.png"' in out
+
+
+def test_unwritable_output_is_one_sentence(tmp_path):
+    make_vtab(tmp_path)
+    code, out = extract_cli("vtab1k/patch_camelyon", tmp_path, "/proc/vqt-cache-test/s.zarr")
+    assert code == 2 and "Traceback" not in out
+    [line] = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert "/proc/vqt-cache-test" in line

@@ -528,3 +528,10 @@ def main() -> None:
     except VQTError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
+    except OSError as exc:  # permissions, read-only or full file systems, vanished paths: the system's sentence
+        where = f" ({exc.filename})" if exc.filename else ""
+        console.print(f"[red]error:[/red] {exc.strerror or exc}{where}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished shards and checkpoints are kept; re-run to resume")
+        sys.exit(130)
