@@ -144,6 +144,18 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
 
 
+def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every run's logits over a whole cached split (in store order, on the CPU), and the labels."""
+    logits: list[list[torch.Tensor]] = [[] for _ in model.runs]
+    labels = []
+    with torch.no_grad():
+        for batch in data.batches():
+            for i, out in enumerate(model(batch.final, batch.cache)):
+                logits[i].append(out.cpu())
+            labels.append(batch.labels.cpu())
+    return [torch.cat(lg) for lg in logits], torch.cat(labels)
+
+
 class _Trainer:
     """One pass: runs of one seed over one train split (and evaluation on one eval split)."""
 
@@ -219,15 +231,8 @@ class _Trainer:
     # -- epochs ------------------------------------------------------------------------------------------------
     def _evaluate(self) -> list[dict[str, float]]:
         self.model.eval()
-        logits: list[list[torch.Tensor]] = [[] for _ in self.specs]
-        labels = []
-        with torch.no_grad():
-            for batch in self.eval_data.batches():
-                for i, out in enumerate(self.model(batch.final, batch.cache)):
-                    logits[i].append(out.cpu())
-                labels.append(batch.labels.cpu())
-        y = torch.cat(labels)
-        return [accuracy(torch.cat(lg), y, self.model.runs[i].head.out_features) for i, lg in enumerate(logits)]
+        logits, labels = cached_logits(self.model, self.eval_data)
+        return [accuracy(lg, labels, run.head.out_features) for lg, run in zip(logits, self.model.runs, strict=True)]
 
     def run(self, progress: Progress | None, timing: dict[str, float]) -> None:
         cfg = self.cfg
@@ -417,16 +422,12 @@ def evaluate(
     data = CachedSplit(store.split(split), memory_budget, config["recipe"]["batch_size"])
     if data.num_classes > config["model"]["num_classes"]:
         raise VQTError(f"split {split!r} has labels beyond the run's {config['model']['num_classes']} classes")
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in data.batches():
-            logits.append(model(batch.final, batch.cache)[0])
-            labels.append(batch.labels)
+    logits, labels = cached_logits(model, data)
     return {
         "run": config["run"],
         "split": split,
         "images": len(data),
-        **accuracy(torch.cat(logits), torch.cat(labels), config["model"]["num_classes"]),
+        **accuracy(logits[0], labels, config["model"]["num_classes"]),
     }
 
 
