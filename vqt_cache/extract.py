@@ -206,7 +206,8 @@ def extract_split(
                     raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
                 skipped += [items[position + i][0] for i in bad]
                 final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
-                layers[~ok.to(device)] = 0  # a skipped image's row stays zero, and `valid` marks it
+                if bad:
+                    layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
                 writes.append(writer.submit(write_and_hash, split, position, layers.cpu().numpy(), checksum))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
