@@ -206,18 +206,13 @@ def info(
     console.print(table)
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, kind: type = float) -> list:
+    """'0.5,0.25' -> [0.5, 0.25] (or ints), with one clear sentence on anything else."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise VQTError(f"{what} takes comma-separated numbers, got {text!r}") from exc
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise VQTError(f"{what} takes comma-separated integers, got {text!r}") from exc
+        noun = "integers" if kind is int else "numbers"
+        raise VQTError(f"{what} takes comma-separated {noun}, got {text!r}") from exc
 
 
 def _gib(value: float | None) -> int | None:
@@ -272,10 +267,10 @@ def train(
 
     runs = grid(
         [m.strip() for m in method.split(",")],
-        _ints(queries, "--queries"),
-        _floats(lr, "--lr"),
-        _floats(wd, "--wd"),
-        _ints(seed, "--seed"),
+        _numbers(queries, "--queries", int),
+        _numbers(lr, "--lr"),
+        _numbers(wd, "--wd"),
+        _numbers(seed, "--seed", int),
     )
     cfg = TrainConfig(
         store=store or _find_store(cache_root),
