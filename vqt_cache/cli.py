@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+errors = Console(stderr=True)
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -516,17 +518,31 @@ def verify(
         sys.exit(1)
 
 
+def _fail(message: str) -> None:
+    """Print one `error:` line on stderr and exit 2."""
+    errors.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False, markup=True)
+    sys.exit(2)
+
+
 def main() -> None:
     """Console-script entry: bad input ends with one sentence and exit code 2, never a traceback."""
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(prog_name="vqt-cache", standalone_mode=False)
+    except typer.TyperException as exc:  # unknown option, wrong type, missing argument: typer's sentence, one line
+        message = " ".join(exc.format_message().split())
+        if not message:  # no arguments at all: the help is already printed
+            sys.exit(2)
+        context = getattr(exc, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context is not None else ""
+        _fail(escape(message) + hint)
+    except typer.Abort:
+        _fail("aborted")
     except VQTError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        _fail(escape(str(exc)))
     except OSError as exc:  # permissions, read-only or full file systems, vanished paths: the system's sentence
         where = f" ({exc.filename})" if exc.filename else ""
-        console.print(f"[red]error:[/red] {exc.strerror or exc}{where}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished shards and checkpoints are kept; re-run to resume")
-        sys.exit(130)
+        _fail(escape(f"{exc.strerror or exc}{where}"))
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        errors.print("[yellow]interrupted[/yellow]: finished shards and checkpoints are kept; re-run to resume")
+    sys.exit(code if isinstance(code, int) else 0)
