@@ -39,7 +39,7 @@ def test_shipped_pipelines_cover_the_paper():
     [
         ('name = "x"\n[[datasets]]\nname = "digits"\nqueries = [1]\ncolour = "red"\n', "unknown key colour"),
         ('[protocol]\nepoch = 3\n[[datasets]]\nname = "d"\n', "unknown key epoch"),
-        ('[[datasets]]\nname = "d"\nqueries = [-1]\n', "queries must be >= 0"),
+        ('[[datasets]]\nname = "d"\nqueries = [-1]\n', "queries T must be >= 0"),
         ('name = "x"\n', "no \\[\\[datasets\\]\\]"),
         ("name = \n", "not valid TOML"),
     ],

@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from vqt_cache.errors import VQTError
+from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
@@ -40,8 +43,13 @@ VTAB_GROUPS = {
 }
 
 
+# pipeline files are validated against the dataclasses below: exact TOML types, no unknown keys
+_STRICT = pydantic.ConfigDict(strict=True, extra="forbid")
+
+
 @dataclass(frozen=True)
 class Protocol:
+    __pydantic_config__ = _STRICT
     select_train: str = "train800"
     select_eval: str = "val200"
     select_seed: int = 100
@@ -56,12 +64,14 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Grid:
+    __pydantic_config__ = _STRICT
     lr: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)  # base lrs, scaled by batch/256
     wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 0.0)
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
+    __pydantic_config__ = _STRICT
     name: str
     queries: tuple[int, ...] = (1,)
     group: str | None = None
@@ -71,6 +81,7 @@ class DatasetEntry:
 
 @dataclass(frozen=True)
 class Pipeline:
+    __pydantic_config__ = _STRICT
     name: str
     datasets: tuple[DatasetEntry, ...]
     backbone: str = "vit_b16"
@@ -100,20 +111,22 @@ class Pipeline:
         return self.root / entry.name.replace("/", "-") / phase
 
 
-def _build(cls, table: dict[str, Any], where: str):
-    """A frozen dataclass from a TOML table: unknown keys are errors, lists become tuples."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise VQTError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise VQTError(f"bad {where}: {exc}") from exc
+_PIPELINE = pydantic.TypeAdapter(Pipeline)
+
+
+def _first_problem(exc: pydantic.ValidationError) -> str:
+    """The first validation error in TOML words: '[protocol] epochs: Input should be a valid integer (got 'ten')'."""
+    error = exc.errors()[0]
+    rest = list(error["loc"])
+    table = ""
+    if len(rest) > 1 and isinstance(rest[0], str):
+        head = rest.pop(0)
+        table = f"[[{head}]] #{rest.pop(0) + 1}" if isinstance(rest[0], int) else f"[{head}]"
+    key = " #".join(str(p + 1) if isinstance(p, int) else p for p in rest)
+    if error["type"] == "unexpected_keyword_argument":
+        return f"unknown key {key} " + (f"in {table}" if table else "at the top level")
+    message = error["msg"].replace("an object", "a table")
+    return f"{table} {key}".strip() + f": {message} (got {error['input']!r})"
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -126,34 +139,48 @@ def load_pipeline(path: str | Path) -> Pipeline:
     except tomllib.TOMLDecodeError as exc:
         raise VQTError(f"pipeline file {path} is not valid TOML: {exc}") from exc
     data.setdefault("name", path.stem)
-    entries = data.pop("datasets", None)
-    if not entries:
+    if not data.get("datasets"):
         raise VQTError(f"pipeline file {path} lists no [[datasets]]")
-    datasets = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry.get("queries"), int):
-            entry = {**entry, "queries": [entry["queries"]]}
-        datasets.append(_build(DatasetEntry, entry, f"[[datasets]] #{i + 1} of {path}"))
-    protocol = _build(Protocol, data.pop("protocol", {}), f"[protocol] of {path}")
-    grid_ = _build(Grid, data.pop("grid", {}), f"[grid] of {path}")
-    pipeline = _build(Pipeline, {**data, "datasets": datasets, "protocol": protocol, "grid": grid_}, str(path))
+    for entry in data["datasets"] if isinstance(data["datasets"], list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("queries"), int):
+            entry["queries"] = [entry["queries"]]
+    try:  # JSON mode: tables may become dataclasses and arrays tuples, while every scalar keeps its exact type
+        pipeline = _PIPELINE.validate_json(json.dumps(data, default=str))
+    except pydantic.ValidationError as exc:
+        raise VQTError(f"pipeline file {path}: {_first_problem(exc)}") from exc
     _check(pipeline, path)
     return pipeline
 
 
 def _check(p: Pipeline, path: Path) -> None:
-    if any(t < 0 for d in p.datasets for t in d.queries):
-        raise VQTError(f"{path}: queries must be >= 0")
+    """Values the types allow but the protocol does not, caught before any training starts."""
     if not p.grid.lr or not p.grid.wd or not p.protocol.final_seeds:
-        raise VQTError(f"{path}: the grid (lr, wd) and final_seeds must not be empty")
+        raise VQTError(f"pipeline file {path}: the grid (lr, wd) and final_seeds must not be empty")
     if not 0 < p.keep <= 1:
-        raise VQTError(f"{path}: keep must be in (0, 1]")
+        raise VQTError(f"pipeline file {path}: keep must be in (0, 1], got {p.keep}")
     bad = [b for b in p.baselines if b not in ("linear", "pooled")]
     if bad:
-        raise VQTError(f"{path}: unknown baseline {bad[0]!r} (use linear, pooled)")
+        raise VQTError(f"pipeline file {path}: unknown baseline {bad[0]!r} (use linear, pooled)")
     names = [d.name for d in p.datasets]
     if len(set(names)) != len(names):
-        raise VQTError(f"{path}: a dataset is listed twice")
+        raise VQTError(f"pipeline file {path}: a dataset is listed twice")
+    for entry in p.datasets:  # the recipe, queries, lrs and wds as the trainer will see them
+        try:
+            TrainConfig(store=p.store_for(entry), runs=_specs_for_selection(p, entry), **_recipe(p))
+        except VQTError as exc:
+            raise VQTError(f"pipeline file {path}, dataset {entry.name}: {exc}") from exc
+
+
+def _check_stores(p: Pipeline, entries: list[DatasetEntry]) -> None:
+    """Every store this shard needs exists and holds the protocol's splits, complete, before any training."""
+    splits = {p.protocol.select_train, p.protocol.select_eval, p.protocol.final_train, p.protocol.final_eval}
+    for entry in entries:
+        try:
+            store = open_store(p.store_for(entry))
+            for name in sorted(splits):
+                store.split(name)
+        except VQTError as exc:
+            raise VQTError(f"dataset {entry.name}: {exc}") from exc
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -192,6 +219,20 @@ def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...
     )
 
 
+def _recipe(p: Pipeline) -> dict[str, Any]:
+    """The TrainConfig fields a pipeline fixes for every run."""
+    proto = p.protocol
+    return dict(
+        epochs=proto.epochs,
+        warmup_epochs=proto.warmup_epochs,
+        batch_size=proto.batch_size,
+        dropout=proto.dropout,
+        eval_every=proto.epochs,
+        checkpoint_every=max(proto.epochs // 4, 1),
+        extra={"sweep": p.name},
+    )
+
+
 def _train(
     p: Pipeline,
     store: str,
@@ -202,19 +243,7 @@ def _train(
     one_pass: bool,
     progress,
 ) -> list[dict]:
-    proto = p.protocol
-    common = dict(
-        store=store,
-        train_split=train_split,
-        eval_split=eval_split,
-        epochs=proto.epochs,
-        warmup_epochs=proto.warmup_epochs,
-        batch_size=proto.batch_size,
-        dropout=proto.dropout,
-        eval_every=proto.epochs,
-        checkpoint_every=max(proto.epochs // 4, 1),
-        extra={"sweep": p.name},
-    )
+    common = dict(store=store, train_split=train_split, eval_split=eval_split, **_recipe(p))
     if one_pass:
         return train(TrainConfig(runs=specs, out=str(out), **common), progress=progress)
     results = []
@@ -234,6 +263,7 @@ def run_sweep(
     from vqt_cache.compress import compress
 
     mine = [d for i, d in enumerate(p.datasets) if i % shard[1] == shard[0]]
+    _check_stores(p, mine)
     seeds = len(p.protocol.final_seeds)
     total = sum(len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * seeds for d in mine)
     done = 0
