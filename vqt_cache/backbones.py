@@ -153,7 +153,13 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise VQTError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise VQTError(f"device {name!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def heads_kv(block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

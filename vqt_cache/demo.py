@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import ImageSplit, digits, preprocessing
+from vqt_cache.errors import VQTError
 from vqt_cache.extract import ExtractConfig, extract
 from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, train
 
@@ -61,6 +62,8 @@ def run_demo(
     root: str | Path = "data", epochs: int = 50, progress=None, say: Callable[[str], Any] = print
 ) -> list[dict]:
     """Pretrain (once), extract (once), train every method with a small lr grid, select on val, test the best."""
+    if epochs < 2:  # one warm-up epoch, then the cosine
+        raise VQTError(f"the demo needs --epochs >= 2, got {epochs}")
     root = Path(root)
     weights = root / "demo" / "tiny_vit_parity.safetensors"
     if not weights.exists():

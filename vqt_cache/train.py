@@ -87,6 +87,8 @@ class TrainConfig:
             raise VQTError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.dropout < 1:
             raise VQTError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.memory_budget is not None and self.memory_budget < 0:
+            raise VQTError(f"the memory budget must be >= 0, got {self.memory_budget / 2**30:g} GiB")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise VQTError("--eval-every and --checkpoint-every must be >= 1")
         if len({r.name for r in self.runs}) != len(self.runs):

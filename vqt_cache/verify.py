@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqt_cache.errors import VQTError
 from vqt_cache.store import open_store
 
 
 def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[str, Any]:
     """Returns {"url", "splits": [...], "faults": [...], "recomputed": n}; no faults means trustworthy."""
+    if recompute < 0:
+        raise VQTError(f"--recompute takes a number of images >= 0, got {recompute}")
     store = open_store(url)
     faults: list[str] = []
     splits = []

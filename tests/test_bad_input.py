@@ -1,0 +1,276 @@
+"""The bad-input matrix: every command × missing paths, wrong types, malformed TOML, out-of-range values, permission
+denied and a store from a newer format_version.
+
+Each case must end in one `error:` sentence that names the culprit, exit code 2 and no traceback, and must leave
+every store and run folder it was pointed at byte-identical. README.md's troubleshooting table lists the same cases.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqt_cache.store import open_store
+from vqt_cache.train import RunSpec, TrainConfig, train
+
+from conftest import run_cli, tiny_extract_args
+
+
+@dataclass
+class World:
+    """What the cases point at: a store, one from a newer format, a finished run, pipeline files, images."""
+
+    tmp: Path
+    store: Path
+    newer: Path
+    run: Path
+    image: Path
+    not_image: Path
+
+    @property
+    def guarded(self) -> tuple[Path, ...]:
+        """What no bad input may change."""
+        return self.store, self.newer, self.run
+
+    def pipeline(self, name: str, body: str) -> Path:
+        path = self.tmp / f"{name}.toml"
+        path.write_text(body.replace("STORE", str(self.store)).replace("RUNS", str(self.tmp / "runs")))
+        return path
+
+
+GOOD_PIPELINE = """
+runs_root = "RUNS"
+[protocol]
+select_train = "train800"
+select_eval = "val200"
+final_train = "train800"
+final_eval = "val200"
+final_seeds = [1]
+epochs = 2
+warmup_epochs = 1
+[grid]
+lr = [0.5]
+wd = [0.0]
+[[datasets]]
+name = "digits"
+queries = [1]
+store = "STORE"
+"""
+
+
+def _listing(root: Path, files: bool = True) -> list[tuple[str, int]]:
+    """Paths under root with their modification times: every file, or (cheaper) every folder, whose time changes
+    when a file in it is created, deleted or replaced (zarr and vqt-cache write by rename)."""
+    found = []
+    for folder, _, names in os.walk(root):
+        found.append((folder, os.stat(folder).st_mtime_ns))
+        found += [(f"{folder}/{n}", os.stat(f"{folder}/{n}").st_mtime_ns) for n in names] if files else []
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_store):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    store, newer = tmp / "store.zarr", tmp / "newer.zarr"
+    shutil.copytree(tiny_store, store)
+    shutil.copytree(tiny_store, newer)
+    open_store(str(newer), mode="r+").group.attrs["format_version"] = 99
+    [run] = train(
+        TrainConfig(
+            store=str(store), runs=(RunSpec("vqt", 1),), epochs=2, warmup_epochs=1, batch_size=128, out=str(tmp / "run")
+        )
+    )
+    image = tmp / "digit.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    not_image = tmp / "notes.png"
+    not_image.write_text("not an image")
+    w = World(tmp, store, newer, Path(run["dir"]), image, not_image)
+    for name, body in PIPELINES.items():
+        w.pipeline(name, body)
+    before = [_listing(p) for p in w.guarded]
+    yield w
+    assert [_listing(p) for p in w.guarded] == before, "a bad input changed a file that was stored"
+
+
+PIPELINES = {
+    "good": GOOD_PIPELINE,
+    "syntax": "name = \n",
+    "unknown-key": GOOD_PIPELINE + 'colour = "red"\n',
+    "wrong-type": GOOD_PIPELINE.replace("epochs = 2", 'epochs = "two"'),
+    "out-of-range": GOOD_PIPELINE.replace("warmup_epochs = 1", "warmup_epochs = 5"),
+    "bad-lr": GOOD_PIPELINE.replace("lr = [0.5]", "lr = [-0.5]"),
+    "no-datasets": "[grid]\nlr = [0.5]\n",
+    "missing-store": GOOD_PIPELINE.replace('store = "STORE"', 'store = "STORE-gone"'),
+    "missing-split": GOOD_PIPELINE.replace('final_eval = "val200"', 'final_eval = "test"'),
+}
+
+# (case id, command line with {placeholders} filled from the World, what the error sentence must contain)
+CASES = [
+    # extract
+    ("extract/missing-required", "extract --dataset digits", "Missing option '--backbone'"),
+    ("extract/unknown-option", "extract --backbone vit_b16 --dataset digits --batch 3", "No such option: --batch"),
+    ("extract/wrong-type", "EXTRACT --batch-size many", "Invalid value for '--batch-size'"),
+    ("extract/out-of-range-batch", "EXTRACT --batch-size 0", "batch size and shard size must be at least 1"),
+    ("extract/out-of-range-shard", "EXTRACT --shard-size -4", "batch size and shard size must be at least 1"),
+    ("extract/unknown-dataset", "EXTRACT --dataset mnist", "unknown dataset 'mnist'"),
+    ("extract/missing-root", "EXTRACT --dataset cub --root {tmp}/nowhere", "nowhere does not exist"),
+    ("extract/missing-weights", "extract --backbone vit_b16 --dataset digits --weights {tmp}/w.pth", "w.pth"),
+    ("extract/unknown-backbone", "extract --backbone resnet50 --dataset digits --weights random", "resnet50"),
+    ("extract/bad-model-arg", "EXTRACT --model-arg depth", "KEY=VALUE"),
+    ("extract/newer-format", "EXTRACT --out {newer}", "format_version 99"),
+    ("extract/other-backbone", "EXTRACT --out {store} --layout hidden", "layout"),
+    ("extract/unknown-device", "EXTRACT --device tpu", "unknown device 'tpu'"),
+    ("extract/unavailable-device", "EXTRACT --device cuda:7", "device 'cuda:7' is not available"),
+    # info
+    ("info/missing-store", "info {tmp}/nowhere.zarr", "no store at"),
+    ("info/not-a-store", "info {run}", "no store at"),
+    ("info/newer-format", "info {newer}", "format_version 99"),
+    # train
+    ("train/missing-store", "train --store {tmp}/nowhere.zarr", "no store at"),
+    ("train/no-store-found", "train --cache-root {tmp}/empty", "no store under"),
+    ("train/wrong-type", "train --store {store} --epochs ten", "Invalid value for '--epochs'"),
+    ("train/wrong-list", "train --store {store} --lr 0.5,fast", "--lr takes comma-separated numbers"),
+    ("train/out-of-range-epochs", "train --store {store} --epochs 0", "need epochs >= 1"),
+    ("train/out-of-range-dropout", "train --store {store} --dropout 1.5", "dropout must be in [0, 1)"),
+    ("train/out-of-range-lr", "train --store {store} --lr -1", "learning rate must be > 0"),
+    ("train/out-of-range-queries", "train --store {store} --queries -2", "T must be >= 0"),
+    (
+        "train/out-of-range-budget",
+        "train --store {store} --memory-budget -1 --out {tmp}/r",
+        "memory budget must be >= 0",
+    ),
+    ("train/unknown-method", "train --store {store} --method prompt", "unknown method 'prompt'"),
+    ("train/missing-split", "train --store {store} --eval-split test", "no split 'test'"),
+    ("train/newer-format", "train --store {newer}", "format_version 99"),
+    (
+        "train/other-config-in-out",
+        "train --store {store} --epochs 3 --warmup-epochs 1 --out {run}",
+        "another configuration",
+    ),
+    # evaluate
+    ("evaluate/missing-run", "evaluate {tmp}/nowhere", "not a finished run folder"),
+    ("evaluate/missing-split", "evaluate {run} --split test", "no split 'test'"),
+    ("evaluate/newer-format", "evaluate {run} --store {newer}", "format_version 99"),
+    # predict
+    ("predict/missing-image", "predict {run} {tmp}/nowhere.png", "nowhere.png"),
+    ("predict/not-an-image", "predict {run} {not_image}", "notes.png"),
+    ("predict/missing-run", "predict {tmp}/nowhere {image}", "not a finished run folder"),
+    ("predict/missing-argument", "predict {run}", "Missing argument 'images'"),
+    # demo
+    ("demo/wrong-type", "demo --epochs many", "Invalid value for '--epochs'"),
+    ("demo/out-of-range", "demo --epochs 0 --root {tmp}/demo", "the demo needs --epochs >= 2"),
+    # sweep
+    ("sweep/missing-file", "sweep {tmp}/nowhere.toml", "nowhere.toml does not exist"),
+    ("sweep/malformed-toml", "sweep {tmp}/syntax.toml", "is not valid TOML"),
+    ("sweep/unknown-key", "sweep {tmp}/unknown-key.toml", "unknown key colour"),
+    ("sweep/wrong-type", "sweep {tmp}/wrong-type.toml", "[protocol] epochs: Input should be a valid integer"),
+    ("sweep/out-of-range", "sweep {tmp}/out-of-range.toml", "0 <= warmup < epochs"),
+    ("sweep/out-of-range-lr", "sweep {tmp}/bad-lr.toml", "learning rate must be > 0"),
+    ("sweep/no-datasets", "sweep {tmp}/no-datasets.toml", "lists no [[datasets]]"),
+    ("sweep/missing-store", "sweep {tmp}/missing-store.toml", "no store at"),
+    ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'test'"),
+    ("sweep/bad-shard", "sweep {tmp}/good.toml --shard 3/2", "need 0 <= i < n"),
+    ("sweep/wrong-shard", "sweep {tmp}/good.toml --shard half", "--shard takes i/n"),
+    # report
+    ("report/missing-file", "report {tmp}/nowhere.toml", "nowhere.toml does not exist"),
+    ("report/malformed-toml", "report {tmp}/syntax.toml", "is not valid TOML"),
+    # compress
+    ("compress/missing-run", "compress {tmp}/nowhere", "not a finished run folder"),
+    ("compress/out-of-range", "compress {run} --keep 1.5", "--keep must be in (0, 1]"),
+    ("compress/wrong-type", "compress {run} --keep most", "Invalid value for '--keep'"),
+    # verify
+    ("verify/missing-store", "verify {tmp}/nowhere.zarr", "no store at"),
+    ("verify/newer-format", "verify {newer}", "format_version 99"),
+    ("verify/out-of-range", "verify {store} --recompute -1", "--recompute takes a number of images >= 0"),
+    ("verify/wrong-type", "verify {store} --recompute some", "Invalid value for '--recompute'"),
+    # the command itself
+    ("vqt-cache/unknown-command", "frobnicate", "No such command 'frobnicate'"),
+]
+
+
+def _argv(template: str, world: World) -> list[str]:
+    words = template.format(**vars(world)).split()
+    if words[0] == "EXTRACT":  # the tiny random backbone on digits, into a fresh folder unless --out says otherwise
+        words = tiny_extract_args("val200", "--out", str(world.tmp / "fresh.zarr"), *words[1:])
+    return words
+
+
+@pytest.mark.parametrize(("case", "template", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_sentence(world, case, template, needle):
+    before = [_listing(p, files=False) for p in world.guarded]
+    code, out = run_cli(*_argv(template, world))
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out
+    assert needle in errors[0], out
+    assert [_listing(p, files=False) for p in world.guarded] == before, "a bad input changed what was stored"
+
+
+def test_the_readme_lists_every_case():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [case for case, _, _ in CASES if f"`{case}`" not in readme]
+    assert not missing, f"README.md's troubleshooting table lacks {missing}"
+
+
+# -- permission denied: a real refusal by the operating system ----------------------------------------------------
+# root may read and write anything, so as root the command runs without the capabilities that let it.
+
+
+def _without_privileges(*args: str) -> tuple[int, str]:
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without util-linux setpriv to drop the file-permission override")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    command = [*prefix, sys.executable, "-m", "vqt_cache", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def locked(world):
+    """A read-only folder, an unreadable store and an unreadable pipeline file."""
+    root = world.tmp / "locked"
+    root.mkdir()
+    shutil.copytree(world.store, root / "store.zarr")
+    (root / "pipeline.toml").write_text(GOOD_PIPELINE)
+    (root / "readonly").mkdir()
+    modes = {root / "readonly": 0o555, root / "pipeline.toml": 0o000, root / "store.zarr": 0o000}
+    for path, mode in modes.items():
+        path.chmod(mode)
+    yield root
+    for path in modes:
+        path.chmod(0o755)
+
+
+PERMISSION_CASES = [
+    ("permission/info-unreadable-store", ["info", "{root}/store.zarr"]),
+    ("permission/verify-unreadable-store", ["verify", "{root}/store.zarr"]),
+    ("permission/train-unreadable-store", ["train", "--store", "{root}/store.zarr", "--out", "{root}/run"]),
+    ("permission/train-read-only-out", ["train", "--store", "{store}", "--out", "{root}/readonly/run"]),
+    ("permission/extract-read-only-out", tiny_extract_args("val200", "--out", "{root}/readonly/s.zarr")),
+    ("permission/sweep-unreadable-pipeline", ["sweep", "{root}/pipeline.toml"]),
+]
+
+
+@pytest.mark.parametrize(("case", "argv"), PERMISSION_CASES, ids=[c[0] for c in PERMISSION_CASES])
+def test_permission_denied_is_one_sentence(world, locked, case, argv):
+    code, out = _without_privileges(*(a.format(root=locked, store=world.store) for a in argv))
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    [line] = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert "Permission denied" in line and str(locked) in line, out
+
+
+def test_the_readme_lists_every_permission_case():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [c for c, _ in PERMISSION_CASES if f"`{c}`" not in readme] == []
