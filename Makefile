@@ -7,7 +7,7 @@ PIPELINE ?= pipelines/demo.toml
 DEMO_STORE := data/cache/digits/tiny_vit_parity.zarr/zarr.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all lint format bench demo sweep clean
+.PHONY: help setup test test-faults test-all lint format bench demo sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ setup: $(STAMP)  ## create .venv and install torch/torchvision (matching pair) a
 
 test: $(STAMP)  ## run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest
+
+test-faults: $(STAMP)  ## run only the fault-injection suite (kill -9, Ctrl-C, damaged stores; about 2 minutes)
+	$(PY) -m pytest -m faults
 
 test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m ''

@@ -19,6 +19,7 @@ from vqt_cache.verify import verify
 from conftest import TINY_EXTRACT, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.faults  # `make test-faults` runs this suite alone
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,26 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module.Split, "write_images", original)
     assert run_cli(*args)[0] == 0
     assert verify(out)["faults"] == []
+
+
+def test_ctrl_c_stops_with_a_resume_hint_and_the_same_command_finishes(tmp_path, clean_store):
+    out = tmp_path / "interrupted.zarr"
+    args = [
+        sys.executable,
+        "-m",
+        "vqt_cache",
+        *tiny_extract_args("train800,test,val200", "--shard-size", "32", "--batch-size", "8", "--out", str(out)),
+    ]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (out / "train800" / "shard_done" / "zarr.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # within the first of three splits
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "re-run to resume" in text
+    assert not open_store(str(out)).split("train800", require_complete=False).complete
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True)
+    assert verify(str(out))["faults"] == []
+    np.testing.assert_array_equal(
+        open_store(str(out)).split("val200").features[:], open_store(clean_store).split("val200").features[:]
+    )
