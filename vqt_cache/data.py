@@ -1,9 +1,10 @@
 """Stage-two data: batches from a store split, in the layer-major layout the query path reads.
 
 A split is held in memory when it fits the memory budget, and streamed image by image from the store otherwise
-(one Zarr chunk per image, so random access is cheap). Either way a batch is built the same way, one copy per
-image that casts to float32 and moves the batch axis inside, so both modes give bit-identical batches. A
-background thread prepares the next batches while the current one trains. No image code, no timm.
+(one Zarr chunk per image, so random access is cheap; a few images are read at once, for object stores). Either
+way a batch is built the same way, one copy per image that casts to float32 and moves the batch axis inside, so
+both modes give bit-identical batches. A background thread prepares the next batches while the current one
+trains. No image code, no timm.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,10 @@ import torch
 
 from vqt_cache.errors import VQTError
 from vqt_cache.store import Split
+
+# Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
+# faster than a sequence of them, and local disks do not mind.
+READERS = 4
 
 
 def default_memory_budget() -> int:
@@ -70,8 +77,8 @@ class CachedSplit:
             self._features = torch.from_numpy(split.features[:])
             for row in self.rows:
                 self._check_finite(self._features[row], row)
-        else:
-            self.buffers = max(2, budget // self.batch_bytes)
+        else:  # the rows being read ahead come out of the budget too
+            self.buffers = max(2, (budget - READERS * self.row_bytes) // self.batch_bytes)
 
     @property
     def resident_bytes(self) -> int:
@@ -89,12 +96,24 @@ class CachedSplit:
                 f"({self.split.sources[row]}); re-extract it"
             )
 
-    def _row(self, row: int) -> torch.Tensor:
-        if self._features is not None:
-            return self._features[row]
+    def _read(self, row: int) -> torch.Tensor:
         features = torch.from_numpy(self.split.features[int(row)])
         self._check_finite(features, row)
         return features
+
+    def _rows(self, rows: np.ndarray) -> Iterable[torch.Tensor]:
+        """The rows' features in order: from memory, or read from the store READERS at a time."""
+        if self._features is not None:
+            yield from (self._features[row] for row in rows)
+            return
+        with ThreadPoolExecutor(READERS) as pool:
+            ahead: deque = deque()
+            for row in rows:
+                ahead.append(pool.submit(self._read, row))
+                if len(ahead) == READERS:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def new_buffer(self) -> torch.Tensor:
         """A float32 layer-major buffer for one full batch."""
@@ -109,8 +128,8 @@ class CachedSplit:
         faults than the copy itself) or a new one; a short last batch is a narrowed view of it.
         """
         cache = (self.new_buffer() if buffer is None else buffer).narrow(self.batch_axis, 0, len(rows))
-        for b, row in enumerate(rows):
-            cache.select(self.batch_axis, b).copy_(self._row(row))
+        for b, features in enumerate(self._rows(rows)):
+            cache.select(self.batch_axis, b).copy_(features)
         index = torch.from_numpy(rows)
         return Batch(self.final[index].to(self.device), cache.to(self.device), self.labels[index].to(self.device), rows)
 
