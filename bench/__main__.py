@@ -12,13 +12,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, stage_two, training
+from bench import extraction, object_storage, stage_two, training
 
 BENCHES = {
     "stage_two": stage_two.run,
     "training": training.run,
     "grid": training.run_grid,
     "extraction": extraction.run,
+    "object_storage": object_storage.run,
 }
 
 
