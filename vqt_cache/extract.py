@@ -163,12 +163,6 @@ def _shard_batches(split, shards: list[int], batch_size: int) -> list[list[int]]
     return batches
 
 
-def write_and_hash(split, position: int, rows: np.ndarray, checksum) -> None:
-    """Runs on the single writer thread, so rows are written and hashed in order, off the compute thread."""
-    split.write_images(position, rows)
-    checksum.update(rows)
-
-
 def extract_split(
     backbone: Backbone,
     split,
@@ -181,8 +175,8 @@ def extract_split(
 ) -> list[str]:
     """Write the given whole shards of one split; returns the sources of skipped bad images.
 
-    Image writes run on a background thread while the next batch computes; a shard's completion flag is
-    written only after all of its image writes have finished.
+    Image writes and the checksum run on two background threads (the hash in row order) while the next batch
+    computes; a shard's completion flag is written only after all of its writes and hashing have finished.
     """
     items = dataset.split(split.name)
     loader = torch.utils.data.DataLoader(
@@ -193,7 +187,7 @@ def extract_split(
     batches = iter(loader)
     dtype = getattr(torch, cfg.dtype)
     skipped: list[str] = []
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as hasher:
         for shard in shards:
             start, stop = split.shard_range(shard)
             finals, valid, writes = [], [], []
@@ -208,7 +202,9 @@ def extract_split(
                 final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
-                writes.append(writer.submit(write_and_hash, split, position, layers.cpu().numpy(), checksum))
+                rows = layers.cpu().numpy()
+                writes.append(writer.submit(split.write_images, position, rows))
+                writes.append(hasher.submit(checksum.update, rows))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(images)
