@@ -25,7 +25,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def tiny_backbone(variant: str, seed: int = 0) -> Backbone:
+def tiny_backbone(variant: str, seed: int = 0, device: torch.device | str = "cpu") -> Backbone:
     """A tiny random-init backbone whose every parameter is perturbed, so no LN/bias/scale is a no-op."""
     name, kwargs = VARIANTS[variant]
     torch.manual_seed(seed)
@@ -33,7 +33,9 @@ def tiny_backbone(variant: str, seed: int = 0) -> Backbone:
     with torch.no_grad():
         for p in backbone.model.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    return dataclasses.replace(backbone, fingerprint=weights_fingerprint(backbone.model))
+    backbone = dataclasses.replace(backbone, fingerprint=weights_fingerprint(backbone.model))
+    backbone.model.to(device)
+    return backbone
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -41,9 +43,21 @@ def variant(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    """cpu always; cuda with `pytest -m gpu` on a machine that has one (fp32 matmuls, no TF32)."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.param)
+
+
 def images_for(backbone: Backbone, batch: int = 3, seed: int = 1) -> torch.Tensor:
     size = backbone.model.patch_embed.img_size
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    return images.to(next(backbone.model.parameters()).device)
 
 
 # The tiny backbone that extraction tests run (random weights are seeded, so every run gets the same model).

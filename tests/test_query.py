@@ -34,8 +34,8 @@ def caches(backbone, images):
 
 
 @pytest.mark.parametrize("layout", ["kv", "hidden"])
-def test_token_fed_as_query_reproduces_the_block(variant, layout):
-    backbone = tiny_backbone(variant)
+def test_token_fed_as_query_reproduces_the_block(variant, layout, device):
+    backbone = tiny_backbone(variant, device=device)
     images = images_for(backbone)
     inputs, outputs = block_inputs_outputs(backbone, images)
     _, kv, hidden = caches(backbone, images)
@@ -56,13 +56,13 @@ def _pair(backbone, num_queries=2, num_classes=5, seed=0):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_cached_path_equals_live_model(variant, training):
-    backbone = tiny_backbone(variant)
+def test_cached_path_equals_live_model(variant, training, device):
+    backbone = tiny_backbone(variant, device=device)
     images = images_for(backbone)
     final, kv, _ = caches(backbone, images)
     vqt, live = _pair(backbone)
-    vqt.train(training)
-    target = torch.tensor([0, 3, 4])
+    vqt.to(device).train(training)
+    target = torch.tensor([0, 3, 4], device=device)
 
     def run(fn):
         torch.manual_seed(123)  # same dropout masks on both paths
