@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.extraction import _new_store, _synthetic
+from bench.extraction import _new_store, _synthetic, extract_rate
 from bench.training import synthetic_store
 from vqt_cache.backbones import load_backbone
-from vqt_cache.extract import ExtractConfig, extract_split
+from vqt_cache.extract import ExtractConfig
 from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, train
 
@@ -115,21 +115,8 @@ def _compare(what: str, values: dict[str, float]) -> list[dict]:
 
 
 def _extract_rate(url: str, backbone, n: int) -> float:
-    dataset = _synthetic(n)
     cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", batch_size=32, shard_size=32, workers=0, out=url)
-    attrs, split = _new_store(url, backbone, dataset, cfg)
-    start = time.perf_counter()
-    extract_split(
-        backbone,
-        split,
-        dataset,
-        list(range(split.num_shards)),
-        attrs["preprocessing"],
-        cfg,
-        torch.device("cpu"),
-        lambda _n: None,
-    )
-    return n / (time.perf_counter() - start)
+    return extract_rate(url, backbone, _synthetic(n), cfg)
 
 
 def _store_io(url: str, backbone, n: int) -> tuple[float, float, float]:
