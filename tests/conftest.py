@@ -89,6 +89,15 @@ def run_cli(*args: str) -> tuple[int, str]:
     return code, buffer.getvalue()
 
 
+def error_line(code: int, out: str) -> str:
+    """The one `error:` line of a refused command, after checking exit code 2 and no traceback."""
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out
+    return errors[0]
+
+
 def make_imagefolder(root, per_class: int = 5, classes=("cat", "dog", "owl"), splits=("train", "test"), size=20):
     """A small torchvision-style image folder of random PNGs."""
     from PIL import Image

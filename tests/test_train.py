@@ -13,7 +13,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, lr_factor, train
 
-from conftest import run_cli
+from conftest import error_line, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
 
@@ -161,35 +161,28 @@ def test_negative_queries_is_refused():
         RunSpec("vqt", -1)
 
 
-def _error_line(code, out):
-    assert code == 2, out
-    assert "Traceback" not in out
-    [line] = [line for line in out.splitlines() if line.startswith("error: ")]
-    return line
-
-
 def test_missing_store(tmp_path):
-    line = _error_line(*run_cli("train", "--store", str(tmp_path / "none.zarr")))
+    line = error_line(*run_cli("train", "--store", str(tmp_path / "none.zarr")))
     assert "no store at" in line
 
 
 def test_no_store_under_cache_root(tmp_path):
-    line = _error_line(*run_cli("train", "--cache-root", str(tmp_path)))
+    line = error_line(*run_cli("train", "--cache-root", str(tmp_path)))
     assert "no store under" in line
 
 
 def test_bad_queries_value(tiny_store):
-    assert "T must be >= 0" in _error_line(*run_cli("train", "--store", tiny_store, "--queries", "-1"))
-    assert "comma-separated integers" in _error_line(*run_cli("train", "--store", tiny_store, "--queries", "x"))
+    assert "T must be >= 0" in error_line(*run_cli("train", "--store", tiny_store, "--queries", "-1"))
+    assert "comma-separated integers" in error_line(*run_cli("train", "--store", tiny_store, "--queries", "x"))
 
 
 def test_missing_and_incomplete_split(tiny_store, tmp_path):
-    line = _error_line(*run_cli("train", "--store", tiny_store, "--eval-split", "test"))
+    line = error_line(*run_cli("train", "--store", tiny_store, "--eval-split", "test"))
     assert "no split 'test'" in line
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
     open_store(str(copy), mode="r+").group["train800"]["shard_done"][3] = 0
-    line = _error_line(*run_cli("train", "--store", str(copy)))
+    line = error_line(*run_cli("train", "--store", str(copy)))
     assert "split 'train800'" in line and "incomplete" in line
 
 
@@ -197,7 +190,7 @@ def test_split_without_labels(tiny_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
     open_store(str(copy), mode="r+").group["train800"]["labels"][:] = -1
-    line = _error_line(*run_cli("train", "--store", str(copy), "--epochs", "2", "--warmup-epochs", "1"))
+    line = error_line(*run_cli("train", "--store", str(copy), "--epochs", "2", "--warmup-epochs", "1"))
     assert "has no labels" in line
 
 
@@ -209,7 +202,7 @@ def test_nan_in_the_cache(tiny_store, tmp_path):
     row[0, 0, 0, 0, 0] = np.nan
     features[5] = row
     for budget in ("100", "0"):  # in memory, streaming
-        line = _error_line(
+        line = error_line(
             *run_cli(
                 "train",
                 "--store",
@@ -240,9 +233,9 @@ def test_run_folder_from_another_store(tiny_store, tmp_path):
         )
     )
     run = train(cfg(tiny_store, tmp_path / "run", epochs=2))[0]
-    line = _error_line(*run_cli("evaluate", run["dir"], "--split", "val200", "--store", other))
+    line = error_line(*run_cli("evaluate", run["dir"], "--split", "val200", "--store", other))
     assert "trained on another store" in line
-    assert "not a finished run folder" in _error_line(*run_cli("evaluate", str(tmp_path)))
+    assert "not a finished run folder" in error_line(*run_cli("evaluate", str(tmp_path)))
 
 
 def test_run_folder_with_another_configuration(tiny_store, tmp_path):
