@@ -51,11 +51,14 @@ def test_bad_pipeline_files(tmp_path, text, message):
         load_pipeline(path)
 
 
-def _fake_run(folder: Path, method: str, T: int, lr: float, wd: float, top1: float) -> Path:
+def _fake_run(folder: Path, method: str, T: int, lr: float, wd: float, top1: float | None) -> Path:
     folder.mkdir(parents=True)
     run = {"method": method, "queries": T, "lr": lr, "wd": wd, "seed": 100}
-    (folder / "config.json").write_text(json.dumps({"run": run}))
-    (folder / "metrics.json").write_text(json.dumps({"final": {"top1": top1}}))
+    config = {"run": run, "recipe": {}, "splits": {}, "store": {}, "model": {}}
+    (folder / "config.json").write_text(json.dumps(config))
+    final = {} if top1 is None else {"top1": top1}
+    metrics = {"complete": True, "diverged": top1 is None, "final": final}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
 
@@ -68,8 +71,11 @@ def test_selection_picks_best_last_epoch_val_with_ties_to_smaller_lr(tmp_path):
         _fake_run(tmp_path / "e", "vqt", 10, 0.5, 0.0, 0.70),
         _fake_run(tmp_path / "f", "vqt", 10, 0.25, 0.0, 0.75),
         _fake_run(tmp_path / "g", "linear", 0, 1.0, 0.0, 0.60),
+        _fake_run(tmp_path / "h", "vqt", 1, 1.0, 0.0, None),  # diverged: never selected, whatever its lr
+        _fake_run(tmp_path / "i", "pooled", 0, 1.0, 0.0, None),  # every pooled run diverged: no choice
     ]
     chosen = select(folders)
+    assert ("pooled", 0) not in chosen
     assert (chosen[("vqt", 1)]["lr"], chosen[("vqt", 1)]["wd"]) == (0.05, 0.0)
     assert chosen[("vqt", 10)]["lr"] == 0.25
     assert chosen[("linear", 0)]["val_top1"] == 0.60

@@ -217,7 +217,7 @@ def test_nan_in_the_cache(tiny_store, tmp_path):
                 str(tmp_path / budget),
             )
         )
-        assert "NaN or Inf at row 5" in line
+        assert "row 5 holds NaN or Inf" in line
 
 
 def test_run_folder_from_another_store(tiny_store, tmp_path):

@@ -85,7 +85,7 @@ def test_recompute_catches_features_from_other_weights(store):
     s = open_store(str(store), mode="r+")
     s.group["weights"]["blocks.1.attn.qkv.weight"][0, 0] += 1  # the stored backbone no longer matches its features
     code, out = run_cli("verify", str(store), "--recompute", "2")
-    assert code == 2 and "fingerprint" in out
+    assert code == 1 and "fingerprint" in out  # verify checks the weights themselves, before any recompute
 
 
 KILL_TRIALS = 20
@@ -182,7 +182,8 @@ def test_ctrl_c_stops_with_a_resume_hint_and_the_same_command_finishes(tmp_path,
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "re-run to resume" in text
-    assert not open_store(str(out)).split("train800", require_complete=False).complete
+    interrupted = open_store(str(out))
+    assert not interrupted.has_split("train800") or not interrupted.split("train800", require_complete=False).complete
     subprocess.run(args, cwd=REPO, check=True, capture_output=True)
     assert verify(str(out))["faults"] == []
     np.testing.assert_array_equal(

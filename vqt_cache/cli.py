@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -218,7 +219,11 @@ def _numbers(text: str, what: str, kind: type = float) -> list:
 
 
 def _gib(value: float | None) -> int | None:
-    return None if value is None else int(value * 2**30)
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise VQTError(f"the memory budget must be >= 0 GiB (a finite number), got {value}")
+    return int(value * 2**30)
 
 
 def _find_store(cache_root: str) -> str:
@@ -293,19 +298,36 @@ def train(
         results = run_train(cfg, progress=None if json_out else update)
     if json_out:
         print(json.dumps(results))
+        _fail_if_all_diverged(results)
         return
     table = Table(title=f"trained on {cfg.store}")
     for column in ("run", "eval top-1", "eval mean-class", "folder"):
         table.add_column(column, justify="right")
     for r in results:
         note = " (already done)" if r["skipped"] else ""
-        table.add_row(
-            r["name"] + note,
-            f"{100 * r['final'].get('top1', float('nan')):.2f}",
-            f"{100 * r['final'].get('mean_class', float('nan')):.2f}",
-            r["dir"],
+        scores = (
+            ("[red]diverged[/red]",) * 2
+            if r["diverged"]
+            else (_percent(r["final"], "top1"), _percent(r["final"], "mean_class"))
         )
+        table.add_row(r["name"] + note, *scores, r["dir"])
     console.print(table)
+    _fail_if_all_diverged(results)
+
+
+def _percent(final: dict, key: str) -> str:
+    return f"{100 * final[key]:.2f}" if key in final else "-"
+
+
+def _fail_if_all_diverged(results: list[dict]) -> None:
+    """Exit 1 with one sentence when no run of the command gave a result."""
+    if results and all(r["diverged"] for r in results):
+        errors.print(
+            "[red]error:[/red] every run diverged (non-finite loss); nothing was learned: lower the learning rate "
+            "or the weight decay",
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 @app.command()
@@ -424,15 +446,18 @@ def _print_report(report: dict) -> None:
     for column in ("dataset", "method", "lr", "wd", "val top-1", "test top-1", "seeds"):
         table.add_column(column, justify="right")
     for r in report["rows"]:
-        test = (
-            "-" if r["test_top1_mean"] is None else f"{100 * r['test_top1_mean']:.2f} ± {100 * r['test_top1_std']:.2f}"
-        )
+        if r["diverged"]:
+            test = "[red]diverged[/red]" + (f" ({r['diverged']} of {r['seeds']} seeds)" if r["seeds"] else "")
+        elif r["test_top1_mean"] is None:
+            test = "-"
+        else:
+            test = f"{100 * r['test_top1_mean']:.2f} ± {100 * r['test_top1_std']:.2f}"
         table.add_row(
             r["dataset"],
             r["label"],
-            f"{r['lr']:g}",
-            f"{r['wd']:g}",
-            f"{100 * r['val_top1']:.2f}",
+            "-" if r["lr"] is None else f"{r['lr']:g}",
+            "-" if r["wd"] is None else f"{r['wd']:g}",
+            "-" if r["val_top1"] is None else f"{100 * r['val_top1']:.2f}",
             test,
             str(r["seeds"]),
         )

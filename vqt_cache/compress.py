@@ -8,19 +8,20 @@ Frozen queries make the features fixed, so they are computed once (eval mode) an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
+from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.train import accuracy, derived_seed, load_run, lr_factor
+
+OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 
 
 def _features(model, data: CachedSplit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +76,12 @@ def compress(
     config, store, _, model = load_run(run_dir)
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
+    out = Path(run_dir) / "compressed"
+    if any(name not in OUTPUTS and not name.startswith(".") for name in folder_entries(out)):
+        raise VQTError(f"{out} holds {describe_entries(out)}, more than compress writes; move them away first")
     spec, recipe, C = config["run"], config["recipe"], config["model"]["num_classes"]
-    train_x, train_y = _features(model, CachedSplit(store.split(config["splits"]["train"]), memory_budget))
+    train_split = store.split(config["splits"]["train"])
+    train_x, train_y = _features(model, CachedSplit(train_split, memory_budget, num_classes=C))
     lr = 0.5 * spec["lr"]
     seed = derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
     lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
@@ -89,22 +94,21 @@ def compress(
     )
     accuracies = {}
     for name in eval_splits:
-        x, y = _features(model, CachedSplit(store.split(name), memory_budget))
+        x, y = _features(model, CachedSplit(store.split(name), memory_budget, num_classes=C))
         with torch.no_grad():
             accuracies[name] = {
                 "before": accuracy(model.runs[0].head(x), y, C),
                 "after": accuracy(head(x[:, kept]), y, C),
             }
-    out = Path(run_dir) / "compressed"
     out.mkdir(exist_ok=True)
-    save_file(
+    save_tensors(
+        out / "model.safetensors",
         {
             "queries": model.runs[0].queries.prompts.detach().contiguous(),
             "head.weight": head.weight.detach(),
             "head.bias": head.bias.detach(),
             "feature_index": kept.to(torch.int64),
         },
-        out / "model.safetensors",
     )
     report = {
         "keep": keep,
@@ -115,5 +119,5 @@ def compress(
         "head_params_after": C * k + C,
         "accuracy": accuracies,
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "metrics.json", report)  # last: its presence marks the compression done
     return report

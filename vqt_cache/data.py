@@ -5,6 +5,11 @@ A split is held in memory when it fits the memory budget, and streamed image by 
 way a batch is built the same way, one copy per image that casts to float32 and moves the batch axis inside, so
 both modes give bit-identical batches. A background thread prepares the next batches while the current one
 trains. No image code, no timm.
+
+Nothing is trusted unchecked: on opening, every shard of the split is checked against the checksum recorded when
+it was written (features, final features, labels, valid flags), so a missing chunk (which Zarr would read as
+zeros), an altered byte or a truncated chunk is an error, never training data. In memory this hashes what was
+loaded anyway; streamed, it is one sequential read of the split before the first epoch.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class CachedSplit:
         memory_budget: int | None = None,
         batch_size: int = 128,
         device: torch.device | str = "cpu",
+        num_classes: int | None = None,
     ) -> None:
         """Hold the split in memory if its valid rows and two batches fit `memory_budget` bytes, else stream it.
 
@@ -57,11 +63,22 @@ class CachedSplit:
         one being filled), and as many as fit (at least two) when streaming, to read ahead.
         """
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.rows = np.flatnonzero(split.valid())
-        self.labels = torch.from_numpy(split.labels())
+        try:
+            self.rows = np.flatnonzero(split.valid())
+            self.labels = torch.from_numpy(split.labels())
+            self.final = torch.from_numpy(split.group["final"][:])
+        except Exception as exc:  # a truncated chunk fails to decode in many ways
+            raise VQTError(
+                f"split {split.name!r}: a labels, valid or final chunk cannot be read; re-extract it"
+            ) from exc
+        if not len(self.rows):
+            raise VQTError(f"split {split.name!r} has no valid images (every image was skipped at extraction)")
         if (self.labels[self.rows] < 0).any():
             raise VQTError(f"split {split.name!r} has no labels (label -1); it can be evaluated on, not trained on")
-        self.final = torch.from_numpy(split.group["final"][:])
+        if num_classes is not None and (self.labels[self.rows] >= num_classes).any():
+            raise VQTError(
+                f"split {split.name!r} has labels beyond the {num_classes} classes of the run; re-extract it"
+            )
         self.row_shape = split.features.shape[1:]
         self.batch_axis = 2 if split.layout == "kv" else 1  # (L, 2, B, ...) or (L, B, ...)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
@@ -74,10 +91,14 @@ class CachedSplit:
         self._pool: list[torch.Tensor] = []
         if self.in_memory:
             self.buffers = 2
-            self._features = torch.from_numpy(split.features[:])
-            for row in self.rows:
-                self._check_finite(self._features[row], row)
+            try:
+                features = split.features[:]
+            except Exception as exc:
+                raise VQTError(f"split {split.name!r}: a feature chunk cannot be read; run `vqt-cache verify`") from exc
+            split.check_shards(features)
+            self._features = torch.from_numpy(features)
         else:  # the rows being read ahead come out of the budget too
+            split.check_shards()
             self.buffers = max(2, (budget - READERS * self.row_bytes) // self.batch_bytes)
 
     @property
@@ -97,7 +118,12 @@ class CachedSplit:
             )
 
     def _read(self, row: int) -> torch.Tensor:
-        features = torch.from_numpy(self.split.features[int(row)])
+        try:
+            features = torch.from_numpy(self.split.features[int(row)])
+        except Exception as exc:  # checked at open, so the store changed since: say so, in one sentence
+            raise VQTError(
+                f"split {self.split.name!r} row {row} cannot be read any more; run `vqt-cache verify`"
+            ) from exc
         self._check_finite(features, row)
         return features
 

@@ -81,12 +81,18 @@ class Dataset:
         if self._loader is not None:
             return self._loader(source)
         path = self.root / source
+        if not path.is_file():  # a FIFO would block the decoder forever, a folder or symlink loop fail obscurely
+            if path.is_symlink() or path.exists():
+                raise BadImage(f"image {path} is not a regular file")
+            raise BadImage(f"image {path} does not exist")
         try:
             with Image.open(path) as img:
                 img.load()
                 return img.convert("RGB")
         except FileNotFoundError as exc:
             raise BadImage(f"image {path} does not exist") from exc
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"image {path} is larger than PIL's decompression-bomb limit ({exc})") from exc
         except UnidentifiedImageError as exc:
             empty = path.stat().st_size == 0
             raise BadImage(f"image {path} is {'an empty file' if empty else 'not in a readable image format'}") from exc
@@ -128,9 +134,19 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped); one sentence when it is not UTF-8."""
+    try:
+        return _require(path, "split file").read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise VQTError(f"split file {path} is not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
+    except IsADirectoryError as exc:
+        raise VQTError(f"split file {path} is a folder") from exc
+
+
 def _read_rows(path: Path, columns: int) -> list[list[str]]:
     rows = []
-    for number, line in enumerate(_require(path, "split file").read_text().splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=columns - 1)
@@ -173,11 +189,13 @@ def fgvc(task: str, root: Path) -> Dataset:
     _require(root, "dataset root")
     splits = {}
     for split in ("train", "val", "test"):
-        path = _require(root / f"{split}.json", "split file")
+        path = root / f"{split}.json"
         try:
-            mapping = json.loads(path.read_text())
+            mapping = json.loads(_read_text(path))
         except json.JSONDecodeError as exc:
             raise VQTError(f"split file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(mapping, dict) or not all(isinstance(label, int | str) for label in mapping.values()):
+            raise VQTError(f"split file {path} must be a JSON object mapping image paths to labels")
         prefix = f"{FGVC_TASKS[task]}/" if FGVC_TASKS[task] else ""
         splits[split] = [(prefix + rel, _int(str(label), path)) for rel, label in mapping.items()]
     num_classes = 1 + max(label for items in splits.values() for _, label in items)

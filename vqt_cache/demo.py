@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import ImageSplit, digits, preprocessing
 from vqt_cache.errors import VQTError
 from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.files import read_json, save_tensors
 from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, train
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -54,7 +54,7 @@ def pretrain_parity(path: Path, epochs: int = 15, progress: Callable[[str, int, 
                 progress("pretrain tiny ViT on parity", epoch * ((len(items) + 63) // 64) + i // 64 + 1, steps)
     model.reset_classifier(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    save_tensors(path, model.state_dict())  # whole or absent: a killed pretraining leaves no weights file
     return path
 
 
@@ -99,7 +99,10 @@ def run_demo(
             ),
             progress=progress,
         )
-        best = max(results, key=lambda r: (r["final"]["top1"], -_lr(r["name"], specs)))
+        converged = [r for r in results if not r["diverged"]]
+        if not converged:
+            raise VQTError(f"every {method} run of the demo diverged; try more --epochs")
+        best = max(converged, key=lambda r: (r["final"]["top1"], -_lr(r["name"], specs)))
         timing = _timing(best["dir"])
         rows.append(
             {
@@ -120,6 +123,4 @@ def _lr(name: str, specs: tuple[RunSpec, ...]) -> float:
 
 
 def _timing(run_dir: str) -> dict:
-    import json
-
-    return json.loads((Path(run_dir) / "timing.json").read_text())
+    return read_json(Path(run_dir) / "timing.json")

@@ -202,6 +202,7 @@ def extract_split(
                 final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
+                _check_finite(final, layers, split.name, position, items, cfg.dtype)
                 rows = layers.cpu().numpy()
                 writes.append(writer.submit(split.write_images, position, rows))
                 writes.append(hasher.submit(checksum.update, rows))
@@ -214,6 +215,20 @@ def extract_split(
                     split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
                 advance(len(images))
     return skipped
+
+
+def _check_finite(final: torch.Tensor, layers: torch.Tensor, split: str, start: int, items: list, dtype: str) -> None:
+    """Stop before writing a batch whose features overflow the store's dtype (or are NaN): such a store would read
+    as complete, and stage two would refuse it later."""
+    finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
+    if bool(finite.all()):
+        return
+    row = start + int((~finite).nonzero()[0])
+    hint = "extract with --dtype float32" if dtype == "float16" else "check the backbone's weights"
+    raise VQTError(
+        f"the features of split {split!r} row {row} ({items[row][0]}) are not finite in {dtype} (overflow or NaN); "
+        f"nothing of that shard was marked complete: {hint}"
+    )
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:

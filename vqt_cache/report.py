@@ -7,13 +7,18 @@ written by several `--shard`s, processes or machines merge into one report.
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vqt_cache.sweep import Pipeline, run_folders, select
+from vqt_cache.errors import VQTError
+from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
+from vqt_cache.sweep import Pipeline, finished_runs, recorded_recipe, run_folders, select
+
+MANIFEST = "report.json"  # what the report in a folder wrote, so a later report replaces only that
+REPORT_FORMAT = "vqt-cache-report"
 
 LABELS = {"linear": "linear probe", "pooled": "pooled (Head2Toe-style)", "vqt": "VQT"}
 
@@ -23,27 +28,68 @@ def _label(method: str, T: int, compressed: bool = False) -> str:
     return name + " compressed" if compressed else name
 
 
+def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
+    """A run the report collects must have been trained with the pipeline's recipe and splits."""
+    want = recorded_recipe(p)
+    proto = p.protocol
+    splits = {"select": (proto.select_train, proto.select_eval), "final": (proto.final_train, proto.final_eval)}[phase]
+    have = config["recipe"]
+    if have != want:
+        key = next(k for k in want if have.get(k) != want[k])
+        raise VQTError(
+            f"run folder {folder} was trained with {key} {have.get(key)!r}, the pipeline says {want[key]!r}; "
+            "re-run the sweep into a new runs_root, or report the pipeline it was trained with"
+        )
+    if (config["splits"].get("train"), config["splits"].get("eval")) != splits:
+        raise VQTError(f"run folder {folder} was trained on splits {config['splits']}, not the pipeline's {splits}")
+
+
 def collect(p: Pipeline) -> list[dict[str, Any]]:
-    """One row per (dataset, method, T[, compressed]) with selection and final results."""
+    """One row per (dataset, method, T[, compressed]) with selection and final results.
+
+    A diverged run never gives a number: a (method, T) whose every selection run diverged, or a final seed that
+    diverged, shows as diverged (`diverged` counts those runs).
+    """
     rows = []
+    found = 0
     for entry in p.datasets:
-        select_folders = run_folders(p.folder(entry, "select"))
-        chosen = select(select_folders)
+        select_runs = finished_runs(run_folders(p.folder(entry, "select")))
+        final_runs = finished_runs(run_folders(p.folder(entry, "final")))
+        found += len(select_runs) + len(final_runs)
+        for phase, runs in (("select", select_runs), ("final", final_runs)):
+            for folder, config, _ in runs:
+                _check_recipe(p, folder, config, phase)
+        chosen = select([folder for folder, _, _ in select_runs])
         finals: dict[tuple[str, int], list[dict]] = {}
-        for folder in run_folders(p.folder(entry, "final")):
-            metrics = folder / "metrics.json"
-            if not metrics.exists():
+        for folder, config, metrics in final_runs:
+            run = config["run"]
+            if run["seed"] not in p.protocol.final_seeds:
                 continue
-            run = json.loads((folder / "config.json").read_text())["run"]
-            final = {"test": json.loads(metrics.read_text())["final"]["top1"], "seed": run["seed"]}
+            final = {"test": metrics["final"].get("top1"), "diverged": bool(metrics.get("diverged"))}
             compressed = folder / "compressed" / "metrics.json"
-            if compressed.exists():
-                report = json.loads(compressed.read_text())
-                final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
-                final["kept"] = report["features_kept"]
+            if compressed.exists() and not final["diverged"]:
+                try:
+                    report = read_json(compressed)
+                    final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
+                    final["kept"] = report["features_kept"]
+                except (KeyError, TypeError) as exc:
+                    raise DamagedFile(compressed, f"no {exc} entry") from exc
             finals.setdefault((run["method"], run["queries"]), []).append(final)
+        all_diverged = {
+            (c["run"]["method"], c["run"]["queries"])
+            for _, c, _ in select_runs
+            if (c["run"]["method"], c["run"]["queries"]) not in chosen
+        }
+        for method, T in sorted(all_diverged):
+            base = {"dataset": entry.name, "group": p.group_of(entry), "method": method, "T": T, "lr": None}
+            rows.append(
+                {**base, "wd": None, "val_top1": None, "seeds": 0, "diverged": "selection", "label": _label(method, T)}
+                | {"test_top1_mean": None, "test_top1_std": None}
+            )
         for (method, T), choice in sorted(chosen.items()):
-            tests = [f["test"] for f in finals.get((method, T), []) if f["seed"] in p.protocol.final_seeds]
+            runs = finals.get((method, T), [])
+            diverged = sum(f["diverged"] for f in runs)
+            tests = [f["test"] for f in runs if not f["diverged"]]
             base = {
                 "dataset": entry.name,
                 "group": p.group_of(entry),
@@ -52,12 +98,13 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
                 "lr": choice["lr"],
                 "wd": choice["wd"],
                 "val_top1": choice["val_top1"],
-                "seeds": len(tests),
-                "test_top1_mean": float(np.mean(tests)) if tests else None,
-                "test_top1_std": float(np.std(tests)) if tests else None,
+                "seeds": len(runs),
+                "diverged": diverged,
+                "test_top1_mean": float(np.mean(tests)) if tests and not diverged else None,
+                "test_top1_std": float(np.std(tests)) if tests and not diverged else None,
             }
             rows.append({**base, "label": _label(method, T)})
-            packed = [f["compressed"] for f in finals.get((method, T), []) if "compressed" in f]
+            packed = [f["compressed"] for f in runs if "compressed" in f]
             if packed:
                 rows.append(
                     {
@@ -68,6 +115,11 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
                         "test_top1_std": float(np.std(packed)),
                     }
                 )
+    if not found:
+        raise VQTError(
+            f"pipeline {p.name} has no finished runs under {p.root}; run `vqt-cache sweep` on it first "
+            "(or pass its --runs-root)"
+        )
     return rows
 
 
@@ -93,11 +145,15 @@ def _pct(value: float | None, std: float | None = None) -> str:
     return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write results.csv, results.md, heatmaps and (for several T) the accuracy-vs-T plot."""
-    out = Path(out_dir) if out_dir else p.root
-    out.mkdir(parents=True, exist_ok=True)
-    rows = collect(p)
+def _cell(row: dict) -> str:
+    if row["diverged"] == "selection":
+        return "diverged"
+    if row["diverged"]:
+        return f"diverged ({row['diverged']} of {row['seeds']} seeds)"
+    return _pct(row["test_top1_mean"], row["test_top1_std"])
+
+
+def _csv(rows: list[dict]) -> str:
     columns = [
         "dataset",
         "group",
@@ -110,18 +166,23 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
         "test_top1_mean",
         "test_top1_std",
         "seeds",
+        "diverged",
     ]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _markdown(p: Pipeline, rows: list[dict]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     lines = [
         f"# {p.name}: test top-1 (%), mean ± std over {len(p.protocol.final_seeds)} seeds",
         "",
         f"Backbone `{p.backbone}`; (lr, wd) selected on `{p.protocol.select_eval}` (seed "
         f"{p.protocol.select_seed}, last epoch, ties → smaller lr); final runs on `{p.protocol.final_train}`, "
-        f"tested on `{p.protocol.final_eval}`.",
+        f"tested on `{p.protocol.final_eval}`. A diverged run (non-finite loss) is never selected nor averaged.",
         "",
         "| dataset | group | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),
@@ -130,7 +191,7 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
         cells = []
         for label in labels:
             match = [r for r in rows if r["dataset"] == entry.name and r["label"] == label]
-            cells.append(_pct(match[0]["test_top1_mean"], match[0]["test_top1_std"]) if match else "–")
+            cells.append(_cell(match[0]) if match else "–")
         lines.append(f"| {entry.name} | {p.group_of(entry)} | " + " | ".join(cells) + " |")
     means = _means(rows, p)
     groups = list(dict.fromkeys(p.group_of(e) for e in p.datasets)) + ["mean of group means", "mean of tasks"]
@@ -145,26 +206,65 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        if not r["label"].endswith("compressed"):
+        if not r["label"].endswith("compressed") and r["lr"] is not None:
             lines.append(f"| {r['dataset']} | {r['label']} | {r['lr']:g} | {r['wd']:g} | {_pct(r['val_top1'])} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    plots = _plots(p, rows, out)
+    return "\n".join(lines) + "\n"
+
+
+def _claim(out: Path, names: list[str]) -> list[str]:
+    """The files of the previous report in `out` (from its manifest); refuses to replace any other file."""
+    previous: list[str] = []
+    if (out / MANIFEST).exists():
+        manifest = read_json(out / MANIFEST)
+        if manifest.get("format") != REPORT_FORMAT or not isinstance(manifest.get("files"), list):
+            raise VQTError(f"{out / MANIFEST} was not written by vqt-cache report; choose another --out")
+        previous = manifest["files"]
+    foreign = [name for name in [*names, MANIFEST] if (out / name).exists() and name not in [*previous, MANIFEST]]
+    if foreign:
+        raise VQTError(
+            f"{out / foreign[0]} exists and was not written by a vqt-cache report; it is left untouched: "
+            "choose another --out or move it away"
+        )
+    return previous
+
+
+def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write results.csv, results.md, heatmaps and (for several T) the accuracy-vs-T plot, each file whole.
+
+    The folder's report.json lists what the report wrote: a later report replaces those files and no others.
+    """
+    out = Path(out_dir) if out_dir else p.root
+    rows = collect(p)
+    files = {"results.csv": _csv(rows).encode(), "results.md": _markdown(p, rows).encode(), **_plots(p, rows)}
+    previous = _claim(out, list(files))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_bytes(out / name, data)
+    for name in set(previous) - set(files):  # a previous report's plot that this one does not make
+        (out / name).unlink(missing_ok=True)
+    write_json(out / MANIFEST, {"format": REPORT_FORMAT, "files": sorted(files)})
+    plots = [str(out / name) for name in files if name.endswith(".png")]
     return {"rows": rows, "csv": str(out / "results.csv"), "markdown": str(out / "results.md"), "plots": plots}
 
 
-def _plots(p: Pipeline, rows: list[dict], out: Path) -> list[str]:
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _plots(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = {}
     for entry in p.datasets:
-        folders = run_folders(p.folder(entry, "select"))
         runs = [
-            (json.loads((f / "config.json").read_text())["run"], json.loads((f / "metrics.json").read_text()))
-            for f in folders
-            if (f / "metrics.json").exists()
+            (config["run"], metrics)
+            for _, config, metrics in finished_runs(run_folders(p.folder(entry, "select")))
+            if not metrics.get("diverged")
         ]
         Ts = sorted({r["queries"] for r, _ in runs if r["method"] == "vqt"})
         if not Ts:
@@ -186,10 +286,8 @@ def _plots(p: Pipeline, rows: list[dict], out: Path) -> list[str]:
                     ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=8)
             fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        path = out / f"heatmap-{entry.name.replace('/', '-')}.png"
-        fig.savefig(path, dpi=100)
+        written[f"heatmap-{entry.name.replace('/', '-')}.png"] = _png(fig)
         plt.close(fig)
-        written.append(str(path))
     curves = {}
     for entry in p.datasets:
         points = sorted(
@@ -209,8 +307,6 @@ def _plots(p: Pipeline, rows: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("test top-1 (%)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / "accuracy_vs_T.png"
-        fig.savefig(path, dpi=100)
+        written["accuracy_vs_T.png"] = _png(fig)
         plt.close(fig)
-        written.append(str(path))
     return written

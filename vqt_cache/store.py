@@ -9,17 +9,24 @@
         final   (n, D)               the backbone's final feature f_0
         labels  (n,)                 int64
         valid   (n,)                 0 where a bad image was skipped
-        checksum (num_shards, 32)    blake2b-256 of the shard's feature rows (in order) and final features
+        checksum (num_shards, 32)    blake2b-256 of the shard's feature rows (in order), final features, labels
+                                     and valid flags: everything stage two reads of the shard
         shard_done (num_shards,)     1 once every image of the shard is written (one chunk per shard)
 
 One Zarr chunk of kv/hidden = one image, all layers. Logical shards (fixed groups of `shard_size` images) are the
 unit of writing: one writer per shard, and its completion flag is written last, so a store never reads as
 complete when it is not. final/labels/valid are chunked by shard, so writers never share a chunk.
+
+Creation writes the root attributes first with `creating: true`, then the weights, then the attributes without
+it: an interrupted creation is provably this tool's and is redone, while a path holding anything else (files, a
+foreign or damaged Zarr store) is refused, never overwritten. On open, the attributes and every array's shape,
+dtype and chunking are checked against each other before any data is trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +38,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from vqt_cache.errors import VQTError
 
 FORMAT = "vqt-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: labels and valid flags inside the shard checksums; creation marker
 LAYOUTS = ("kv", "hidden")
 DTYPES = ("float16", "float32")
 CODECS = ("none", "zstd", "blosc")
@@ -42,6 +49,32 @@ IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
 def row_checksum() -> Any:
     """The hash of the per-shard checksums (blake2b-256: strong, and twice as fast as sha256 here)."""
     return hashlib.blake2b(digest_size=32)
+
+
+def shard_checksum(rows_digest: bytes, final: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> bytes:
+    """A shard's checksum: its rows' digest, then its final features, labels and valid flags, in row order."""
+    digest = row_checksum()
+    digest.update(rows_digest)
+    digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    return digest.digest()
+
+
+# what the root attributes must hold (and of which type) for a store to be opened at all
+ATTR_TYPES = {
+    "backbone": dict,
+    "preprocessing": dict,
+    "dataset": dict,
+    "layout": str,
+    "dtype": str,
+    "codec": str,
+    "versions": dict,
+}
+BACKBONE_KEYS = {"name": str, "timm_name": str, "kwargs": dict, "fingerprint": str, "depth": int, "dim": int}
+BACKBONE_KEYS |= {"heads": int, "tokens": int}
+DATASET_KEYS = {"name": str, "num_classes": int, "class_names": list}
+SPLIT_ATTR_TYPES = {"num_samples": int, "shard_size": int, "num_shards": int, "index_hash": str, "sources": list}
 
 
 def _compressors(codec: str) -> Any:
@@ -71,7 +104,33 @@ def _check_format(attrs: dict, url: str) -> None:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise VQTError(
             f"store {url} has format_version {version}, this vqt-cache reads {FORMAT_VERSION}"
-            + ("; upgrade vqt-cache" if newer else "; re-extract it")
+            + ("; upgrade vqt-cache" if newer else "; re-extract it into a new folder")
+        )
+    if attrs.get("creating"):
+        raise VQTError(f"the creation of store {url} was interrupted; re-run the extract command that made it")
+    _check_types(attrs, ATTR_TYPES, f"store {url}")
+    _check_types(attrs["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
+    _check_types(attrs["dataset"], DATASET_KEYS, f"store {url}: dataset")
+    if attrs["layout"] not in LAYOUTS or attrs["dtype"] not in DTYPES:
+        raise VQTError(f"store {url} has an unknown layout or dtype ({attrs['layout']!r}, {attrs['dtype']!r})")
+
+
+def _check_types(attrs: dict, types: dict[str, type], where: str) -> None:
+    for key, kind in types.items():
+        if not isinstance(attrs.get(key), kind) or kind is int and isinstance(attrs.get(key), bool):
+            found = "missing" if key not in attrs else f"a {type(attrs[key]).__name__}"
+            raise VQTError(f"{where} is damaged: attribute {key!r} is {found}, not a {kind.__name__}; re-extract it")
+
+
+def _check_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str) -> None:
+    if name not in group.array_keys():
+        raise VQTError(f"{where} is damaged: array {name!r} is missing; re-extract it")
+    array = group[name]
+    found = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
+    if found != (tuple(shape), dtype, tuple(chunks)):
+        raise VQTError(
+            f"{where} is damaged: array {name!r} has shape {found[0]}, dtype {found[1]}, chunks {found[2]}, "
+            f"but the store's attributes call for {tuple(shape)}, {dtype}, {tuple(chunks)}; re-extract it"
         )
 
 
@@ -133,32 +192,58 @@ class Split:
         start, stop = self.shard_range(shard)
         self.group["final"][start:stop] = final
         self.group["valid"][start:stop] = valid
-        digest = row_checksum()
-        digest.update(rows_digest)
-        digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
-        self.group["checksum"][shard] = np.frombuffer(digest.digest(), dtype=np.uint8)
+        labels = self.group["labels"][start:stop]
+        self.group["checksum"][shard] = np.frombuffer(shard_checksum(rows_digest, final, labels, valid), np.uint8)
         self.group["shard_done"][shard] = 1
 
-    def verify_shard(self, shard: int) -> list[str]:
-        """Re-read a complete shard: every chunk readable, finite, and matching the checksum recorded at write."""
+    def where(self, shard: int) -> str:
         start, stop = self.shard_range(shard)
-        where = f"split {self.name!r} shard {shard} (rows {start}..{stop - 1})"
-        rows = row_checksum()
+        return f"split {self.name!r} shard {shard} (rows {start}..{stop - 1})"
+
+    def shard_faults(self, shard: int, rows: np.ndarray | None = None) -> list[str]:
+        """Faults of a complete shard: unreadable chunks, NaN/Inf, or data that differs from its checksum.
+
+        rows: the shard's feature rows when the caller holds them already (else they are read, one at a time).
+        """
+        start, stop = self.shard_range(shard)
+        where = self.where(shard)
+        digest = row_checksum()
         try:
             for row in range(start, stop):
-                features = self.features[row]
+                features = self.features[row] if rows is None else rows[row - start]
                 if not np.isfinite(features).all():
                     return [f"{where}: row {row} holds NaN or Inf"]
-                rows.update(np.ascontiguousarray(features))
-            final = self.group["final"][start:stop]
+                digest.update(np.ascontiguousarray(features))
+            final, labels, valid = (self.group[k][start:stop] for k in ("final", "labels", "valid"))
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
             return [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
-        digest = row_checksum()
-        digest.update(rows.digest())
-        digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
-        if digest.digest() != self.group["checksum"][shard].tobytes():
+        if shard_checksum(digest.digest(), final, labels, valid) != self.group["checksum"][shard].tobytes():
             return [f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"]
         return []
+
+    def check_shards(self, features: np.ndarray | None = None) -> None:
+        """Every shard against its checksum (from `features`, the whole array, when already in memory)."""
+        for shard in range(self.num_shards):
+            start, stop = self.shard_range(shard)
+            faults = self.shard_faults(shard, None if features is None else features[start:stop])
+            if faults:
+                raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
+
+    def check_metadata(self, backbone: dict, dtype: str) -> None:
+        """The split's attributes and arrays agree with each other and with the store's (cheap: no data read)."""
+        where = f"split {self.name!r}"
+        _check_types(dict(self.group.attrs), SPLIT_ATTR_TYPES, where)
+        n, shard_size, num_shards = self.num_samples, self.shard_size, self.num_shards
+        if n < 1 or shard_size < 1 or num_shards != math.ceil(n / shard_size) or len(self.sources) != n:
+            raise VQTError(f"{where} is damaged: its sample, shard and source counts disagree; re-extract it")
+        L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
+        shape = (n, L, 2, H, N, D // H) if self.layout == "kv" else (n, L, N, D)
+        _check_array(self.group, self.layout, shape, dtype, (1, *shape[1:]), where)
+        _check_array(self.group, "final", (n, D), "float32", (shard_size, D), where)
+        _check_array(self.group, "labels", (n,), "int64", (shard_size,), where)
+        _check_array(self.group, "valid", (n,), "uint8", (shard_size,), where)
+        _check_array(self.group, "shard_done", (num_shards,), "uint8", (1,), where)
+        _check_array(self.group, "checksum", (num_shards, 32), "uint8", (1, 32), where)
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
@@ -192,6 +277,12 @@ class Store:
             have = ", ".join(self.split_names()) or "none"
             raise VQTError(f"store {self.url} has no split {name!r} (it has: {have})")
         split = Split(self.group[name], self.layout)
+        if "index_hash" not in split.group.attrs:
+            raise VQTError(f"the creation of split {name!r} of {self.url} was interrupted; re-run extract to finish it")
+        try:
+            split.check_metadata(self.attrs["backbone"], self.attrs["dtype"])
+        except VQTError as exc:
+            raise VQTError(f"store {self.url}: {exc}") from exc
         if require_complete and not split.complete:
             missing = len(split.incomplete_shards())
             raise VQTError(
@@ -201,8 +292,20 @@ class Store:
         return split
 
     def weights(self) -> dict[str, np.ndarray]:
+        """The frozen backbone's tensors (trusted once `backbone_from_weights` has checked their fingerprint)."""
+        if "weights" not in self.group.group_keys():
+            raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
         weights = self.group["weights"]
-        return {name: weights[name][...] for name in weights.array_keys()}
+        out = {}
+        for name in weights.array_keys():
+            try:
+                out[name] = weights[name][...]
+            except Exception as exc:  # a truncated chunk fails to decode in many ways
+                raise VQTError(
+                    f"store {self.url} is damaged: the stored weight {name!r} cannot be read ({type(exc).__name__}); "
+                    "re-extract it"
+                ) from exc
+        return out
 
     def create_split(self, name: str, sources: list[str], labels: list[int], shard_size: int, index_hash: str) -> Split:
         """Create a split's arrays and metadata (labels, sources); data shards are written later."""
@@ -286,12 +389,10 @@ class Store:
 def create_store(
     url: str, attrs: dict[str, Any], weights: dict[str, np.ndarray], storage_options: dict | None = None
 ) -> Store:
-    """Create a store, or open an existing one after checking it was made for the same backbone and settings."""
-    try:
-        existing = zarr.open_group(store=url, mode="r", zarr_format=3, storage_options=storage_options)
-    except (FileNotFoundError, ValueError):
-        existing = None
-    if existing is not None and "format" in existing.attrs:
+    """Create a store where nothing is (or an empty folder), resume this tool's own store made with the same
+    backbone, dataset and settings, or refuse in one sentence: nothing found at `url` is ever overwritten."""
+    found = _found_at(url, storage_options)
+    if found == "store":
         store = open_store(url, mode="r+", storage_options=storage_options)
         _check_same(store.attrs, attrs, url)
         return store
@@ -300,16 +401,68 @@ def create_store(
     if attrs["dtype"] not in DTYPES:
         raise VQTError(f"unknown dtype {attrs['dtype']!r}: use one of {', '.join(DTYPES)}")
     _compressors(attrs["codec"])
-    group = _open_group(url, "w", storage_options)
+    marked = {"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
+    if found == "creating":  # our own interrupted creation: same identity, then redo the weights
+        group = _open_group(url, "r+", storage_options)
+        _check_same(dict(group.attrs), attrs, url)
+        if "weights" in group.group_keys():
+            del group["weights"]
+    else:
+        try:
+            group = zarr.create_group(
+                store=url, zarr_format=3, attributes={**marked, "creating": True}, storage_options=storage_options
+            )
+        except zarr.errors.ContainsGroupError as exc:  # another process created it just now (no lock on S3)
+            raise VQTError(f"{url} was created by another process meanwhile; re-run to resume it") from exc
     weights_group = group.create_group("weights")
     for name, array in weights.items():
         weights_group.create_array(name, shape=array.shape, dtype=array.dtype, compressors=None)[...] = array
-    # the format attrs last: a store without them is an interrupted creation and is rewritten
-    group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs})
+    group.attrs.put(marked)  # one atomic write of the root metadata: the store now exists
     return Store(group, url)
 
 
+def _found_at(url: str, storage_options: dict | None) -> str:
+    """What is at `url`: "new" (nothing, or an empty folder), "store", "creating" (an interrupted creation of
+    ours), or a VQTError saying what else is there."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        raise VQTError(f"{url} is a file, not a store; choose another --out")
+    if not fs.exists(f"{path}/zarr.json"):
+        entries = fs.ls(path, detail=False) if fs.isdir(path) else []
+        if not entries:
+            return "new"
+        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise VQTError(
+            f"{url} is a folder holding {len(names)} entries ({shown}), not a vqt-cache store; extract writes a new "
+            "store only into a new or empty folder: choose another --out"
+        )
+    try:
+        meta = json.loads(fs.cat_file(f"{path}/zarr.json"))
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
+        if not isinstance(attrs, dict):
+            raise ValueError("not a Zarr group's metadata")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VQTError(
+            f"{url}/zarr.json is damaged ({exc}), so {url} cannot be shown to be a vqt-cache store and is left "
+            "untouched; restore that file, or move the folder away, then re-run"
+        ) from exc
+    if attrs.get("format") != FORMAT:
+        raise VQTError(
+            f"{url} is a Zarr store that vqt-cache did not write; it is left untouched: choose another --out"
+        )
+    if attrs.get("format_version") != FORMAT_VERSION:
+        _check_format(attrs, url)  # the version sentence
+    return "creating" if attrs.get("creating") else "store"
+
+
 def _check_same(have: dict, want: dict, url: str) -> None:
+    _check_types(have, ATTR_TYPES, f"store {url}")
+    _check_types(have["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
+    _check_types(have["dataset"], DATASET_KEYS, f"store {url}: dataset")
     for key in ("fingerprint", "timm_name", "kwargs"):
         if have["backbone"][key] != want["backbone"][key]:
             raise VQTError(

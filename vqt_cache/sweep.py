@@ -14,6 +14,7 @@ processes or machines, whose folders `vqt-cache report` merges.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from typing import Any
 import pydantic
 
 from vqt_cache.errors import VQTError
+from vqt_cache.files import read_json
+from vqt_cache.run_folder import read_config
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, grid, train
+from vqt_cache.train import RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
 VTAB_GROUPS = {
@@ -164,6 +167,13 @@ def _check(p: Pipeline, path: Path) -> None:
     names = [d.name for d in p.datasets]
     if len(set(names)) != len(names):
         raise VQTError(f"pipeline file {path}: a dataset is listed twice")
+    lists = {"[grid] lr": p.grid.lr, "[grid] wd": p.grid.wd, "[protocol] final_seeds": p.protocol.final_seeds}
+    lists |= {f"[[datasets]] {d.name} queries": d.queries for d in p.datasets}
+    lists |= {"baselines": p.baselines}
+    for where, values in lists.items():
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise VQTError(f"pipeline file {path}: {where} lists {repeated[0]!r} twice")
     for entry in p.datasets:  # the recipe, queries, lrs and wds as the trainer will see them
         try:
             TrainConfig(store=p.store_for(entry), runs=_specs_for_selection(p, entry), **_recipe(p))
@@ -196,15 +206,29 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def select(folders: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Per (method, T): the run with the best last-epoch eval top-1; ties -> smaller lr, then smaller wd."""
-    best: dict[tuple[str, int], tuple[tuple, dict]] = {}
+def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, config, metrics) of the complete runs among `folders`; damaged files are one sentence naming them."""
+    runs = []
     for folder in folders:
-        metrics_path = folder / "metrics.json"
-        if not metrics_path.exists():
+        if not (folder / "metrics.json").exists():
+            continue  # not trained yet, or interrupted
+        config = read_config(folder)
+        metrics = read_json(folder / "metrics.json")
+        if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
+            runs.append((folder, config, metrics))
+    return runs
+
+
+def select(folders: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (method, T): the run with the best last-epoch eval top-1; ties -> smaller lr, then smaller wd.
+
+    A diverged run is never selected (it has no accuracy); a (method, T) whose every run diverged has no choice.
+    """
+    best: dict[tuple[str, int], tuple[tuple, dict]] = {}
+    for folder, config, metrics in finished_runs(folders):
+        run, top1 = config["run"], metrics["final"].get("top1")
+        if metrics.get("diverged") or not isinstance(top1, float | int) or not math.isfinite(top1):
             continue
-        run = json.loads((folder / "config.json").read_text())["run"]
-        top1 = json.loads(metrics_path.read_text())["final"]["top1"]
         key = (run["method"], run["queries"])
         rank = (-top1, run["lr"], run["wd"])
         if key not in best or rank < best[key][0]:
@@ -231,6 +255,12 @@ def _recipe(p: Pipeline) -> dict[str, Any]:
         checkpoint_every=max(proto.epochs // 4, 1),
         extra={"sweep": p.name},
     )
+
+
+def recorded_recipe(p: Pipeline) -> dict[str, Any]:
+    """The recipe every run of the pipeline records in its config.json."""
+    recipe = _recipe(p)
+    return {k: recipe[k] for k in RECIPE_KEYS}
 
 
 def _train(
@@ -304,7 +334,8 @@ def run_sweep(
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
                 folder = Path(result["dir"])
-                if result["name"].startswith("vqt-") and not (folder / "compressed" / "metrics.json").exists():
+                compressed = (folder / "compressed" / "metrics.json").exists()
+                if result["name"].startswith("vqt-") and not result["diverged"] and not compressed:
                     compress(folder, keep=p.keep)
         done += len(finals)
         if on_run:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
+from vqt_cache.files import DamagedFile
 from vqt_cache.model import METHODS, CachedVQT, Run
+from vqt_cache.run_folder import RunFolder, check_parent, claimed, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
+MAX_SEED = 2**63
+RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every")  # recorded in config.json
 # Progress: called with (description, steps done, steps total)
 Progress = Callable[[str, int, int], None]
 
@@ -48,8 +50,12 @@ class RunSpec:
             raise VQTError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.queries < 0:
             raise VQTError(f"the number of queries T must be >= 0, got {self.queries}")
-        if not self.lr > 0 or not self.wd >= 0:
-            raise VQTError(f"learning rate must be > 0 and weight decay >= 0, got lr={self.lr}, wd={self.wd}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.wd) and self.wd >= 0):
+            raise VQTError(
+                f"learning rate must be > 0 and weight decay >= 0, both finite, got lr={self.lr}, wd={self.wd}"
+            )
+        if not 0 <= self.seed < MAX_SEED:
+            raise VQTError(f"a seed must be in 0..2**63-1, got {self.seed}")
         if self.method != "vqt":
             object.__setattr__(self, "queries", 0)  # the baselines have no queries
 
@@ -87,7 +93,7 @@ class TrainConfig:
             raise VQTError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.dropout < 1:
             raise VQTError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.memory_budget is not None and self.memory_budget < 0:
+        if self.memory_budget is not None and not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
             raise VQTError(f"the memory budget must be >= 0, got {self.memory_budget / 2**30:g} GiB")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise VQTError("--eval-every and --checkpoint-every must be >= 1")
@@ -96,8 +102,7 @@ class TrainConfig:
 
     def recipe(self) -> dict[str, Any]:
         """The shared hyper-parameters, as recorded in every run's config.json."""
-        keys = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in RECIPE_KEYS}
 
 
 def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
@@ -110,16 +115,6 @@ def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
 def derived_seed(seed: int, epoch: int) -> int:
     """A generator seed for (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def resolve_split(store: Store, requested: str | None, preferences: tuple[str, ...], what: str) -> str:
@@ -159,7 +154,12 @@ def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tenso
 
 
 class _Trainer:
-    """One pass: runs of one seed over one train split (and evaluation on one eval split)."""
+    """One pass: runs of one seed over one train split (and evaluation on one eval split).
+
+    A run whose loss or parameters stop being finite is marked diverged at the end of that epoch: its optimizer
+    stops stepping, it is never evaluated, and it is saved without a model. The other runs of the pass are not
+    affected (each run's outputs and gradients depend on its own parameters only).
+    """
 
     def __init__(
         self,
@@ -169,11 +169,11 @@ class _Trainer:
         train: CachedSplit,
         evaluation: CachedSplit | None,
         specs: list[RunSpec],
-        dirs: dict[RunSpec, Path],
+        folders: dict[RunSpec, RunFolder],
         device: torch.device,
     ) -> None:
         self.cfg, self.train_data, self.eval_data = cfg, train, evaluation
-        self.specs, self.dirs, self.device = specs, dirs, device
+        self.specs, self.folders, self.device = specs, [folders[s] for s in specs], device
         self.seed = specs[0].seed
         num_classes = store.attrs["dataset"]["num_classes"]
         runs = [
@@ -191,6 +191,7 @@ class _Trainer:
             ]  # no decay on the head bias
             self.optimizers.append(torch.optim.Adam(groups, lr=self._lr(spec, 0)))
         self.history: list[list[dict]] = [[] for _ in specs]
+        self.diverged: list[str | None] = [None] * len(specs)  # why, once a run has diverged
         self.start_epoch = self._resume()
 
     def _lr(self, spec: RunSpec, epoch: int) -> float:
@@ -198,43 +199,56 @@ class _Trainer:
         return spec.lr * cfg.batch_size / 256 * lr_factor(epoch, cfg.epochs, cfg.warmup_epochs)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _checkpoints(self, spec: RunSpec) -> dict[int, Path]:
-        return {int(p.stem.split("-")[1]): p for p in self.dirs[spec].glob("checkpoint-*.pt")}
-
     def _resume(self) -> int:
-        """Epochs already done by every run of this pass (0 without usable checkpoints)."""
-        found = [self._checkpoints(s) for s in self.specs]
+        """Epochs already done by every run of this pass (0 without a common checkpoint)."""
+        found = [folder.checkpoints() for folder in self.folders]
+        for checkpoints in found:
+            stray = [path for epoch, path in checkpoints.items() if not 0 < epoch < self.cfg.epochs]
+            if stray:
+                raise VQTError(
+                    f"checkpoint {stray[0]} does not fit this run's {self.cfg.epochs} epochs; delete it to go on"
+                )
         if not all(found):
             return 0
         epoch = min(max(c) for c in found)
         if not all(epoch in c for c in found):
             return 0
-        for i, checkpoints in enumerate(found):
-            state = torch.load(checkpoints[epoch], map_location=self.device, weights_only=True)
-            self.model.runs[i].load_state_dict(state["run"])
-            self.optimizers[i].load_state_dict(state["optimizer"])
-            self.history[i] = json.loads(state["history"])
+        for i, folder in enumerate(self.folders):
+            state = folder.load_checkpoint(epoch, self.device)
+            try:
+                self.model.runs[i].load_state_dict(state["run"])
+                self.optimizers[i].load_state_dict(state["optimizer"])
+                self.history[i] = json.loads(state["history"])
+                self.diverged[i] = state.get("diverged")
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise DamagedFile(folder.checkpoints()[epoch], f"does not fit the run: {exc}") from exc
         return epoch
 
     def _checkpoint(self, epochs_done: int) -> None:
-        for i, spec in enumerate(self.specs):
-            folder = self.dirs[spec]
+        for i, folder in enumerate(self.folders):
             state = {
                 "run": self.model.runs[i].state_dict(),
                 "optimizer": self.optimizers[i].state_dict(),
                 "history": json.dumps(self.history[i]),
+                "diverged": self.diverged[i],
             }
-            tmp = folder / f".checkpoint-{epochs_done}.tmp"
-            torch.save(state, tmp)
-            tmp.rename(folder / f"checkpoint-{epochs_done}.pt")  # atomic: a checkpoint is whole or absent
-            for old in sorted(self._checkpoints(spec))[:-2]:  # keep two, so runs of a pass can meet again
-                self._checkpoints(spec)[old].unlink()
+            folder.save_checkpoint(epochs_done, state)
 
     # -- epochs ------------------------------------------------------------------------------------------------
-    def _evaluate(self) -> list[dict[str, float]]:
+    def _evaluate(self) -> list[dict[str, float] | None]:
         self.model.eval()
         logits, labels = cached_logits(self.model, self.eval_data)
-        return [accuracy(lg, labels, run.head.out_features) for lg, run in zip(logits, self.model.runs, strict=True)]
+        return [
+            None if diverged else accuracy(lg, labels, run.head.out_features)
+            for lg, run, diverged in zip(logits, self.model.runs, self.diverged, strict=True)
+        ]
+
+    def _check_divergence(self, epoch: int, losses: torch.Tensor) -> None:
+        for i, run in enumerate(self.model.runs):
+            if self.diverged[i] is None and not (
+                math.isfinite(losses[i].item()) and all(torch.isfinite(p).all() for p in run.parameters())
+            ):
+                self.diverged[i] = f"non-finite loss or parameters in epoch {epoch + 1}"
 
     def run(self, progress: Progress | None, timing: dict[str, float]) -> None:
         cfg = self.cfg
@@ -257,8 +271,9 @@ class _Trainer:
                     F.cross_entropy(out, batch.labels) for out in self.model(batch.final, batch.cache, generators)
                 ]
                 torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
-                for optimizer in self.optimizers:
-                    optimizer.step()
+                for optimizer, diverged in zip(self.optimizers, self.diverged, strict=True):
+                    if diverged is None:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses += torch.tensor([loss.item() for loss in per_run], dtype=torch.float64) * len(batch.rows)
                 step += 1
@@ -266,6 +281,7 @@ class _Trainer:
                     progress(label, step, total)
             timing["train_seconds"] += time.perf_counter() - started
             timing["train_images"] += len(self.train_data)
+            self._check_divergence(epoch, losses)
             last = epoch == cfg.epochs - 1
             evaluated = (
                 self._evaluate()
@@ -273,10 +289,11 @@ class _Trainer:
                 else [None] * len(self.specs)
             )
             for i, spec in enumerate(self.specs):
+                loss = losses[i].item() / len(self.train_data)
                 entry = {
                     "epoch": epoch,
                     "lr": self._lr(spec, epoch),
-                    "train_loss": losses[i].item() / len(self.train_data),
+                    "train_loss": loss if math.isfinite(loss) else None,
                 }
                 if evaluated[i] is not None:
                     entry.update({f"eval_{k}": v for k, v in evaluated[i].items()})
@@ -286,18 +303,36 @@ class _Trainer:
 
     def save(self, timing: dict[str, float]) -> list[dict[str, Any]]:
         results = []
-        for i, spec in enumerate(self.specs):
-            folder = self.dirs[spec]
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.runs[i].tensors().items()}
-            save_file(tensors, folder / "model.safetensors")
-            final = {k.removeprefix("eval_"): v for k, v in self.history[i][-1].items() if k.startswith("eval_")}
-            metrics = {"run": spec.name, "complete": True, "epochs": self.history[i], "final": final}
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            (folder / "timing.json").write_text(json.dumps({**timing, "runs_in_pass": len(self.specs)}))
-            for checkpoint in self._checkpoints(spec).values():
-                checkpoint.unlink()
-            results.append({"name": spec.name, "dir": str(folder), "final": final, "skipped": False})
+        for i, (spec, folder) in enumerate(zip(self.specs, self.folders, strict=True)):
+            diverged = self.diverged[i]
+            final = (
+                {}
+                if diverged
+                else {k.removeprefix("eval_"): v for k, v in self.history[i][-1].items() if k.startswith("eval_")}
+            )
+            metrics = {
+                "run": spec.name,
+                "complete": True,
+                "diverged": diverged is not None,
+                "epochs": self.history[i],
+                "final": final,
+            }
+            if diverged:
+                metrics["diverged_reason"] = diverged
+            tensors = None if diverged else self.model.runs[i].tensors()
+            folder.save_result(tensors, metrics, {**timing, "runs_in_pass": len(self.specs)})
+            results.append(_result(spec, folder.path, metrics, skipped=False))
         return results
+
+
+def _result(spec: RunSpec, folder: Path, metrics: dict, skipped: bool) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "dir": str(folder),
+        "final": metrics["final"],
+        "skipped": skipped,
+        "diverged": bool(metrics.get("diverged")),
+    }
 
 
 def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str, str], backbone: Backbone) -> dict:
@@ -331,28 +366,12 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
     }
 
 
-def _identity(config: dict) -> dict:
-    """What must match for a run folder to be resumed or skipped (not where the store lives)."""
-    kept = {k: v for k, v in config.items() if k not in ("versions", "git_sha")}
-    return {**kept, "store": {k: v for k, v in config["store"].items() if k != "url"}}
-
-
-def _prepare_folder(folder: Path, config: dict) -> bool:
-    """Write config.json, or check an existing one; returns True when the run is already complete."""
-    path = folder / "config.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if _identity(existing) != _identity(config):
-            raise VQTError(f"run folder {folder} holds another configuration; use another --out or delete it")
-        metrics = folder / "metrics.json"
-        return metrics.exists() and json.loads(metrics.read_text()).get("complete", False)
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**config, "versions": package_versions(), "git_sha": _git_sha()}, indent=1))
-    return False
-
-
 def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Train every run of `cfg` (one pass per seed); complete runs are skipped. Returns one result per run."""
+    """Train every run of `cfg` (one pass per seed); complete runs are skipped. Returns one result per run.
+
+    A diverged run is a result with `diverged` true and no accuracy. Each run folder is claimed and locked for
+    the whole call: another process training the same folders waits, then finds them complete.
+    """
     store = open_store(cfg.store)
     splits = {
         "train": resolve_split(store, cfg.train_split, ("train800", "train"), "training"),
@@ -363,27 +382,45 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
     device = resolve_device(cfg.device)
     dirs = run_dirs(cfg, store)
+    if not (cfg.out and len(cfg.runs) == 1):
+        check_parent(next(iter(dirs.values())).parent)
     configs = {spec: _run_config(cfg, spec, store, splits, backbone) for spec in cfg.runs}
-    results, todo = [], []
-    for spec in cfg.runs:
-        if _prepare_folder(dirs[spec], configs[spec]):
-            metrics = json.loads((dirs[spec] / "metrics.json").read_text())
-            results.append({"name": spec.name, "dir": str(dirs[spec]), "final": metrics["final"], "skipped": True})
-        else:
-            todo.append(spec)
-    if not todo:
-        return results
-    # the budget covers the frozen weights and the cached features (held in memory, or the streaming batches)
-    budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
-    budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
-    train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device=device)
-    eval_data = CachedSplit(eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device=device)
-    for seed in sorted({s.seed for s in todo}):
-        specs = [s for s in todo if s.seed == seed]
-        timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory}
-        trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, dirs, device)
-        trainer.run(progress, timing)
-        results += trainer.save(timing)
+
+    def wait(folder: Path) -> None:
+        if progress:
+            progress(f"waiting: another process trains {folder}", 0, 1)
+
+    with ExitStack() as held:
+        folders = {}
+        for spec in sorted(cfg.runs, key=lambda s: str(dirs[s])):  # one order for every process: no deadlock
+            folders[spec] = held.enter_context(claimed(dirs[spec], configs[spec], wait))
+        results, todo = [], []
+        for spec in cfg.runs:
+            metrics = folders[spec].result()
+            if metrics is not None:
+                results.append(_result(spec, folders[spec].path, metrics, skipped=True))
+            else:
+                todo.append(spec)
+        if not todo:
+            return results
+        # the budget covers the frozen weights and the cached features (held in memory, or the streaming batches)
+        budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
+        budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+        num_classes = store.attrs["dataset"]["num_classes"]
+        train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device=device, num_classes=num_classes)
+        eval_data = CachedSplit(
+            eval_split,
+            max(budget - train_data.resident_bytes, 0),
+            cfg.batch_size,
+            device=device,
+            num_classes=num_classes,
+        )
+        for seed in sorted({s.seed for s in todo}):
+            specs = [s for s in todo if s.seed == seed]
+            timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory}
+            trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, folders, device)
+            trainer.run(progress, timing)
+            results += trainer.save(timing)
     order = {spec.name: i for i, spec in enumerate(cfg.runs)}
     return sorted(results, key=lambda r: order[r["name"]])
 
@@ -391,24 +428,27 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
 def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
     """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
     folder = Path(run_dir)
-    if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-        raise VQTError(f"{folder} is not a finished run folder (no config.json and model.safetensors)")
-    config = json.loads((folder / "config.json").read_text())
-    store = open_store(store_url or config["store"]["url"])
-    if store.attrs["backbone"]["fingerprint"] != config["store"]["fingerprint"]:
+    config, _ = load_finished(folder)
+    try:
+        url, fingerprint, m = store_url or config["store"]["url"], config["store"]["fingerprint"], config["model"]
+        run = Run(
+            m["method"],
+            int(m["queries"]),
+            int(m["depth"]),
+            int(m["dim"]),
+            int(m["num_classes"]),
+            tuple(m["patch_size"]),
+            float(config["recipe"]["dropout"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
+    tensors = load_model(folder, m)
+    store = open_store(url)
+    if store.attrs["backbone"]["fingerprint"] != fingerprint:
         raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    m = config["model"]
-    run = Run(
-        m["method"],
-        m["queries"],
-        m["depth"],
-        m["dim"],
-        m["num_classes"],
-        tuple(m["patch_size"]),
-        config["recipe"]["dropout"],
-    )
-    tensors = load_file(folder / "model.safetensors")
+    if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
+        raise DamagedFile(folder / "config.json", "its model does not fit the store's backbone")
     with torch.no_grad():
         run.queries.prompts.copy_(tensors["queries"])
         run.head.weight.copy_(tensors["head.weight"])
@@ -421,9 +461,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy of a trained run on a cached split."""
     config, store, _, model = load_run(run_dir, store_url)
-    data = CachedSplit(store.split(split), memory_budget, config["recipe"]["batch_size"])
-    if data.num_classes > config["model"]["num_classes"]:
-        raise VQTError(f"split {split!r} has labels beyond the run's {config['model']['num_classes']} classes")
+    num_classes = model.runs[0].head.out_features
+    data = CachedSplit(store.split(split), memory_budget, config["recipe"]["batch_size"], num_classes=num_classes)
     logits, labels = cached_logits(model, data)
     return {
         "run": config["run"],

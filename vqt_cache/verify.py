@@ -1,9 +1,10 @@
 """`vqt-cache verify`: re-read a store and say whether it can be trusted.
 
-Checks the format, every split's completion records, and for each complete shard that every chunk decodes,
-holds only finite values and matches the sha256 recorded when it was written (a deleted or truncated chunk,
-a silently altered byte). With `recompute`, it also runs the frozen backbone (rebuilt from the store's own
-weights) again on a sample of images and compares with what is stored.
+Checks the format, the frozen weights (they must decode and hash to the recorded fingerprint), every split's
+metadata and completion records, and for each complete shard that every chunk decodes, holds only finite values
+and matches the checksum recorded when it was written over features, final features, labels and valid flags (a
+deleted or truncated chunk, a silently altered byte). With `recompute`, it also runs the frozen backbone
+(rebuilt from the store's own weights) again on a sample of images and compares with what is stored.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqt_cache.backbones import backbone_from_weights
 from vqt_cache.errors import VQTError
 from vqt_cache.store import open_store
 
@@ -24,31 +26,41 @@ def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[s
     store = open_store(url)
     faults: list[str] = []
     splits = []
+    try:
+        backbone_from_weights(store.attrs["backbone"], store.weights())
+    except VQTError as exc:
+        faults.append(f"weights: {exc}")
     for name in store.split_names():
         group = store.group[name]
         if "index_hash" not in group.attrs:
             faults.append(f"split {name!r}: creation was interrupted (no metadata); re-run extract")
             continue
-        split = store.split(name, require_complete=False)
-        missing = split.incomplete_shards()
+        try:
+            split = store.split(name, require_complete=False)
+            missing = split.incomplete_shards()
+        except VQTError as exc:
+            faults.append(str(exc))
+            continue
+        except Exception as exc:  # an unreadable completion record
+            faults.append(f"split {name!r}: its completion record cannot be read ({type(exc).__name__})")
+            continue
         if missing:
             faults.append(f"split {name!r}: {len(missing)} of {split.num_shards} shards incomplete; re-run extract")
         checked = 0
         for shard in range(split.num_shards):
             if shard in missing:
                 continue
-            faults += split.verify_shard(shard)
+            faults += split.shard_faults(shard)
             checked += 1
             if progress:
                 progress(f"verify {name}", checked, split.num_shards - len(missing))
         splits.append({"name": name, "shards": split.num_shards, "complete": not missing, "checked": checked})
-    recomputed = _recompute(store, recompute, seed, faults) if recompute else 0
+    recomputed = _recompute(store, recompute, seed, faults) if recompute and not faults else 0
     return {"url": url, "splits": splits, "faults": faults, "recomputed": recomputed}
 
 
 def _recompute(store, n: int, seed: int, faults: list[str]) -> int:
     """Run the backbone again on n images per complete split and compare with the stored features."""
-    from vqt_cache.backbones import backbone_from_weights
     from vqt_cache.datasets import ImageSplit, open_dataset
 
     attrs = store.attrs

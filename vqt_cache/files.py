@@ -1,0 +1,140 @@
+"""Files written whole or not at all, and read back only after a check.
+
+Every file vqt-cache writes outside a Zarr store goes through `write_bytes`: the bytes go to a temporary file in
+the same folder, are flushed to the disk (fsync), and the temporary file is renamed over the target, which POSIX
+makes atomic; the folder is synced too, so a finished result survives a power cut. A kill, Ctrl-C or full disk at
+any moment leaves the old file or the new one, never half of one (at worst a stray `.*.tmp-*` file, which nothing
+reads).
+
+Readers (`read_json`, `load_tensors`, `load_torch`) turn anything unreadable into `DamagedFile`, a one-sentence
+error naming the file, which callers either report or treat as "not done yet" and redo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vqt_cache.errors import VQTError
+
+
+class DamagedFile(VQTError):
+    """A file that exists but cannot be trusted: truncated, not the expected format, or the wrong shape."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path} is damaged ({problem}); delete it or restore it, then re-run")
+        self.path = Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably (temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """JSON with NaN and Infinity refused: a number that is not a number is never written as a result."""
+    write_text(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, kind: type = dict) -> Any:
+    """A JSON file's value, which must be of `kind`; DamagedFile when it is unreadable, invalid or another type."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedFile(path, f"not valid JSON: {exc}") from exc
+    except IsADirectoryError as exc:
+        raise DamagedFile(path, "a folder, not a file") from exc
+    if not isinstance(value, kind):
+        raise DamagedFile(path, f"a JSON {type(value).__name__}, expected a JSON {kind.__name__}")
+    return value
+
+
+def save_tensors(path: str | Path, tensors: dict) -> None:
+    from safetensors.torch import save
+
+    write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """A safetensors file's tensors; with `shapes`, exactly those names with those shapes."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        tensors = load(path.read_bytes())
+    except IsADirectoryError as exc:
+        raise DamagedFile(path, "a folder, not a file") from exc
+    except Exception as exc:  # safetensors reports truncation and bad headers as its own error type
+        raise DamagedFile(path, f"not a readable safetensors file: {str(exc).splitlines()[0]}") from exc
+    if shapes is not None:
+        for name, shape in shapes.items():
+            if name not in tensors:
+                raise DamagedFile(path, f"no tensor {name!r}")
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise DamagedFile(path, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    return tensors
+
+
+def save_torch(path: str | Path, value: Any) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_torch(path: str | Path, map_location: Any = "cpu") -> dict:
+    import torch
+
+    path = Path(path)
+    try:
+        value = torch.load(io.BytesIO(path.read_bytes()), map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # truncated zip, foreign pickle: torch raises many types
+        raise DamagedFile(path, f"not a readable checkpoint: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(value, dict):
+        raise DamagedFile(path, f"holds a {type(value).__name__}, not a checkpoint")
+    return value
+
+
+def save_figure(path: str | Path, figure: Any) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip("."), dpi=100)
+    write_bytes(path, buffer.getvalue())
+
+
+def folder_entries(path: Path) -> list[str]:
+    """The names in a folder, sorted ([] when it does not exist)."""
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def describe_entries(path: Path) -> str:
+    """'3 entries (a, b, c)' for a refusal message."""
+    names = folder_entries(path)
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"

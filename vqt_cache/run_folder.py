@@ -1,0 +1,215 @@
+"""The run folder: one trained configuration's files, and the rules that keep them trustworthy.
+
+    <run>/config.json        what was trained on what (written first; its identity is the run's identity)
+          checkpoint-<E>.pt  after E epochs: the run's state, stamped with the run's identity (at most two kept)
+          model.safetensors  queries (L, T, D), head.weight (C, F), head.bias (C,)   [not written for a diverged run]
+          timing.json
+          metrics.json       written last: {"complete": true, "diverged": ..., "epochs": [...], "final": {...}}
+          .lock              held (flock) by the one process training the folder
+
+Rules: a run folder is created only where nothing exists or in an empty folder; a folder is reused only when its
+config.json describes the very same run; files are written whole (vqt_cache.files); a checkpoint is resumed only
+by the run that wrote it; one process at a time trains a folder, and another one waits, then finds it done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vqt_cache.errors import VQTError
+from vqt_cache.files import (
+    DamagedFile,
+    describe_entries,
+    folder_entries,
+    load_tensors,
+    load_torch,
+    read_json,
+    save_tensors,
+    save_torch,
+    write_json,
+)
+
+CONFIG_KEYS = ("run", "recipe", "splits", "store", "model")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
+LOCK = ".lock"
+KEEP_CHECKPOINTS = 2  # two, so the runs of a pass can meet at a common epoch again
+
+
+def identity(config: dict) -> dict:
+    """What must match for a run folder to be resumed or skipped (not versions, nor where the store lives)."""
+    kept = {k: v for k, v in config.items() if k not in ("versions", "git_sha")}
+    return {**kept, "store": {k: v for k, v in config["store"].items() if k != "url"}}
+
+
+def identity_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()
+
+
+def _ignorable(name: str) -> bool:
+    return name == LOCK or name.startswith(".") and ".tmp" in name
+
+
+def read_config(path: Path) -> dict:
+    """A run folder's config.json, checked to be one (DamagedFile otherwise)."""
+    config = read_json(path / "config.json")
+    missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), dict)]
+    if missing:
+        raise DamagedFile(path / "config.json", f"no {missing[0]!r} table")
+    return config
+
+
+class RunFolder:
+    """A run folder this process has claimed and holds the lock of (see `claimed`)."""
+
+    def __init__(self, path: Path, config: dict) -> None:
+        self.path, self.config = path, config
+        self.identity = identity_hash(config)
+
+    # -- completion ------------------------------------------------------------------------------------------------
+    def result(self) -> dict | None:
+        """metrics.json when the run is provably complete, else None (missing or damaged: it is trained again)."""
+        try:
+            metrics = read_json(self.path / "metrics.json")
+        except (FileNotFoundError, DamagedFile):
+            return None
+        if metrics.get("complete") is not True or not isinstance(metrics.get("final"), dict):
+            return None
+        if not metrics.get("diverged") and not (self.path / "model.safetensors").is_file():
+            return None
+        return metrics
+
+    def save_result(self, tensors: dict | None, metrics: dict, timing: dict) -> None:
+        """The model, the timing, then metrics.json (the completion record), then the checkpoints go."""
+        if tensors is not None:
+            save_tensors(self.path / "model.safetensors", tensors)
+        else:
+            (self.path / "model.safetensors").unlink(missing_ok=True)  # a diverged run has no model
+        write_json(self.path / "timing.json", timing)
+        write_json(self.path / "metrics.json", metrics)
+        for checkpoint in self.checkpoints().values():
+            checkpoint.unlink()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def checkpoints(self) -> dict[int, Path]:
+        found = {}
+        for name in folder_entries(self.path):
+            if match := CHECKPOINT.fullmatch(name):
+                found[int(match.group(1))] = self.path / name
+        return found
+
+    def save_checkpoint(self, epochs_done: int, state: dict) -> None:
+        save_torch(self.path / f"checkpoint-{epochs_done}.pt", {**state, "identity": self.identity})
+        for old in sorted(self.checkpoints())[:-KEEP_CHECKPOINTS]:
+            self.checkpoints()[old].unlink()
+
+    def load_checkpoint(self, epochs_done: int, map_location: Any) -> dict:
+        path = self.checkpoints()[epochs_done]
+        state = load_torch(path, map_location)
+        if state.get("identity") != self.identity:
+            raise VQTError(
+                f"checkpoint {path} was not written by this run (another configuration or an older vqt-cache); "
+                "delete it to train this run from the start"
+            )
+        return state
+
+
+@contextmanager
+def claimed(path: str | Path, config: dict, wait: Callable[[Path], None] | None = None) -> Iterator[RunFolder]:
+    """Claim a run folder for `config` and hold its lock: create it (new or empty folder) or check it is this run's.
+
+    Another process training the same folder holds the lock: this one waits for it (calling `wait` first).
+    Anything else at `path` is refused in one sentence and left untouched.
+    """
+    path = Path(path)
+    _check_claimable(path, config)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait:
+                wait(path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            _check_claimable(path, config)  # again, now that no one else writes here
+            if not (path / "config.json").exists():
+                from vqt_cache import package_versions
+
+                write_json(path / "config.json", {**config, "versions": package_versions(), "git_sha": _git_sha()})
+            yield RunFolder(path, config)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_claimable(path: Path, config: dict) -> None:
+    if path.exists() and not path.is_dir():
+        raise VQTError(f"{path} is a file, not a run folder; choose another --out")
+    if (path / "config.json").exists():
+        existing = read_config(path)
+        if identity(existing) != identity(config):
+            raise VQTError(f"run folder {path} holds another configuration; use another --out or delete it")
+        return
+    if any(not _ignorable(name) for name in folder_entries(path)):
+        raise VQTError(
+            f"{path} holds {describe_entries(path)} but no config.json, so it is not a vqt-cache run folder; "
+            "runs are written only into a new or empty folder: choose another --out"
+        )
+
+
+def check_parent(path: str | Path) -> None:
+    """A folder that will hold several run folders must not be a run folder itself."""
+    if (Path(path) / "config.json").exists():
+        raise VQTError(f"{path} is a run folder; pass a new or empty folder (or its parent) as --out for several runs")
+
+
+def _git_sha() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_finished(path: str | Path) -> tuple[dict, dict]:
+    """(config, metrics) of a run folder that finished with a model; one sentence otherwise."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise VQTError(f"{path} is not a finished run folder (no config.json)")
+    config = read_config(path)
+    try:
+        metrics = read_json(path / "metrics.json")
+    except FileNotFoundError:
+        raise VQTError(
+            f"{path} is not a finished run folder (no metrics.json: still training or interrupted)"
+        ) from None
+    if metrics.get("diverged"):
+        raise VQTError(f"run {path} diverged ({metrics.get('diverged_reason', 'non-finite loss')}): it has no model")
+    if metrics.get("complete") is not True:
+        raise VQTError(f"{path} is not a finished run folder (its metrics.json does not mark it complete)")
+    if not (path / "model.safetensors").is_file():
+        raise VQTError(f"{path} is not a finished run folder (no model.safetensors)")
+    return config, metrics
+
+
+def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors a run folder's model.safetensors must hold, from config.json's "model" table."""
+    try:
+        depth, dim, T, C, F = (int(model[k]) for k in ("depth", "dim", "queries", "num_classes", "feature_dim"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VQTError(f"config.json's model table is incomplete ({exc})") from exc
+    return {"queries": (depth, T, dim), "head.weight": (C, F), "head.bias": (C,)}
+
+
+def load_model(path: str | Path, model: dict, name: str = "model.safetensors") -> dict:
+    return load_tensors(Path(path) / name, model_shapes(model))
