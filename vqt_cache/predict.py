@@ -24,7 +24,7 @@ def predict(
     tensors = []
     for image in images:
         try:
-            tensors.append(transform(reader.load_image(str(Path(image).resolve()))))
+            tensors.append(transform(reader.load_image(str(Path(image).absolute()))))
         except BadImage as exc:
             raise VQTError(str(exc)) from exc
     live = LiveVQT(backbone, model).eval()

@@ -164,9 +164,22 @@ def _check_claimable(path: Path, config: dict) -> None:
 
 
 def check_parent(path: str | Path) -> None:
-    """A folder that will hold several run folders must not be a run folder itself."""
-    if (Path(path) / "config.json").exists():
+    """A folder that will hold several run folders: new, or holding only run folders (not being one itself)."""
+    path = Path(path)
+    if (path / "config.json").exists():
         raise VQTError(f"{path} is a run folder; pass a new or empty folder (or its parent) as --out for several runs")
+    for name in folder_entries(path):
+        entry = path / name
+        if (
+            _ignorable(name)
+            or entry.is_dir()
+            and ((entry / "config.json").exists() or all(_ignorable(n) for n in folder_entries(entry)))
+        ):
+            continue
+        raise VQTError(
+            f"{path} holds {entry.name}, which is not a run folder; several runs are written only into a new "
+            "folder or one that holds run folders alone: choose another --out"
+        )
 
 
 def _git_sha() -> str | None:

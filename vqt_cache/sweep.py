@@ -321,15 +321,20 @@ def run_sweep(
             for (m, t), c in sorted(chosen.items())
             for seed in p.protocol.final_seeds
         )
-        results = _train(
-            p,
-            store,
-            finals,
-            p.protocol.final_train,
-            p.protocol.final_eval,
-            p.folder(entry, "final"),
-            one_pass,
-            progress,
+        # a (method, T) whose every selection run diverged has no final runs; the report says it diverged
+        results = (
+            []
+            if not finals
+            else _train(
+                p,
+                store,
+                finals,
+                p.protocol.final_train,
+                p.protocol.final_eval,
+                p.folder(entry, "final"),
+                one_pass,
+                progress,
+            )
         )
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
@@ -337,7 +342,7 @@ def run_sweep(
                 compressed = (folder / "compressed" / "metrics.json").exists()
                 if result["name"].startswith("vqt-") and not result["diverged"] and not compressed:
                     compress(folder, keep=p.keep)
-        done += len(finals)
+        done += (len(entry.queries) + len(p.baselines)) * seeds
         if on_run:
             on_run(done, total)
     return [d.name for d in mine]
