@@ -110,6 +110,7 @@ PIPELINES = {
     "no-datasets": "[grid]\nlr = [0.5]\n",
     "missing-store": GOOD_PIPELINE.replace('store = "STORE"', 'store = "STORE-gone"'),
     "missing-split": GOOD_PIPELINE.replace('final_eval = "val200"', 'final_eval = "test"'),
+    "duplicate-seed": GOOD_PIPELINE.replace("final_seeds = [1]", "final_seeds = [1, 1]"),
 }
 
 # (case id, command line with {placeholders} filled from the World, what the error sentence must contain)
@@ -127,6 +128,8 @@ CASES = [
     ("extract/bad-model-arg", "EXTRACT --model-arg depth", "KEY=VALUE"),
     ("extract/newer-format", "EXTRACT --out {newer}", "format_version 99"),
     ("extract/other-backbone", "EXTRACT --out {store} --layout hidden", "layout"),
+    ("extract/out-is-a-run-folder", "EXTRACT --out {run}", "not a vqt-cache store"),
+    ("extract/out-is-a-folder-of-files", "EXTRACT --out {tmp}", "not a vqt-cache store"),
     ("extract/unknown-device", "EXTRACT --device tpu", "unknown device 'tpu'"),
     ("extract/unavailable-device", "EXTRACT --device cuda:7", "device 'cuda:7' is not available"),
     # info
@@ -147,6 +150,15 @@ CASES = [
         "train --store {store} --memory-budget -1 --out {tmp}/r",
         "memory budget must be >= 0",
     ),
+    ("train/infinite-lr", "train --store {store} --lr inf --out {tmp}/r", "learning rate must be > 0"),
+    ("train/nan-lr", "train --store {store} --lr nan --out {tmp}/r", "learning rate must be > 0"),
+    ("train/infinite-wd", "train --store {store} --wd inf --out {tmp}/r", "weight decay >= 0"),
+    ("train/negative-seed", "train --store {store} --seed -1 --out {tmp}/r", "a seed must be in"),
+    ("train/huge-seed", "train --store {store} --seed 99999999999999999999 --out {tmp}/r", "a seed must be in"),
+    ("train/nan-budget", "train --store {store} --memory-budget nan --out {tmp}/r", "memory budget must be >= 0"),
+    ("train/infinite-budget", "train --store {store} --memory-budget inf --out {tmp}/r", "memory budget must be >= 0"),
+    ("train/out-not-a-run-folder", "train --store {store} --out {tmp}", "no config.json"),
+    ("train/out-is-a-store", "train --store {store} --out {store}", "no config.json"),
     ("train/unknown-method", "train --store {store} --method prompt", "unknown method 'prompt'"),
     ("train/missing-split", "train --store {store} --eval-split test", "no split 'test'"),
     ("train/newer-format", "train --store {newer}", "format_version 99"),
@@ -157,6 +169,7 @@ CASES = [
     ),
     # evaluate
     ("evaluate/missing-run", "evaluate {tmp}/nowhere", "not a finished run folder"),
+    ("evaluate/not-a-run-folder", "evaluate {store}", "not a finished run folder"),
     ("evaluate/missing-split", "evaluate {run} --split test", "no split 'test'"),
     ("evaluate/newer-format", "evaluate {run} --store {newer}", "format_version 99"),
     # predict
@@ -177,11 +190,13 @@ CASES = [
     ("sweep/no-datasets", "sweep {tmp}/no-datasets.toml", "lists no [[datasets]]"),
     ("sweep/missing-store", "sweep {tmp}/missing-store.toml", "no store at"),
     ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'test'"),
+    ("sweep/duplicate-seed", "sweep {tmp}/duplicate-seed.toml", "final_seeds lists 1 twice"),
     ("sweep/bad-shard", "sweep {tmp}/good.toml --shard 3/2", "need 0 <= i < n"),
     ("sweep/wrong-shard", "sweep {tmp}/good.toml --shard half", "--shard takes i/n"),
     # report
     ("report/missing-file", "report {tmp}/nowhere.toml", "nowhere.toml does not exist"),
     ("report/malformed-toml", "report {tmp}/syntax.toml", "is not valid TOML"),
+    ("report/never-ran", "report {tmp}/good.toml", "has no finished runs"),
     # compress
     ("compress/missing-run", "compress {tmp}/nowhere", "not a finished run folder"),
     ("compress/out-of-range", "compress {run} --keep 1.5", "--keep must be in (0, 1]"),

@@ -21,7 +21,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from vqt_cache.store import open_store, row_checksum, shard_checksum
+from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, train
 
 from conftest import error_line, make_imagefolder, run_cli, tiny_extract_args
@@ -349,6 +349,8 @@ def _recorded(change):
     """A change whose shard checksums are recomputed: data that is consistent, but wrong in another way."""
 
     def apply(store: Path) -> None:
+        from vqt_cache.store import row_checksum, shard_checksum
+
         change(store)
         s = open_store(str(store), mode="r+")
         split = s.split("train800")

@@ -116,10 +116,7 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
                     }
                 )
     if not found:
-        raise VQTError(
-            f"pipeline {p.name} has no finished runs under {p.root}; run `vqt-cache sweep` on it first "
-            "(or pass its --runs-root)"
-        )
+        raise VQTError(f"pipeline {p.name} has no finished runs under {p.root}; run `vqt-cache sweep` on it first")
     return rows
 
 
