@@ -201,6 +201,8 @@ CASES = [
     ("compress/missing-run", "compress {tmp}/nowhere", "not a finished run folder"),
     ("compress/out-of-range", "compress {run} --keep 1.5", "--keep must be in (0, 1]"),
     ("compress/wrong-type", "compress {run} --keep most", "Invalid value for '--keep'"),
+    ("compress/nan-lasso", "compress {run} --lasso nan", "--lasso must be a finite number >= 0"),
+    ("compress/keeps-nothing", "compress {run} --keep 0.0001", "keeps none of the run's"),
     # verify
     ("verify/missing-store", "verify {tmp}/nowhere.zarr", "no store at"),
     ("verify/newer-format", "verify {newer}", "format_version 99"),

@@ -239,22 +239,22 @@ def test_a_damaged_metrics_json_is_trained_again(tiny_store, run):
     assert json.loads((run / "metrics.json").read_text())["complete"] is True
 
 
-def test_full_disk_during_the_model_write_names_the_file_and_the_rerun_finishes(tiny_store, tmp_path, monkeypatch):
-    from vqt_cache import files
+@pytest.mark.parametrize("target", ["model.safetensors", "checkpoint-2.pt"])
+def test_full_disk_inside_a_write_names_the_file_and_the_rerun_finishes(tiny_store, tmp_path, monkeypatch, target):
+    real = os.fsync
 
-    real = files.write_bytes
+    def full(fd):  # the disk fills up while this one file is being written
+        if f".{target}.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
 
-    def full(path, data):
-        if Path(path).name == "model.safetensors":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(files, "write_bytes", full)
-    line = error_line(*train_cli(Path(tiny_store), tmp_path / "run"))
-    assert "No space left on device" in line and "model.safetensors" in line
+    monkeypatch.setattr(os, "fsync", full)
+    line = error_line(*train_cli(Path(tiny_store), tmp_path / "run", "--checkpoint-every", "2"))
+    assert "No space left on device" in line and target in line
     assert not (tmp_path / "run" / "metrics.json").exists()
-    monkeypatch.setattr(files, "write_bytes", real)
-    assert train_cli(Path(tiny_store), tmp_path / "run")[0] == 0
+    assert [p.name for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name] == []
+    monkeypatch.setattr(os, "fsync", real)
+    assert train_cli(Path(tiny_store), tmp_path / "run", "--checkpoint-every", "2")[0] == 0
 
 
 # -- 3. a diverged run is never a result -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Frozen queries make the features fixed, so they are computed once (eval mode) an
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def compress(
     """Compress a finished VQT run into <run_dir>/compressed/; returns what it reports."""
     if not 0 < keep <= 1:
         raise VQTError(f"--keep must be in (0, 1], got {keep}")
+    if not (math.isfinite(lasso) and lasso >= 0):
+        raise VQTError(f"--lasso must be a finite number >= 0, got {lasso}")
     config, store, _, model = load_run(run_dir)
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
@@ -87,8 +90,14 @@ def compress(
     lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
     F_all = train_x.shape[1]
     k = int(keep * F_all)
+    if k < 1:
+        raise VQTError(f"--keep {keep} keeps none of the run's {F_all} features")
+    if not all(torch.isfinite(p).all() for p in lasso_head.parameters()):
+        raise VQTError("the group-lasso head diverged (non-finite weights); lower --lasso")
     kept = torch.argsort(lasso_head.weight.detach().norm(dim=0), descending=True)[:k].sort().values
     head = train_head(train_x[:, kept], train_y, C, recipe, lr, spec["wd"], seed + 1)
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise VQTError("the compressed head diverged (non-finite weights); nothing was written")
     eval_splits = splits or tuple(
         dict.fromkeys(s for s in (config["splits"]["eval"], "test") if s in store.split_names())
     )
@@ -101,6 +110,7 @@ def compress(
                 "after": accuracy(head(x[:, kept]), y, C),
             }
     out.mkdir(exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a previous compression's record must not describe this model
     save_tensors(
         out / "model.safetensors",
         {

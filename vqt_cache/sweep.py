@@ -174,9 +174,11 @@ def _check(p: Pipeline, path: Path) -> None:
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if repeated:
             raise VQTError(f"pipeline file {path}: {where} lists {repeated[0]!r} twice")
-    for entry in p.datasets:  # the recipe, queries, lrs and wds as the trainer will see them
+    for entry in p.datasets:  # the recipe, queries, lrs, wds and seeds as the trainer will see them
         try:
             TrainConfig(store=p.store_for(entry), runs=_specs_for_selection(p, entry), **_recipe(p))
+            for seed in p.protocol.final_seeds:
+                RunSpec(seed=seed)
         except VQTError as exc:
             raise VQTError(f"pipeline file {path}, dataset {entry.name}: {exc}") from exc
 
