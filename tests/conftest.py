@@ -68,6 +68,28 @@ TINY_EXTRACT = dict(
 )
 
 
+# A two-epoch pipeline over a digits store: STORE and RUNS are replaced by the store and the runs root.
+GOOD_PIPELINE = """
+baselines = ["linear", "pooled"]
+runs_root = "RUNS"
+[protocol]
+select_train = "train800"
+select_eval = "val200"
+final_train = "train800"
+final_eval = "val200"
+final_seeds = [1]
+epochs = 2
+warmup_epochs = 1
+[grid]
+lr = [0.5]
+wd = [0.0]
+[[datasets]]
+name = "digits"
+queries = [1]
+store = "STORE"
+"""
+
+
 def run_cli(*args: str) -> tuple[int, str]:
     """Run `vqt-cache ARGS` in this process; returns (exit code, printed text)."""
     import io

@@ -21,7 +21,7 @@ from PIL import Image
 from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, train
 
-from conftest import error_line, run_cli, tiny_extract_args
+from conftest import GOOD_PIPELINE, error_line, run_cli, tiny_extract_args
 
 
 @dataclass
@@ -44,26 +44,6 @@ class World:
         path = self.tmp / f"{name}.toml"
         path.write_text(body.replace("STORE", str(self.store)).replace("RUNS", str(self.tmp / "runs")))
         return path
-
-
-GOOD_PIPELINE = """
-runs_root = "RUNS"
-[protocol]
-select_train = "train800"
-select_eval = "val200"
-final_train = "train800"
-final_eval = "val200"
-final_seeds = [1]
-epochs = 2
-warmup_epochs = 1
-[grid]
-lr = [0.5]
-wd = [0.0]
-[[datasets]]
-name = "digits"
-queries = [1]
-store = "STORE"
-"""
 
 
 def _listing(root: Path, files: bool = True) -> list[tuple[str, int]]:

@@ -24,7 +24,7 @@ from PIL import Image
 from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, train
 
-from conftest import error_line, make_imagefolder, run_cli, tiny_extract_args
+from conftest import GOOD_PIPELINE, error_line, make_imagefolder, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--epochs", "4", "--warmup-epochs", "1", "--batch-size", "128", "--queries", "1", "--json"]
@@ -232,6 +232,19 @@ def test_kill_9_inside_a_write_leaves_no_half_file_and_the_rerun_finishes(tiny_s
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
 
 
+@pytest.mark.faults
+def test_kill_9_inside_a_report_write_keeps_the_previous_report_whole(tiny_store, tmp_path):
+    pipeline = write_tiny_pipeline(tmp_path, tiny_store)
+    assert run_cli("sweep", str(pipeline))[0] == 0
+    report = tmp_path / "runs" / "tiny" / "results.md"
+    before = report.read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_INSIDE, "results.md", "report", str(pipeline)], cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == -9 and report.read_bytes() == before
+    assert run_cli("report", str(pipeline))[0] == 0 and report.read_bytes() == before
+
+
 def test_a_damaged_metrics_json_is_trained_again(tiny_store, run):
     (run / "metrics.json").write_text('{"complete": tr')
     code, out = run_cli("train", "--store", tiny_store, "--out", str(run), "--epochs", "2", "--warmup-epochs", "1")
@@ -406,35 +419,34 @@ def test_stage_two_refuses_a_damaged_store(store, tmp_path, damage):
 # -- 5. a checkpoint belongs to one run ------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(tiny_store, tmp_path, monkeypatch):
+def interrupt_after_first_checkpoint(store: str, out: Path, *extra: str) -> None:
+    """`train` stopped by Ctrl-C just after its first checkpoint (at epoch 2) was written."""
     from vqt_cache.run_folder import RunFolder
+
+    original = RunFolder.save_checkpoint
 
     def stop_after(self, epochs_done, state):
         original(self, epochs_done, state)
         raise KeyboardInterrupt
 
-    original = RunFolder.save_checkpoint
-    monkeypatch.setattr(RunFolder, "save_checkpoint", stop_after)
+    RunFolder.save_checkpoint = stop_after
+    try:
+        assert train_cli(Path(store), out, "--checkpoint-every", "2", *extra)[0] == 130
+    finally:
+        RunFolder.save_checkpoint = original
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tiny_store, tmp_path):
     for lr in ("0.5", "0.1"):
-        assert train_cli(Path(tiny_store), tmp_path / lr, "--lr", lr, "--checkpoint-every", "2")[0] == 130
-    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+        interrupt_after_first_checkpoint(tiny_store, tmp_path / lr, "--lr", lr)
     shutil.copy(tmp_path / "0.5" / "checkpoint-2.pt", tmp_path / "0.1" / "checkpoint-2.pt")
     line = error_line(*train_cli(Path(tiny_store), tmp_path / "0.1", "--lr", "0.1", "--checkpoint-every", "2"))
     assert "checkpoint-2.pt" in line
     assert (tmp_path / "0.1" / "checkpoint-2.pt").exists()
 
 
-def test_a_folder_whose_config_was_removed_is_not_resumed(tiny_store, tmp_path, monkeypatch):
-    from vqt_cache.run_folder import RunFolder
-
-    def stop_after(self, epochs_done, state):
-        original(self, epochs_done, state)
-        raise KeyboardInterrupt
-
-    original = RunFolder.save_checkpoint
-    monkeypatch.setattr(RunFolder, "save_checkpoint", stop_after)
-    assert train_cli(Path(tiny_store), tmp_path / "run", "--checkpoint-every", "2")[0] == 130
-    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+def test_a_folder_whose_config_was_removed_is_not_resumed(tiny_store, tmp_path):
+    interrupt_after_first_checkpoint(tiny_store, tmp_path / "run")
     (tmp_path / "run" / "config.json").unlink()
     before = listing(tmp_path / "run")
     assert "config.json" in error_line(*train_cli(Path(tiny_store), tmp_path / "run", "--epochs", "20"))
@@ -605,26 +617,8 @@ def test_fp16_overflow_stops_extraction_and_names_the_row(tmp_path):
 def write_tiny_pipeline(tmp: Path, store: str, lrs: str = "[0.5]", baselines: str = "[]") -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "tiny.toml"
-    path.write_text(f"""
-name = "tiny"
-runs_root = "{tmp / "runs"}"
-baselines = {baselines}
-[protocol]
-select_train = "train800"
-select_eval = "val200"
-final_train = "train800"
-final_eval = "val200"
-final_seeds = [1]
-epochs = 2
-warmup_epochs = 1
-[grid]
-lr = {lrs}
-wd = [0.0]
-[[datasets]]
-name = "digits"
-queries = [1]
-store = "{store}"
-""")
+    body = GOOD_PIPELINE.replace("STORE", store).replace("RUNS", str(tmp / "runs")).replace("lr = [0.5]", f"lr = {lrs}")
+    path.write_text('name = "tiny"\n' + body.replace('baselines = ["linear", "pooled"]', f"baselines = {baselines}"))
     return path
 
 

@@ -198,6 +198,9 @@ def info(
     for column in ("split", "images", "shards done", "complete", "skipped", "MB stored"):
         table.add_column(column, justify="right")
     for s in data["splits"]:
+        if s.get("damaged"):
+            table.add_row(s["name"], "[red]damaged: run vqt-cache verify[/red]", "", "", "", "")
+            continue
         table.add_row(
             s["name"],
             str(s["images"]),

@@ -171,7 +171,12 @@ class Split:
         return start, min(start + self.shard_size, self.num_samples)
 
     def done(self) -> np.ndarray:
-        return self.group["shard_done"][:].astype(bool)
+        try:
+            return self.group["shard_done"][:].astype(bool)
+        except Exception as exc:  # a truncated chunk fails to decode in many ways
+            raise VQTError(
+                f"split {self.name!r}: its completion record (shard_done) cannot be read; run `vqt-cache verify`"
+            ) from exc
 
     def incomplete_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
@@ -356,9 +361,14 @@ class Store:
             split = Split(self.group[name], self.layout)
             if "index_hash" not in split.group.attrs:
                 continue
-            done = split.done()
+            try:
+                split.check_metadata(self.attrs["backbone"], self.attrs["dtype"])
+                done = split.done()
+                valid = split.group["valid"][:].astype(bool)
+            except Exception:  # `info` shows what it can; `verify` says what is wrong
+                splits.append({"name": name, "damaged": True})
+                continue
             finished = np.flatnonzero(done)
-            valid = split.valid()
             skipped = [split.sources[i] for s in finished for i in range(*split.shard_range(s)) if not valid[i]]
             splits.append(
                 {
