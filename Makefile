@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install torch/torchvision (matching pair) and the package with dev extras
 
-test: $(STAMP)  ## run the fast test suite (CPU, a few minutes)
+test: $(STAMP)  ## run the test suite (CPU, a few minutes; the fault-injection trials are `make test-faults`)
 	$(PY) -m pytest
 
-test-faults: $(STAMP)  ## run only the fault-injection suite (kill -9, Ctrl-C, damaged stores; about 2 minutes)
+test-faults: $(STAMP)  ## run the fault-injection trials (kill -9 inside writes, Ctrl-C, concurrent processes; ~3 min)
 	$(PY) -m pytest -m faults
 
 test-all: $(STAMP)  ## run every test, slow ones included

@@ -48,3 +48,15 @@ def test_only_the_query_path_does_attention_math():
         if path.name != "query.py":
             text = path.read_text()
             assert "softmax(dim=-1)" not in text and "scaled_dot_product_attention" not in text, path.name
+
+
+def test_every_file_outside_a_store_is_written_through_files_py():
+    """Whole or absent: only vqt_cache/files.py writes files (temporary file, fsync, rename), lock files aside."""
+    import re
+
+    # a figure saved into an in-memory buffer (`savefig(buffer`) is fine: the bytes then go through files.py
+    writes = re.compile(r"\.write_text\(|\.write_bytes\(|\bsave_file\(|torch\.save\(|\.savefig\([^b]|open\([^)]*\"w")
+    for path in PACKAGE.glob("*.py"):
+        if path.name != "files.py":
+            found = [line for line in path.read_text().splitlines() if writes.search(line) and ".lock" not in line]
+            assert not found, (path.name, found)

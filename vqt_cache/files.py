@@ -128,12 +128,6 @@ def load_torch(path: str | Path, map_location: Any = "cpu") -> dict:
     return value
 
 
-def save_figure(path: str | Path, figure: Any) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=Path(path).suffix.lstrip("."), dpi=100)
-    write_bytes(path, buffer.getvalue())
-
-
 def folder_entries(path: Path) -> list[str]:
     """The names in a folder, sorted ([] when it does not exist)."""
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
