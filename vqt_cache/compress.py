@@ -20,6 +20,7 @@ from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
+from vqt_cache.run_folder import claimed
 from vqt_cache.train import accuracy, derived_seed, load_run, lr_factor
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
@@ -109,17 +110,6 @@ def compress(
                 "before": accuracy(model.runs[0].head(x), y, C),
                 "after": accuracy(head(x[:, kept]), y, C),
             }
-    out.mkdir(exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a previous compression's record must not describe this model
-    save_tensors(
-        out / "model.safetensors",
-        {
-            "queries": model.runs[0].queries.prompts.detach().contiguous(),
-            "head.weight": head.weight.detach(),
-            "head.bias": head.bias.detach(),
-            "feature_index": kept.to(torch.int64),
-        },
-    )
     report = {
         "keep": keep,
         "lasso": lasso,
@@ -129,5 +119,15 @@ def compress(
         "head_params_after": C * k + C,
         "accuracy": accuracies,
     }
-    write_json(out / "metrics.json", report)  # last: its presence marks the compression done
+    tensors = {
+        "queries": model.runs[0].queries.prompts.detach().contiguous(),
+        "head.weight": head.weight.detach(),
+        "head.bias": head.bias.detach(),
+        "feature_index": kept.to(torch.int64),
+    }
+    with claimed(run_dir, config):  # the run folder's lock: concurrent compressions write one pair at a time
+        out.mkdir(exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # an earlier compression's record must not describe this model
+        save_tensors(out / "model.safetensors", tensors)
+        write_json(out / "metrics.json", report)  # last: its presence marks the compression done
     return report
