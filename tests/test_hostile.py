@@ -76,9 +76,9 @@ def train_cli(store: Path, out: Path, *extra: str) -> tuple[int, str]:
 # -- 1. nothing a user owns is ever deleted -------------------------------------------------------------------------
 
 
-def _user_folder(tmp: Path, **_) -> Path:
-    folder = tmp / "thesis"
-    folder.mkdir()
+def _user_folder(tmp: Path, name: str = "thesis", **_) -> Path:
+    folder = tmp / name
+    folder.mkdir(parents=True)
     (folder / "chapter1.tex").write_text("precious")
     (folder / "figures").mkdir()
     (folder / "figures" / "plot.pdf").write_bytes(b"%PDF")
@@ -186,6 +186,13 @@ def test_report_replaces_only_its_own_files(tmp_path, tiny_store):
     shared = tmp_path / "reports"
     assert run_cli("report", str(pipeline), "--out", str(shared))[0] == 0
     assert run_cli("report", str(pipeline), "--out", str(shared))[0] == 0  # its own files: replaced
+
+
+def test_demo_refuses_a_foreign_store_path_before_pretraining(tmp_path):
+    target = _user_folder(tmp_path / "data" / "cache" / "digits", name="tiny_vit_parity.zarr")
+    before = listing(target)
+    error_line(*run_cli("demo", "--root", str(tmp_path / "data")))
+    assert listing(target) == before and not (tmp_path / "data" / "demo").exists()
 
 
 def test_compress_refuses_foreign_files_in_compressed(run):

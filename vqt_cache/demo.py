@@ -20,6 +20,7 @@ from vqt_cache.datasets import ImageSplit, digits, preprocessing
 from vqt_cache.errors import VQTError
 from vqt_cache.extract import ExtractConfig, extract
 from vqt_cache.files import read_json, save_tensors
+from vqt_cache.store import found_at
 from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, train
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -66,10 +67,11 @@ def run_demo(
         raise VQTError(f"the demo needs --epochs >= 2, got {epochs}")
     root = Path(root)
     weights = root / "demo" / "tiny_vit_parity.safetensors"
+    store = str(root / "cache" / "digits" / "tiny_vit_parity.zarr")
+    found_at(store)  # refuses a foreign path before a minute of pretraining, not after
     if not weights.exists():
         say(f"making the demo backbone: a tiny ViT trained on digit parity -> {weights}")
         pretrain_parity(weights, progress=progress)
-    store = str(root / "cache" / "digits" / "tiny_vit_parity.zarr")
     say(f"stage one: extracting digits once into {store}")
     extract(
         ExtractConfig(

@@ -401,7 +401,7 @@ def create_store(
 ) -> Store:
     """Create a store where nothing is (or an empty folder), resume this tool's own store made with the same
     backbone, dataset and settings, or refuse in one sentence: nothing found at `url` is ever overwritten."""
-    found = _found_at(url, storage_options)
+    found = found_at(url, storage_options)
     if found == "store":
         store = open_store(url, mode="r+", storage_options=storage_options)
         _check_same(store.attrs, attrs, url)
@@ -431,7 +431,7 @@ def create_store(
     return Store(group, url)
 
 
-def _found_at(url: str, storage_options: dict | None) -> str:
+def found_at(url: str, storage_options: dict | None = None) -> str:
     """What is at `url`: "new" (nothing, or an empty folder), "store", "creating" (an interrupted creation of
     ours), or a VQTError saying what else is there."""
     import fsspec
