@@ -1,0 +1,74 @@
+"""8-bit features (issue 13, the measurement step): round-trip bounds, and the query path's logits on dequantized
+caches against float32, on a backbone with massive-activation channels too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqt_cache.model import CachedVQT, Run
+from vqt_cache.quantize import dequantize, quantize
+
+from conftest import images_for, tiny_backbone
+
+
+def _features(seed: int = 0) -> torch.Tensor:
+    """(tokens, 128) features with two channels 1,000× the rest, and one all-zero group."""
+    x = torch.randn(50, 128, generator=torch.Generator().manual_seed(seed))
+    x[:, [5, 70]] *= 1000
+    x[3, 64:] = 0
+    return x
+
+
+def test_int8_error_is_at_most_half_a_step_of_its_group():
+    x = _features()
+    values, scale = quantize(x, "int8", 64)
+    assert values.dtype == torch.int8 and scale.shape == (50, 2) and scale.dtype == torch.float16
+    step = scale.float().repeat_interleave(64, dim=1)
+    assert ((dequantize(values, scale, 64) - x).abs() <= step / 2 + 1e-6).all()
+    assert (dequantize(values, scale, 64)[3, 64:] == 0).all()
+
+
+def test_float8_error_is_relative_to_each_value():
+    x = _features()
+    values, scale = quantize(x, "float8", 64)
+    step = scale.float().repeat_interleave(64, dim=1)
+    bound = torch.maximum(x.abs() / 16, step * 2**-10)  # 3 mantissa bits; subnormals near zero
+    assert ((dequantize(values, scale, 64) - x).abs() <= bound + 1e-6).all()
+
+
+def with_massive_activations(backbone, channels=(3, 17), scale=500.0):
+    """Real ViTs carry a few residual channels far larger than the rest: make block 0's MLP write them."""
+    with torch.no_grad():
+        for c in channels:
+            backbone.blocks[0].mlp.fc2.weight[c] *= scale
+            backbone.blocks[0].mlp.fc2.bias[c] = 5 * scale
+    return backbone
+
+
+def _layer_major(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    return cache.transpose(0, 1).contiguous() if layout == "hidden" else cache.permute(1, 2, 0, 3, 4, 5).contiguous()
+
+
+# measured on these tiny backbones: int8 at most 7e-3, float8 at most 3.2e-2 (max |Δlogit| / max |logit|)
+BOUND = {"int8": 1e-2, "float8": 5e-2}
+
+
+@pytest.mark.parametrize("massive", [False, True], ids=["plain", "massive-activations"])
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+@pytest.mark.parametrize("kind", ["int8", "float8"])
+def test_query_path_logits_on_a_dequantized_cache(kind, layout, massive):
+    backbone = tiny_backbone("cls")
+    if massive:
+        with_massive_activations(backbone)
+    final, cache = backbone.forward_cache(images_for(backbone, batch=16), layout=layout, dtype=torch.float32)
+    group = cache.shape[-1] if layout == "kv" else 16  # kv: one scale per head and token; hidden: D/16 per token
+    run = Run("vqt", 4, backbone.depth, backbone.dim, 10, backbone.patch_size, 0.0, seed=1)
+    with torch.no_grad():
+        run.head.weight.normal_(generator=torch.Generator().manual_seed(2))  # a head that reads every feature
+    model = CachedVQT(backbone.blocks, [run], layout).eval()
+    with torch.no_grad():
+        exact = model(final, _layer_major(cache, layout))[0]
+        approx = model(final, _layer_major(dequantize(*quantize(cache, kind, group), group), layout))[0]
+    assert (approx - exact).abs().max() <= BOUND[kind] * exact.abs().max()
+    assert (approx.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
