@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, object_storage, stage_two, training
+from bench import extraction, object_storage, quantization, stage_two, training
 
 BENCHES = {
     "stage_two": stage_two.run,
@@ -20,6 +20,7 @@ BENCHES = {
     "grid": training.run_grid,
     "extraction": extraction.run,
     "object_storage": object_storage.run,
+    "quantization": quantization.run,
 }
 
 

@@ -72,3 +72,71 @@ def test_query_path_logits_on_a_dequantized_cache(kind, layout, massive):
         approx = model(final, _layer_major(dequantize(*quantize(cache, kind, group), group), layout))[0]
     assert (approx - exact).abs().max() <= BOUND[kind] * exact.abs().max()
     assert (approx.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
+
+
+# -- int8 stores: stage one quantizes on the device, stage two dequantizes as it builds a batch --------------------
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, str]:
+    from vqt_cache.extract import ExtractConfig, extract
+
+    from conftest import TINY_EXTRACT
+
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for dtype in ("float32", "int8"):
+        out[dtype] = str(root / f"{dtype}.zarr")
+        extract(
+            ExtractConfig(
+                **TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), dtype=dtype, out=out[dtype], workers=0
+            )
+        )
+    return out
+
+
+def test_an_int8_store_verifies_and_is_a_quarter_of_float32(stores):
+    from vqt_cache.store import open_store
+    from vqt_cache.verify import verify
+
+    result = verify(stores["int8"], recompute=4)
+    assert result["faults"] == [] and result["recomputed"] == 8
+    int8, fp32 = (open_store(stores[k]) for k in ("int8", "float32"))
+    assert int8.bytes_per_image() == fp32.bytes_per_image() // 4 + fp32.bytes_per_image() // 4 // 16 * 2
+
+
+def test_int8_batches_equal_dequantized_float32_within_half_a_step(stores):
+    from vqt_cache.data import CachedSplit
+    from vqt_cache.store import open_store
+
+    int8, fp32 = (CachedSplit(open_store(stores[k]).split("val200"), batch_size=200) for k in ("int8", "float32"))
+    [a], [b] = list(int8.batches()), list(fp32.batches())
+    row_max = b.cache.abs().amax(dim=(0, 1, 3, 4, 5))  # kv (L, 2, B, H, N, dh): per image
+    assert ((a.cache - b.cache).abs().amax(dim=(0, 1, 3, 4, 5)) <= row_max / 254 * 1.01).all()
+    streamed = CachedSplit(open_store(stores["int8"]).split("val200"), memory_budget=0, batch_size=200)
+    assert torch.equal(next(iter(streamed.batches())).cache, a.cache)  # in memory == streamed, bit for bit
+
+
+def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):
+    from vqt_cache.train import RunSpec, TrainConfig, evaluate, train
+
+    [run] = train(
+        TrainConfig(store=stores["float32"], runs=(RunSpec("vqt", 2),), epochs=4, warmup_epochs=1, out=str(tmp_path))
+    )
+    exact = evaluate(run["dir"], "val200")
+    approx = evaluate(run["dir"], "val200", store_url=stores["int8"])
+    assert abs(exact["top1"] - approx["top1"]) <= 0.01
+
+
+def test_an_altered_scale_is_refused(stores, tmp_path):
+    import shutil
+
+    import zarr
+
+    from conftest import error_line, run_cli
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(stores["int8"], copy)
+    scale = zarr.open_group(copy, mode="r+")["train800"]["scale"]
+    scale[3] = scale[3] * 2
+    error_line(*run_cli("train", "--store", str(copy), "--out", str(tmp_path / "run"), "--epochs", "2"))

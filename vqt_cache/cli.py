@@ -87,7 +87,9 @@ def extract(
     root: Annotated[str | None, typer.Option(help="dataset folder (default data/downloads/<dataset>)")] = None,
     splits: Annotated[str | None, typer.Option(help="comma-separated splits (default: all)")] = None,
     layout: Annotated[str, typer.Option(help="kv (keys+values) or hidden (LN1 outputs, half the bytes)")] = "kv",
-    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    dtype: Annotated[
+        str, typer.Option(help="float16, float32 or int8 (a float16 scale per token and 64 channels)")
+    ] = "float16",
     codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = "none",
     batch_size: Annotated[int, typer.Option(help="images per forward")] = 32,
     shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = 64,

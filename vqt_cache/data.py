@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vqt_cache.errors import VQTError
+from vqt_cache.quantize import dequantize
 from vqt_cache.store import Split
 
 # Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
@@ -83,20 +84,24 @@ class CachedSplit:
         self.batch_axis = 2 if split.layout == "kv" else 1  # (L, 2, B, ...) or (L, B, ...)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.row_bytes = int(np.prod(self.row_shape)) * split.features.dtype.itemsize
+        if split.quantized:  # int8 values and their float16 scales, dequantized row by row into the batch
+            self.row_bytes += int(np.prod(split.scales.shape[1:])) * 2
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.batch_rows = max(min(batch_size, len(self.rows)), 1)  # a buffer's batch size
         self.batch_bytes = self.batch_rows * int(np.prod(self.row_shape)) * 4  # one float32 batch buffer
         self.in_memory = len(self.rows) * self.row_bytes + 2 * self.batch_bytes <= budget
-        self._features = None
+        self._features = self._scales = None
         self._pool: list[torch.Tensor] = []
         if self.in_memory:
             self.buffers = 2
             try:
                 features = split.features[:]
+                scales = split.scales[:] if split.quantized else None
             except Exception as exc:
                 raise VQTError(f"split {split.name!r}: a feature chunk cannot be read; run `vqt-cache verify`") from exc
-            split.check_shards(features)
+            split.check_shards(features, scales)
             self._features = torch.from_numpy(features)
+            self._scales = None if scales is None else torch.from_numpy(scales)
         else:  # the rows being read ahead come out of the budget too
             split.check_shards()
             self.buffers = max(2, (budget - READERS * self.row_bytes) // self.batch_bytes)
@@ -119,7 +124,7 @@ class CachedSplit:
 
     def _read(self, row: int) -> torch.Tensor:
         try:
-            features = torch.from_numpy(self.split.features[int(row)])
+            features = torch.from_numpy(self.split.row(int(row)))
         except Exception as exc:  # checked at open, so the store changed since: say so, in one sentence
             raise VQTError(
                 f"split {self.split.name!r} row {row} cannot be read any more; run `vqt-cache verify`"
@@ -130,7 +135,11 @@ class CachedSplit:
     def _rows(self, rows: np.ndarray) -> Iterable[torch.Tensor]:
         """The rows' features in order: from memory, or read from the store READERS at a time."""
         if self._features is not None:
-            yield from (self._features[row] for row in rows)
+            if self._scales is None:
+                yield from (self._features[row] for row in rows)
+            else:
+                group = self.split.group_size
+                yield from (dequantize(self._features[row], self._scales[row], group) for row in rows)
             return
         with ThreadPoolExecutor(READERS) as pool:
             ahead: deque = deque()

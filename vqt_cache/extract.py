@@ -25,7 +25,8 @@ from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, load_backbone, resolve_device
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
 from vqt_cache.errors import VQTError
-from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store, row_checksum
+from vqt_cache.quantize import group_for, quantize
+from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store, hash_rows, row_checksum
 
 ON_BAD_IMAGE = ("fail", "skip")
 
@@ -185,7 +186,7 @@ def extract_split(
         batch_sampler=_shard_batches(split, shards, cfg.batch_size),
     )
     batches = iter(loader)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = torch.float32 if cfg.dtype == "int8" else getattr(torch, cfg.dtype)  # int8: quantized after the forward
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as hasher:
         for shard in shards:
@@ -203,9 +204,13 @@ def extract_split(
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
                 _check_finite(final, layers, split.name, position, items, cfg.dtype)
+                scales = None
+                if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
+                    layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
+                    scales = scales.cpu().numpy()
                 rows = layers.cpu().numpy()
-                writes.append(writer.submit(split.write_images, position, rows))
-                writes.append(hasher.submit(checksum.update, rows))
+                writes.append(writer.submit(split.write_images, position, rows, scales))
+                writes.append(hasher.submit(hash_rows, checksum, rows, scales))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(images)
@@ -280,7 +285,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
                 raise VQTError(
                     f"writing to {url} failed ({exc.strerror or exc}); fix that and re-run the same command to resume"
                 ) from exc
-        per_image = split.features.nbytes // max(split.num_samples, 1)
+        per_image = store.bytes_per_image()
         summaries.append(
             SplitSummary(name, split.num_samples, todo, skipped, time.perf_counter() - started, todo * per_image)
         )

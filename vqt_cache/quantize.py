@@ -15,6 +15,8 @@ float32) is exact about the value that was rounded. Bytes per value: 1 + 2 / gro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vqt_cache.errors import VQTError
@@ -46,6 +48,11 @@ def quantize(x: torch.Tensor, kind: str = "int8", group: int = GROUP) -> tuple[t
 def dequantize(values: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """(values, scales) -> float32 features (..., C)."""
     return (_groups(values.float(), group) * scale.float().unsqueeze(-1)).flatten(-2)
+
+
+def group_for(channels: int) -> int:
+    """The channel group of a feature axis: 64, or the largest divisor of 64 that divides `channels`."""
+    return math.gcd(channels, GROUP)
 
 
 def bytes_per_value(kind: str, group: int = GROUP) -> float:

@@ -6,6 +6,7 @@
       <split>/          attrs: num_samples, shard_size, num_shards, index_hash, sources
         kv      (n, L, 2, H, N, dh)  keys (after k_norm) and values, head-major   [layout "kv"]
         hidden  (n, L, N, D)         X̂_l = LN1(Z_{l-1})                           [layout "hidden"]
+        scale   (n, ..., C / g)      float16 scale per token and group of g channels   [dtype "int8" only]
         final   (n, D)               the backbone's final feature f_0
         labels  (n,)                 int64
         valid   (n,)                 0 where a bad image was skipped
@@ -32,15 +33,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from vqt_cache.errors import VQTError
+from vqt_cache.quantize import bytes_per_value, dequantize, group_for
 
 FORMAT = "vqt-cache"
 FORMAT_VERSION = 2  # 2: labels and valid flags inside the shard checksums; creation marker
 LAYOUTS = ("kv", "hidden")
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "int8")  # int8: quantized with a float16 scale per token and channel group
 CODECS = ("none", "zstd", "blosc")
 # attrs that must agree between a store and a run that writes into it
 IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
@@ -49,6 +52,16 @@ IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
 def row_checksum() -> Any:
     """The hash of the per-shard checksums (blake2b-256: strong, and twice as fast as sha256 here)."""
     return hashlib.blake2b(digest_size=32)
+
+
+def hash_rows(digest: Any, values: np.ndarray, scales: np.ndarray | None = None) -> None:
+    """Feed rows to a shard's row digest in row order: each row's values, then (int8 stores) its scales."""
+    if scales is None:
+        digest.update(np.ascontiguousarray(values))
+        return
+    for row_values, row_scales in zip(values, scales, strict=True):
+        digest.update(np.ascontiguousarray(row_values))
+        digest.update(np.ascontiguousarray(row_scales))
 
 
 def shard_checksum(rows_digest: bytes, final: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> bytes:
@@ -140,6 +153,11 @@ class Split:
 
     group: zarr.Group
     layout: str
+    dtype: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == "int8"
 
     @property
     def name(self) -> str:
@@ -163,8 +181,24 @@ class Split:
 
     @property
     def features(self) -> zarr.Array:
-        """kv (n, L, 2, H, N, dh) or hidden (n, L, N, D)."""
+        """kv (n, L, 2, H, N, dh) or hidden (n, L, N, D), in the store's dtype (int8: see `scales`)."""
         return self.group[self.layout]
+
+    @property
+    def scales(self) -> zarr.Array | None:
+        """int8 stores: (n, ..., C / g) float16, one per token and group of g channels; else None."""
+        return self.group["scale"] if self.quantized else None
+
+    @property
+    def group_size(self) -> int:
+        return group_for(self.features.shape[-1])
+
+    def row(self, row: int) -> np.ndarray:
+        """One image's features as stored (float16/float32), or dequantized to float32 (int8)."""
+        values = self.features[row]
+        if not self.quantized:
+            return values
+        return dequantize(torch.from_numpy(values), torch.from_numpy(self.scales[row]), self.group_size).numpy()
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_size
@@ -185,9 +219,11 @@ class Split:
     def complete(self) -> bool:
         return bool(self.done().all())
 
-    def write_images(self, start: int, features: np.ndarray) -> None:
-        """Write features of images start.. (one chunk per image)."""
+    def write_images(self, start: int, features: np.ndarray, scales: np.ndarray | None = None) -> None:
+        """Write features (and, int8, their scales) of images start.. (one chunk per image)."""
         self.features[start : start + len(features)] = features
+        if scales is not None:
+            self.scales[start : start + len(scales)] = scales
 
     def finish_shard(self, shard: int, final: np.ndarray, valid: np.ndarray, rows_digest: bytes) -> None:
         """Write the shard's final features, valid flags and checksum, then (last) its completion flag.
@@ -205,10 +241,11 @@ class Split:
         start, stop = self.shard_range(shard)
         return f"split {self.name!r} shard {shard} (rows {start}..{stop - 1})"
 
-    def shard_faults(self, shard: int, rows: np.ndarray | None = None) -> list[str]:
+    def shard_faults(self, shard: int, rows: np.ndarray | None = None, scales: np.ndarray | None = None) -> list[str]:
         """Faults of a complete shard: unreadable chunks, NaN/Inf, or data that differs from its checksum.
 
-        rows: the shard's feature rows when the caller holds them already (else they are read, one at a time).
+        rows (and scales): the shard's feature rows when the caller holds them already (else they are read, one at
+        a time).
         """
         start, stop = self.shard_range(shard)
         where = self.where(shard)
@@ -216,9 +253,12 @@ class Split:
         try:
             for row in range(start, stop):
                 features = self.features[row] if rows is None else rows[row - start]
-                if not np.isfinite(features).all():
+                row_scales = None
+                if self.quantized:
+                    row_scales = self.scales[row] if scales is None else scales[row - start]
+                if not np.isfinite(row_scales if self.quantized else features).all():
                     return [f"{where}: row {row} holds NaN or Inf"]
-                digest.update(np.ascontiguousarray(features))
+                hash_rows(digest, features[None], None if row_scales is None else row_scales[None])
             final, labels, valid = (self.group[k][start:stop] for k in ("final", "labels", "valid"))
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
             return [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
@@ -226,11 +266,16 @@ class Split:
             return [f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"]
         return []
 
-    def check_shards(self, features: np.ndarray | None = None) -> None:
-        """Every shard against its checksum (from `features`, the whole array, when already in memory)."""
+    def check_shards(self, features: np.ndarray | None = None, scales: np.ndarray | None = None) -> None:
+        """Every shard against its checksum (from `features` and `scales`, whole arrays, when already in memory)."""
         for shard in range(self.num_shards):
             start, stop = self.shard_range(shard)
-            faults = self.shard_faults(shard, None if features is None else features[start:stop])
+            held = (
+                (None, None)
+                if features is None
+                else (features[start:stop], None if scales is None else scales[start:stop])
+            )
+            faults = self.shard_faults(shard, *held)
             if faults:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
 
@@ -244,6 +289,9 @@ class Split:
         L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
         shape = (n, L, 2, H, N, D // H) if self.layout == "kv" else (n, L, N, D)
         _check_array(self.group, self.layout, shape, dtype, (1, *shape[1:]), where)
+        if dtype == "int8":
+            scales = (*shape[:-1], shape[-1] // group_for(shape[-1]))
+            _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), where)
         _check_array(self.group, "final", (n, D), "float32", (shard_size, D), where)
         _check_array(self.group, "labels", (n,), "int64", (shard_size,), where)
         _check_array(self.group, "valid", (n,), "uint8", (shard_size,), where)
@@ -281,7 +329,7 @@ class Store:
         if name not in self.split_names():
             have = ", ".join(self.split_names()) or "none"
             raise VQTError(f"store {self.url} has no split {name!r} (it has: {have})")
-        split = Split(self.group[name], self.layout)
+        split = Split(self.group[name], self.layout, self.attrs["dtype"])
         if "index_hash" not in split.group.attrs:
             raise VQTError(f"the creation of split {name!r} of {self.url} was interrupted; re-run extract to finish it")
         try:
@@ -324,6 +372,11 @@ class Store:
         group.create_array(
             self.layout, shape=shape, chunks=(1, *shape[1:]), dtype=a["dtype"], compressors=compressors, fill_value=0
         )
+        if a["dtype"] == "int8":
+            scales = (*shape[:-1], shape[-1] // group_for(shape[-1]))
+            group.create_array(
+                "scale", shape=scales, chunks=(1, *scales[1:]), dtype="float16", compressors=compressors, fill_value=0
+            )
         group.create_array(
             "final", shape=(n, D), chunks=(shard_size, D), dtype="float32", compressors=None, fill_value=0
         )
@@ -346,19 +399,20 @@ class Store:
                 "sources": sources,
             }
         )
-        return Split(group, self.layout)
+        return Split(group, self.layout, a["dtype"])
 
     def bytes_per_image(self) -> int:
-        """Bytes of one image's layers, uncompressed."""
+        """Bytes of one image's layers, uncompressed (int8: with its scales)."""
         a = self.attrs["backbone"]
         per_layer = 2 * a["tokens"] * a["dim"] if self.layout == "kv" else a["tokens"] * a["dim"]
-        return a["depth"] * per_layer * np.dtype(self.attrs["dtype"]).itemsize
+        channels = a["dim"] // a["heads"] if self.layout == "kv" else a["dim"]
+        return round(a["depth"] * per_layer * bytes_per_value(self.attrs["dtype"], group_for(channels)))
 
     def describe(self) -> dict[str, Any]:
         """Everything `vqt-cache info` shows, JSON-ready."""
         splits = []
         for name in self.split_names():
-            split = Split(self.group[name], self.layout)
+            split = Split(self.group[name], self.layout, self.attrs["dtype"])
             if "index_hash" not in split.group.attrs:
                 continue
             try:
