@@ -67,7 +67,7 @@ def test_unknown_split(tmp_path):
 
 def test_unknown_option_values(tmp_path):
     make_vtab(tmp_path)
-    for option, value in (("--layout", "qkv"), ("--dtype", "int8"), ("--codec", "lzma"), ("--on-bad-image", "x")):
+    for option, value in (("--layout", "qkv"), ("--dtype", "int4"), ("--codec", "lzma"), ("--on-bad-image", "x")):
         code, out = extract_cli("vtab1k/patch_camelyon", tmp_path, tmp_path / "s.zarr", option, value)
         assert_one_sentence(code, out, repr(value))
     assert not (tmp_path / "s.zarr").exists()
