@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from vqt_cache.data import CachedSplit
-from vqt_cache.demo import BACKBONE, MODEL, pretrain_parity
-from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.demo import extract_config, pretrain_parity
+from vqt_cache.extract import extract
 from vqt_cache.quantize import bytes_per_value, group_for
 from vqt_cache.store import open_store
 from vqt_cache.train import RunSpec, TrainConfig, cached_logits, evaluate, load_run, train
@@ -63,19 +63,7 @@ def run(quick: bool = False) -> list[dict]:
             stores = {}
             for dtype in DTYPES:
                 stores[dtype] = str(Path(tmp) / f"{layout}-{dtype}.zarr")
-                extract(
-                    ExtractConfig(
-                        backbone=BACKBONE,
-                        dataset="digits",
-                        weights=str(weights),
-                        model_kwargs=MODEL,
-                        splits=("train800", "test"),
-                        layout=layout,
-                        dtype=dtype,
-                        out=stores[dtype],
-                        workers=0,
-                    )
-                )
+                extract(extract_config(weights, stores[dtype], ("train800", "test"), layout=layout, dtype=dtype))
             errors = _errors(stores)
             accuracy: dict[str, list[float]] = {}
             logit_error: dict[str, float] = {d: 0.0 for d in DTYPES}

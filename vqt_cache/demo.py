@@ -59,6 +59,20 @@ def pretrain_parity(path: Path, epochs: int = 15, progress: Callable[[str, int, 
     return path
 
 
+def extract_config(weights: Path, out: str, splits: tuple[str, ...], **options: Any) -> ExtractConfig:
+    """The demo's stage one: the parity-pretrained tiny ViT over the digits, into `out`."""
+    return ExtractConfig(
+        backbone=BACKBONE,
+        dataset="digits",
+        weights=str(weights),
+        model_kwargs=MODEL,
+        splits=splits,
+        out=out,
+        workers=0,
+        **options,
+    )
+
+
 def run_demo(
     root: str | Path = "data", epochs: int = 50, progress=None, say: Callable[[str], Any] = print
 ) -> list[dict]:
@@ -73,18 +87,7 @@ def run_demo(
         say(f"making the demo backbone: a tiny ViT trained on digit parity -> {weights}")
         pretrain_parity(weights, progress=progress)
     say(f"stage one: extracting digits once into {store}")
-    extract(
-        ExtractConfig(
-            backbone=BACKBONE,
-            dataset="digits",
-            weights=str(weights),
-            model_kwargs=MODEL,
-            splits=("train800", "val200", "train800val200", "test"),
-            out=store,
-            workers=0,
-        ),
-        progress=progress,
-    )
+    extract(extract_config(weights, store, ("train800", "val200", "train800val200", "test")), progress=progress)
     say("stage two: training from the cache alone (lr grid per method, selected on val200)")
     groups = [("linear", [0]), ("pooled", [0]), ("vqt", [1]), ("vqt", [4])]
     rows = []
