@@ -150,11 +150,11 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = store_module.Split.write_images
 
-    def failing(self, start, features):
+    def failing(self, start, features, scales=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, start, features)
+        return original(self, start, features, scales)
 
     monkeypatch.setattr(store_module.Split, "write_images", failing)
     out = str(tmp_path / "full.zarr")
