@@ -509,7 +509,14 @@ def _config_without(key: str):
     return apply
 
 
+def _config_lr_a_string(run: Path) -> None:
+    config = json.loads((run / "config.json").read_text())
+    config["run"]["lr"] = "0.5"
+    (run / "config.json").write_text(json.dumps(config))
+
+
 RUN_DAMAGE = {
+    "config-lr-a-string": _config_lr_a_string,
     "truncated-model": _truncate("model.safetensors"),
     "empty-model": _empty("model.safetensors"),
     "wrong-tensor-shapes": _wrong_shapes,

@@ -53,7 +53,7 @@ def test_bad_pipeline_files(tmp_path, text, message):
 
 def _fake_run(folder: Path, method: str, T: int, lr: float, wd: float, top1: float | None) -> Path:
     folder.mkdir(parents=True)
-    run = {"method": method, "queries": T, "lr": lr, "wd": wd, "seed": 100}
+    run = {"method": method, "queries": T, "lr": lr, "wd": wd, "seed": 100}  # as config.json records it
     config = {"run": run, "recipe": {}, "splits": {}, "store": {}, "model": {}}
     (folder / "config.json").write_text(json.dumps(config))
     final = {} if top1 is None else {"top1": top1}

@@ -37,6 +37,7 @@ from vqt_cache.files import (
 )
 
 CONFIG_KEYS = ("run", "recipe", "splits", "store", "model")
+RUN_TYPES = {"method": str, "queries": int, "lr": (int, float), "wd": (int, float), "seed": int}
 CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
 LOCK = ".lock"
 KEEP_CHECKPOINTS = 2  # two, so the runs of a pass can meet at a common epoch again
@@ -62,6 +63,10 @@ def read_config(path: Path) -> dict:
     missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), dict)]
     if missing:
         raise DamagedFile(path / "config.json", f"no {missing[0]!r} table")
+    for key, kinds in RUN_TYPES.items():
+        value = config["run"].get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise DamagedFile(path / "config.json", f"run {key} is {value!r}")
     return config
 
 
