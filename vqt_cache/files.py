@@ -134,7 +134,12 @@ def folder_entries(path: Path) -> list[str]:
 
 
 def describe_entries(path: Path) -> str:
-    """'3 entries (a, b, c)' for a refusal message."""
-    names = folder_entries(path)
+    """'3 entries (a, b, c)' for a refusal message about a local folder."""
+    return describe_names(folder_entries(path))
+
+
+def describe_names(names: list[str]) -> str:
+    """'3 entries (a, b, c)', the first three in name order, for a refusal message."""
+    names = sorted(names)
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"

@@ -38,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from vqt_cache.errors import VQTError
+from vqt_cache.files import describe_names
 from vqt_cache.quantize import bytes_per_value, dequantize, group_for
 
 FORMAT = "vqt-cache"
@@ -121,11 +122,16 @@ def _check_format(attrs: dict, url: str) -> None:
         )
     if attrs.get("creating"):
         raise VQTError(f"the creation of store {url} was interrupted; re-run the extract command that made it")
+    _check_attrs(attrs, url)
+    if attrs["layout"] not in LAYOUTS or attrs["dtype"] not in DTYPES:
+        raise VQTError(f"store {url} has an unknown layout or dtype ({attrs['layout']!r}, {attrs['dtype']!r})")
+
+
+def _check_attrs(attrs: dict, url: str) -> None:
+    """The root attributes stage one and two rely on are there, with their types."""
     _check_types(attrs, ATTR_TYPES, f"store {url}")
     _check_types(attrs["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
     _check_types(attrs["dataset"], DATASET_KEYS, f"store {url}: dataset")
-    if attrs["layout"] not in LAYOUTS or attrs["dtype"] not in DTYPES:
-        raise VQTError(f"store {url} has an unknown layout or dtype ({attrs['layout']!r}, {attrs['dtype']!r})")
 
 
 def _check_types(attrs: dict, types: dict[str, type], where: str) -> None:
@@ -133,6 +139,14 @@ def _check_types(attrs: dict, types: dict[str, type], where: str) -> None:
         if not isinstance(attrs.get(key), kind) or kind is int and isinstance(attrs.get(key), bool):
             found = "missing" if key not in attrs else f"a {type(attrs[key]).__name__}"
             raise VQTError(f"{where} is damaged: attribute {key!r} is {found}, not a {kind.__name__}; re-extract it")
+
+
+def array_shapes(n: int, backbone: dict, layout: str, dtype: str) -> tuple[tuple, tuple | None]:
+    """The shapes of a split's feature array and (int8 stores) its scale array, for n images."""
+    L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
+    shape = (n, L, 2, H, N, D // H) if layout == "kv" else (n, L, N, D)
+    scales = (*shape[:-1], shape[-1] // group_for(shape[-1])) if dtype == "int8" else None
+    return shape, scales
 
 
 def _check_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str) -> None:
@@ -270,12 +284,9 @@ class Split:
         """Every shard against its checksum (from `features` and `scales`, whole arrays, when already in memory)."""
         for shard in range(self.num_shards):
             start, stop = self.shard_range(shard)
-            held = (
-                (None, None)
-                if features is None
-                else (features[start:stop], None if scales is None else scales[start:stop])
-            )
-            faults = self.shard_faults(shard, *held)
+            rows = None if features is None else features[start:stop]
+            row_scales = None if scales is None else scales[start:stop]
+            faults = self.shard_faults(shard, rows, row_scales)
             if faults:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
 
@@ -286,12 +297,11 @@ class Split:
         n, shard_size, num_shards = self.num_samples, self.shard_size, self.num_shards
         if n < 1 or shard_size < 1 or num_shards != math.ceil(n / shard_size) or len(self.sources) != n:
             raise VQTError(f"{where} is damaged: its sample, shard and source counts disagree; re-extract it")
-        L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
-        shape = (n, L, 2, H, N, D // H) if self.layout == "kv" else (n, L, N, D)
+        shape, scales = array_shapes(n, backbone, self.layout, dtype)
         _check_array(self.group, self.layout, shape, dtype, (1, *shape[1:]), where)
-        if dtype == "int8":
-            scales = (*shape[:-1], shape[-1] // group_for(shape[-1]))
+        if scales is not None:
             _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), where)
+        D = backbone["dim"]
         _check_array(self.group, "final", (n, D), "float32", (shard_size, D), where)
         _check_array(self.group, "labels", (n,), "int64", (shard_size,), where)
         _check_array(self.group, "valid", (n,), "uint8", (shard_size,), where)
@@ -365,15 +375,14 @@ class Store:
         n = len(sources)
         num_shards = math.ceil(n / shard_size)
         a = self.attrs
-        L, D, H, N = a["backbone"]["depth"], a["backbone"]["dim"], a["backbone"]["heads"], a["backbone"]["tokens"]
-        shape = (n, L, 2, H, N, D // H) if self.layout == "kv" else (n, L, N, D)
+        D = a["backbone"]["dim"]
+        shape, scales = array_shapes(n, a["backbone"], self.layout, a["dtype"])
         group = self.group.create_group(name)
         compressors = _compressors(a["codec"])
         group.create_array(
             self.layout, shape=shape, chunks=(1, *shape[1:]), dtype=a["dtype"], compressors=compressors, fill_value=0
         )
-        if a["dtype"] == "int8":
-            scales = (*shape[:-1], shape[-1] // group_for(shape[-1]))
+        if scales is not None:
             group.create_array(
                 "scale", shape=scales, chunks=(1, *scales[1:]), dtype="float16", compressors=compressors, fill_value=0
             )
@@ -403,10 +412,8 @@ class Store:
 
     def bytes_per_image(self) -> int:
         """Bytes of one image's layers, uncompressed (int8: with its scales)."""
-        a = self.attrs["backbone"]
-        per_layer = 2 * a["tokens"] * a["dim"] if self.layout == "kv" else a["tokens"] * a["dim"]
-        channels = a["dim"] // a["heads"] if self.layout == "kv" else a["dim"]
-        return round(a["depth"] * per_layer * bytes_per_value(self.attrs["dtype"], group_for(channels)))
+        shape, _ = array_shapes(1, self.attrs["backbone"], self.layout, self.attrs["dtype"])
+        return round(math.prod(shape) * bytes_per_value(self.attrs["dtype"], group_for(shape[-1])))
 
     def describe(self) -> dict[str, Any]:
         """Everything `vqt-cache info` shows, JSON-ready."""
@@ -498,10 +505,9 @@ def found_at(url: str, storage_options: dict | None = None) -> str:
         entries = fs.ls(path, detail=False) if fs.isdir(path) else []
         if not entries:
             return "new"
-        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
         raise VQTError(
-            f"{url} is a folder holding {len(names)} entries ({shown}), not a vqt-cache store; extract writes a new "
+            f"{url} is a folder holding {describe_names(names)}, not a vqt-cache store; extract writes a new "
             "store only into a new or empty folder: choose another --out"
         )
     try:
@@ -524,9 +530,7 @@ def found_at(url: str, storage_options: dict | None = None) -> str:
 
 
 def _check_same(have: dict, want: dict, url: str) -> None:
-    _check_types(have, ATTR_TYPES, f"store {url}")
-    _check_types(have["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
-    _check_types(have["dataset"], DATASET_KEYS, f"store {url}: dataset")
+    _check_attrs(have, url)
     for key in ("fingerprint", "timm_name", "kwargs"):
         if have["backbone"][key] != want["backbone"][key]:
             raise VQTError(
