@@ -26,23 +26,17 @@ def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[s
     store = open_store(url)
     faults: list[str] = []
     splits = []
+    backbone = None
     try:
-        backbone_from_weights(store.attrs["backbone"], store.weights())
+        backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
     except VQTError as exc:
         faults.append(f"weights: {exc}")
     for name in store.split_names():
-        group = store.group[name]
-        if "index_hash" not in group.attrs:
-            faults.append(f"split {name!r}: creation was interrupted (no metadata); re-run extract")
-            continue
-        try:
+        try:  # an interrupted creation, damaged metadata or an unreadable completion record is a fault
             split = store.split(name, require_complete=False)
             missing = split.incomplete_shards()
         except VQTError as exc:
             faults.append(str(exc))
-            continue
-        except Exception as exc:  # an unreadable completion record
-            faults.append(f"split {name!r}: its completion record cannot be read ({type(exc).__name__})")
             continue
         if missing:
             faults.append(f"split {name!r}: {len(missing)} of {split.num_shards} shards incomplete; re-run extract")
@@ -55,16 +49,15 @@ def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[s
             if progress:
                 progress(f"verify {name}", checked, split.num_shards - len(missing))
         splits.append({"name": name, "shards": split.num_shards, "complete": not missing, "checked": checked})
-    recomputed = _recompute(store, recompute, seed, faults) if recompute and not faults else 0
+    recomputed = _recompute(store, backbone, recompute, seed, faults) if recompute and not faults else 0
     return {"url": url, "splits": splits, "faults": faults, "recomputed": recomputed}
 
 
-def _recompute(store, n: int, seed: int, faults: list[str]) -> int:
-    """Run the backbone again on n images per complete split and compare with the stored features."""
+def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
+    """Run the store's backbone again on n images per complete split and compare with the stored features."""
     from vqt_cache.datasets import ImageSplit, open_dataset
 
     attrs = store.attrs
-    backbone = backbone_from_weights(attrs["backbone"], store.weights())
     dataset = open_dataset(attrs["dataset"]["name"], attrs["dataset"]["root"])
     # fp16 keeps ~3 significant digits; int8 is within half a step, 1/254 of a row's largest value
     tolerance = {"float32": 1e-4, "float16": 2e-3, "int8": 5e-3}[attrs["dtype"]]
