@@ -9,7 +9,7 @@ import pytest
 from vqt_cache.compress import compress
 from vqt_cache.errors import VQTError
 from vqt_cache.report import write_report
-from vqt_cache.sweep import load_pipeline, run_sweep, select
+from vqt_cache.sweep import finished_runs, load_pipeline, run_sweep, select
 from vqt_cache.train import RunSpec, TrainConfig, train
 
 from conftest import TINY_EXTRACT, run_cli
@@ -74,7 +74,7 @@ def test_selection_picks_best_last_epoch_val_with_ties_to_smaller_lr(tmp_path):
         _fake_run(tmp_path / "h", "vqt", 1, 1.0, 0.0, None),  # diverged: never selected, whatever its lr
         _fake_run(tmp_path / "i", "pooled", 0, 1.0, 0.0, None),  # every pooled run diverged: no choice
     ]
-    chosen = select(folders)
+    chosen = select(finished_runs(folders))
     assert ("pooled", 0) not in chosen
     assert (chosen[("vqt", 1)]["lr"], chosen[("vqt", 1)]["wd"]) == (0.05, 0.0)
     assert chosen[("vqt", 10)]["lr"] == 0.25

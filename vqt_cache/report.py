@@ -44,7 +44,18 @@ def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
         raise VQTError(f"run folder {folder} was trained on splits {config['splits']}, not the pipeline's {splits}")
 
 
-def collect(p: Pipeline) -> list[dict[str, Any]]:
+Runs = dict[str, tuple[list, list]]  # dataset -> (its selection runs, its final runs), as `finished_runs` gives
+
+
+def finished(p: Pipeline) -> Runs:
+    """Every dataset's finished selection and final runs, read once from the run folders."""
+    return {
+        entry.name: tuple(finished_runs(run_folders(p.folder(entry, phase))) for phase in ("select", "final"))
+        for entry in p.datasets
+    }
+
+
+def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
     """One row per (dataset, method, T[, compressed]) with selection and final results.
 
     A diverged run never gives a number: a (method, T) whose every selection run diverged, or a final seed that
@@ -53,13 +64,12 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
     rows = []
     found = 0
     for entry in p.datasets:
-        select_runs = finished_runs(run_folders(p.folder(entry, "select")))
-        final_runs = finished_runs(run_folders(p.folder(entry, "final")))
+        select_runs, final_runs = runs[entry.name]
         found += len(select_runs) + len(final_runs)
-        for phase, runs in (("select", select_runs), ("final", final_runs)):
-            for folder, config, _ in runs:
+        for phase, phase_runs in (("select", select_runs), ("final", final_runs)):
+            for folder, config, _ in phase_runs:
                 _check_recipe(p, folder, config, phase)
-        chosen = select([folder for folder, _, _ in select_runs])
+        chosen = select(select_runs)
         finals: dict[tuple[str, int], list[dict]] = {}
         for folder, config, metrics in final_runs:
             run = config["run"]
@@ -81,15 +91,26 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
             if (c["run"]["method"], c["run"]["queries"]) not in chosen
         }
         for method, T in sorted(all_diverged):
-            base = {"dataset": entry.name, "group": p.group_of(entry), "method": method, "T": T, "lr": None}
             rows.append(
-                {**base, "wd": None, "val_top1": None, "seeds": 0, "diverged": "selection", "label": _label(method, T)}
-                | {"test_top1_mean": None, "test_top1_std": None}
+                {
+                    "dataset": entry.name,
+                    "group": p.group_of(entry),
+                    "method": method,
+                    "T": T,
+                    "lr": None,
+                    "wd": None,
+                    "val_top1": None,
+                    "seeds": 0,
+                    "diverged": "selection",
+                    "test_top1_mean": None,
+                    "test_top1_std": None,
+                    "label": _label(method, T),
+                }
             )
         for (method, T), choice in sorted(chosen.items()):
-            runs = finals.get((method, T), [])
-            diverged = sum(f["diverged"] for f in runs)
-            tests = [f["test"] for f in runs if not f["diverged"]]
+            results = finals.get((method, T), [])
+            diverged = sum(f["diverged"] for f in results)
+            tests = [f["test"] for f in results if not f["diverged"]]
             base = {
                 "dataset": entry.name,
                 "group": p.group_of(entry),
@@ -98,13 +119,13 @@ def collect(p: Pipeline) -> list[dict[str, Any]]:
                 "lr": choice["lr"],
                 "wd": choice["wd"],
                 "val_top1": choice["val_top1"],
-                "seeds": len(runs),
+                "seeds": len(results),
                 "diverged": diverged,
                 "test_top1_mean": float(np.mean(tests)) if tests and not diverged else None,
                 "test_top1_std": float(np.std(tests)) if tests and not diverged else None,
             }
             rows.append({**base, "label": _label(method, T)})
-            packed = [f["compressed"] for f in runs if "compressed" in f]
+            packed = [f["compressed"] for f in results if "compressed" in f]
             if packed:
                 rows.append(
                     {
@@ -231,8 +252,9 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
     The folder's report.json lists what the report wrote: a later report replaces those files and no others.
     """
     out = Path(out_dir) if out_dir else p.root
-    rows = collect(p)
-    files = {"results.csv": _csv(rows).encode(), "results.md": _markdown(p, rows).encode(), **_plots(p, rows)}
+    runs = finished(p)
+    rows = collect(p, runs)
+    files = {"results.csv": _csv(rows).encode(), "results.md": _markdown(p, rows).encode(), **_plots(p, rows, runs)}
     previous = _claim(out, list(files))
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -250,7 +272,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _plots(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
+def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,18 +280,16 @@ def _plots(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
 
     written = {}
     for entry in p.datasets:
-        runs = [
-            (config["run"], metrics)
-            for _, config, metrics in finished_runs(run_folders(p.folder(entry, "select")))
-            if not metrics.get("diverged")
+        grid_runs = [
+            (config["run"], metrics) for _, config, metrics in runs[entry.name][0] if not metrics.get("diverged")
         ]
-        Ts = sorted({r["queries"] for r, _ in runs if r["method"] == "vqt"})
+        Ts = sorted({r["queries"] for r, _ in grid_runs if r["method"] == "vqt"})
         if not Ts:
             continue
         fig, axes = plt.subplots(1, len(Ts), figsize=(4 * len(Ts), 3.5), squeeze=False)
         for ax, T in zip(axes[0], Ts, strict=True):
             grid = np.full((len(p.grid.lr), len(p.grid.wd)), np.nan)
-            for run, metrics in runs:
+            for run, metrics in grid_runs:
                 if run["method"] == "vqt" and run["queries"] == T and run["lr"] in p.grid.lr and run["wd"] in p.grid.wd:
                     grid[p.grid.lr.index(run["lr"]), p.grid.wd.index(run["wd"])] = 100 * metrics["final"]["top1"]
             image = ax.imshow(grid, cmap="viridis")

@@ -221,13 +221,14 @@ def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
     return runs
 
 
-def select(folders: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Per (method, T): the run with the best last-epoch eval top-1; ties -> smaller lr, then smaller wd.
+def select(runs: list[tuple[Path, dict, dict]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (method, T): among `finished_runs`, the one with the best last-epoch eval top-1; ties -> smaller lr,
+    then smaller wd.
 
     A diverged run is never selected (it has no accuracy); a (method, T) whose every run diverged has no choice.
     """
     best: dict[tuple[str, int], tuple[tuple, dict]] = {}
-    for folder, config, metrics in finished_runs(folders):
+    for folder, config, metrics in runs:
         run, top1 = config["run"], metrics["final"].get("top1")
         if metrics.get("diverged") or not isinstance(top1, float | int) or not math.isfinite(top1):
             continue
@@ -317,7 +318,7 @@ def run_sweep(
         done += len(specs)
         if on_run:
             on_run(done, total)
-        chosen = select(run_folders(p.folder(entry, "select")))
+        chosen = select(finished_runs(run_folders(p.folder(entry, "select"))))
         finals = tuple(
             RunSpec(m, t, c["lr"], c["wd"], seed)
             for (m, t), c in sorted(chosen.items())
