@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -223,12 +222,8 @@ def _numbers(text: str, what: str, kind: type = float) -> list:
         raise VQTError(f"{what} takes comma-separated {noun}, got {text!r}") from exc
 
 
-def _gib(value: float | None) -> int | None:
-    if value is None:
-        return None
-    if not math.isfinite(value) or value < 0:
-        raise VQTError(f"the memory budget must be >= 0 GiB (a finite number), got {value}")
-    return int(value * 2**30)
+def _gib(value: float | None) -> float | None:
+    return None if value is None else value * 2**30  # TrainConfig checks it and keeps whole bytes
 
 
 def _find_store(cache_root: str) -> str:

@@ -77,7 +77,7 @@ class TrainConfig:
     warmup_epochs: int = 10
     batch_size: int = 128
     dropout: float = 0.1
-    memory_budget: int | None = None  # bytes for cached features in memory; default half the RAM
+    memory_budget: int | float | None = None  # bytes for cached features in memory; default half the RAM
     device: str = "auto"
     out: str | None = None  # one run: its folder; several: their parent. Default data/runs/<dataset>/<backbone>
     eval_every: int = 1
@@ -93,8 +93,12 @@ class TrainConfig:
             raise VQTError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.dropout < 1:
             raise VQTError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.memory_budget is not None and not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
-            raise VQTError(f"the memory budget must be >= 0, got {self.memory_budget / 2**30:g} GiB")
+        if self.memory_budget is not None:
+            if not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
+                raise VQTError(
+                    f"the memory budget must be >= 0 GiB (a finite number), got {self.memory_budget / 2**30:g}"
+                )
+            object.__setattr__(self, "memory_budget", int(self.memory_budget))  # bytes, from a float of GiB too
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise VQTError("--eval-every and --checkpoint-every must be >= 1")
         if len({r.name for r in self.runs}) != len(self.runs):
