@@ -17,7 +17,7 @@ from PIL import Image
 
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash
-from vqt_cache.extract import ExtractConfig, extract_split, store_attrs
+from vqt_cache.extract import ExtractConfig, extract_shards, store_attrs
 from vqt_cache.store import CODECS, create_store
 
 
@@ -37,23 +37,22 @@ def _synthetic(n: int) -> Dataset:
 def _new_store(path: str, backbone, dataset, cfg: ExtractConfig, with_weights: bool = False):
     attrs = store_attrs(backbone, dataset, cfg)
     weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()} if with_weights else {}
-    store = create_store(path, attrs, weights)
+    store = create_store(path, attrs, weights, shard_size=cfg.shard_size)
     items = dataset.split("train")
-    split = store.create_split(
-        "train", [s for s, _ in items], [label for _, label in items], cfg.shard_size, index_hash(items)
-    )
+    keys = [dataset.image_key(source) for source, _ in items]
+    split = store.create_split("train", keys, [label for _, label in items], index_hash(items))
     return attrs, split
 
 
 def extract_rate(url: str, backbone, dataset: Dataset, cfg: ExtractConfig) -> float:
-    """images/s of `extract_split` writing every image of the dataset into a new store at url, on the CPU."""
+    """images/s of `extract_shards` writing every image of the dataset into a new store at url, on the CPU."""
     attrs, split = _new_store(url, backbone, dataset, cfg)
     start = time.perf_counter()
-    extract_split(
+    extract_shards(
         backbone,
-        split,
+        split.images,
         dataset,
-        list(range(split.num_shards)),
+        split.shards(),
         attrs["preprocessing"],
         cfg,
         torch.device("cpu"),
@@ -122,14 +121,14 @@ def _store_io(tmp: str, backbone, dataset) -> list[dict]:
             rows_per_image = data.nbytes / len(data)
             start = time.perf_counter()
             for s in range(0, n, len(data)):
-                split.write_images(s, data[: min(len(data), n - s)])
+                split.images.write_images(s, data[: min(len(data), n - s)])
             write_s = time.perf_counter() - start
             order = rng.permutation(n)
             start = time.perf_counter()
             for batch in np.array_split(order, max(n // 32, 1)):  # stage two: random batches, read image by image
-                np.stack([split.features[int(i)] for i in batch])
+                np.stack([split.images.features[int(i)] for i in batch])
             read_s = time.perf_counter() - start
-            stored = split.features.nbytes_stored()
+            stored = split.images.features.nbytes_stored()
             rows.append(
                 {
                     "bench": "store_io",

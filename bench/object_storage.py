@@ -6,7 +6,7 @@ bucket would be (credentials and endpoint from the environment). It measures wha
 round-trip latency per request, which the concurrent reads below hide and sequential reads would not.
 
 ViT-B/16 geometry, random weights, CPU, kv float16 (7.3 MB per image):
-- extract: the same images through `extract_split` into a local store and into s3://;
+- extract: the same images through `extract_shards` into a local store and into s3://;
 - write / read: the store API alone (no backbone), MB/s;
 - train: `train` T=1 from a local and an s3:// store, in memory (load + epochs) and streamed batch by batch.
 """
@@ -126,12 +126,12 @@ def _store_io(url: str, backbone, n: int) -> tuple[float, float, float]:
     cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", shard_size=32, out=url)
     _, split = _new_store(url, backbone, dataset, cfg)
     rng = np.random.default_rng(0)
-    block = rng.standard_normal((16, *split.features.shape[1:]), dtype=np.float32).astype(np.float16)
+    block = rng.standard_normal((16, *split.row_shape), dtype=np.float32).astype(np.float16)
     start = time.perf_counter()
     for s in range(0, n, len(block)):
-        split.write_images(s, block[: min(len(block), n - s)])
+        split.images.write_images(s, block[: min(len(block), n - s)])
     write = n * block[0].nbytes / (time.perf_counter() - start) / 1e6
-    features = open_store(url).group["train"]["kv"]
+    features = open_store(url).images.features
     batches = np.array_split(rng.permutation(n), max(n // 32, 1))
     start = time.perf_counter()
     for batch in batches:

@@ -13,6 +13,7 @@ values) and the real frozen weights, written straight through the store API, so 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from bench.extraction import _synthetic
 from bench.stage_two import live_rates, vit_b16
 from vqt_cache.datasets import index_hash
 from vqt_cache.extract import ExtractConfig, store_attrs
-from vqt_cache.store import create_store
+from vqt_cache.store import create_store, hash_rows, row_checksum
 from vqt_cache.train import RunSpec, TrainConfig, grid, train
 
 GiB = 2**30
@@ -40,15 +41,19 @@ def synthetic_store(path: str, backbone, layout: str, n_train: int, n_eval: int 
     store = create_store(path, attrs, weights)
     rng = np.random.default_rng(0)
     for name, n in (("train", n_train), ("val", n_eval)):
-        items = [(f"synthetic:{i}", i % 10) for i in range(n)]
-        split = store.create_split(name, [s for s, _ in items], [c for _, c in items], 64, index_hash(items))
-        block = rng.standard_normal((16, *split.features.shape[1:]), dtype=np.float32).astype(np.float16)
-        for start in range(0, n, 16):
-            split.write_images(start, block[: min(16, n - start)])
-        for shard in range(split.num_shards):
-            lo, hi = split.shard_range(shard)
+        items = [(f"synthetic:{name}:{i}", i % 10) for i in range(n)]
+        keys = [f"{source}#random" for source, _ in items]
+        split = store.create_split(name, keys, [c for _, c in items], index_hash(items))
+        block = rng.standard_normal((16, *split.row_shape), dtype=np.float32).astype(np.float16)
+        images = split.images
+        for shard in split.shards():
+            lo, hi = images.shard_range(shard)
+            rows = np.concatenate([block] * math.ceil((hi - lo) / len(block)))[: hi - lo]
+            images.write_images(lo, rows)
+            digest = row_checksum()
+            hash_rows(digest, rows)
             final = rng.standard_normal((hi - lo, backbone.dim), dtype=np.float32)
-            split.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8), b"synthetic")
+            images.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8), digest.digest())
     return path
 
 

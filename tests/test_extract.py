@@ -69,9 +69,9 @@ def test_fp32_round_trip_is_exact(tmp_path, layout):
     extract(cfg)
     kv, hidden, final = captured_from_model(cfg, "val200")
     split = open_store(cfg.store_url).split("val200")
-    stored = split.features[:]
+    stored = split.load()[0]
     np.testing.assert_array_equal(stored, kv if layout == "kv" else hidden)
-    np.testing.assert_array_equal(split.group["final"][:], final)
+    np.testing.assert_array_equal(split.final(), final)
     assert split.labels().tolist() == [label for _, label in open_dataset("digits").split("val200")]
     assert split.valid().all()
 
@@ -80,7 +80,7 @@ def test_fp16_round_trip_within_half_precision(tmp_path):
     cfg = config(tmp_path, layout="kv", dtype="float16")
     extract(cfg)
     kv, _, _ = captured_from_model(cfg, "val200")
-    stored = open_store(cfg.store_url).split("val200").features[:]
+    stored = open_store(cfg.store_url).split("val200").load()[0]
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored, kv.astype(np.float16))  # exactly the model's values, rounded once
 
@@ -88,8 +88,9 @@ def test_fp16_round_trip_within_half_precision(tmp_path):
 def _same_store(a: str, b: str) -> None:
     sa, sb = open_store(a), open_store(b)
     assert sa.split_names() == sb.split_names()
-    for name in sa.split_names():
+    for name in ["images", *(f"splits/{split}" for split in sa.split_names())]:
         ga, gb = sa.group[name], sb.group[name]
+        assert sorted(ga.array_keys()) == sorted(gb.array_keys())
         for array in ga.array_keys():
             np.testing.assert_array_equal(ga[array][:], gb[array][:], err_msg=f"{name}/{array}")
         assert dict(ga.attrs) == dict(gb.attrs)
@@ -223,7 +224,7 @@ def test_kill_9_then_resume_equals_one_run(tmp_path):
     proc = subprocess.Popen([*cmd, "--out", out], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline:  # kill once some shards are done
-        done = Path(out, "train800", "shard_done", "c")
+        done = Path(out, "images", "shard_done", "c")
         if done.exists() and len(list(done.iterdir())) >= 3:
             break
         time.sleep(0.05)
@@ -264,3 +265,58 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
         timeout=300,
     )
     _same_store(str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr"))
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def test_an_image_two_splits_list_is_stored_once_and_trains_the_same(tmp_path):
+    from vqt_cache.train import RunSpec, TrainConfig, train
+
+    small = dict(dtype="float32", shard_size=64, batch_size=32)
+    shared = config(tmp_path, "shared.zarr", splits=("train800", "val200", "train800val200"), **small)
+    alone = config(tmp_path, "alone.zarr", splits=("train800val200", "val200"), **small)
+    extract(shared)
+    extract(alone)
+    a, b = open_store(shared.store_url), open_store(alone.store_url)
+    assert a.images.num_images == 1000 and b.images.num_images == 1000  # val200 lies inside train800val200
+    parts = np.concatenate([a.split("train800").rows(), a.split("val200").rows()])
+    np.testing.assert_array_equal(a.split("train800val200").rows(), parts)
+    # the features on disk: the very same bytes, whether the union was listed as a split of its own or not
+    assert _bytes_under(Path(shared.store_url, "images", "kv")) == _bytes_under(Path(alone.store_url, "images", "kv"))
+    assert len(list(Path(shared.store_url, "images", "kv", "c").iterdir())) == 1000  # one chunk per image
+    for name in ("train800val200", "val200"):
+        np.testing.assert_array_equal(a.split(name).load()[0], b.split(name).load()[0])
+        np.testing.assert_array_equal(a.split(name).labels(), b.split(name).labels())
+
+    results = {}
+    for store in (shared, alone):
+        cfg = TrainConfig(
+            store=store.store_url,
+            runs=(RunSpec("vqt", 2, 0.5, 0.0, 3),),
+            train_split="train800val200",
+            eval_split="val200",
+            epochs=2,
+            warmup_epochs=1,
+            out=str(tmp_path / Path(store.store_url).stem),
+        )
+        [run] = train(cfg)
+        results[store.store_url] = json.loads(Path(run["dir"], "metrics.json").read_text())["epochs"]
+    first, second = results.values()
+    assert first == second  # losses and accuracies, epoch by epoch
+
+
+def test_a_split_added_later_reuses_the_images_the_store_holds(tmp_path):
+    cfg = config(tmp_path, splits=("val200",))
+    extract(cfg)
+    before = open_store(cfg.store_url).images.num_rows
+    summary = extract(config(tmp_path, splits=("train800val200",)))
+    store = open_store(cfg.store_url)
+    assert [s.written for s in summary.splits] == [800]  # only the images val200 did not bring
+    assert store.images.block_stops == [before, 224 + 800]  # the new block starts on a shard boundary (32)
+    union = store.split("train800val200")
+    np.testing.assert_array_equal(union.rows()[800:], np.arange(200))  # val200's rows, not copies of them
+    kv, _, _ = captured_from_model(config(tmp_path, dtype="float16"), "train800val200")
+    np.testing.assert_array_equal(union.load()[0], kv.astype(np.float16))
+    assert extract(config(tmp_path, splits=("train800val200", "val200"))).nothing_to_do

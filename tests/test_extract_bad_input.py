@@ -89,7 +89,7 @@ def test_bad_image_fails_naming_the_file_and_keeps_finished_shards(tmp_path, kin
     code, out = extract_cli("imagefolder", root, out_path)
     assert_one_sentence(code, out, "b/2.png", "--on-bad-image skip")
     split = open_store(str(out_path)).split("train", require_complete=False)
-    assert split.done().tolist() == [True, False]
+    assert split.shards() == [0, 1] and split.incomplete_shards() == [1]
     # fixed image, same command: resumes and completes
     Image.new("RGB", (20, 20), (5, 6, 7)).save(bad)
     code, out = extract_cli("imagefolder", root, out_path)
@@ -106,7 +106,7 @@ def test_bad_image_skip_is_recorded(tmp_path):
     assert "skipped unreadable image train/a/1.png" in " ".join(out.split())
     split = open_store(str(out_path)).split("train")
     assert split.valid().tolist() == [True, False, True, True, True, True, True, True]
-    assert not split.features[1].any()  # a skipped row stays zero
+    assert not split.row(1).any()  # a skipped row stays zero
     code, out = run_cli("info", str(out_path), "--json")
     assert '"train/a/1.png"' in out
 

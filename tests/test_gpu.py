@@ -35,8 +35,8 @@ def test_extraction_on_cuda_matches_cpu(tmp_path, layout):
         common = dict(dataset="digits", splits=("val200",), workers=0, layout=layout, dtype="float32")
         extract(ExtractConfig(**TINY_EXTRACT, **common, out=out, device=device))
         stores[device] = open_store(out).split("val200")
-    np.testing.assert_allclose(stores["cuda"].features[:], stores["cpu"].features[:], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(stores["cuda"].group["final"][:], stores["cpu"].group["final"][:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(stores["cuda"].load()[0], stores["cpu"].load()[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(stores["cuda"].final(), stores["cpu"].final(), atol=1e-5, rtol=0)
 
 
 def test_training_on_cuda_matches_cpu(tiny_store, tmp_path):

@@ -317,15 +317,16 @@ def test_selection_never_picks_a_diverged_run_and_the_report_says_diverged(tmp_p
 
 
 def _array(store: Path, name: str) -> zarr.Array:
-    return zarr.open_group(store, mode="r+")["train800"][name]
+    group = zarr.open_group(store, mode="r+")
+    return group["splits/train800/labels"] if name == "labels" else group["images"][name]
 
 
 def _delete_chunk(store: Path) -> None:
-    (store / "train800" / "kv" / "c" / "5" / "0" / "0" / "0" / "0" / "0").unlink()
+    (store / "images" / "kv" / "c" / "5" / "0" / "0" / "0" / "0" / "0").unlink()
 
 
 def _truncate_chunk(store: Path) -> None:
-    path = store / "train800" / "kv" / "c" / "5" / "0" / "0" / "0" / "0" / "0"
+    path = store / "images" / "kv" / "c" / "5" / "0" / "0" / "0" / "0" / "0"
     path.write_bytes(path.read_bytes()[:100])
 
 
@@ -339,7 +340,7 @@ def _alter(name: str, value):
 
 def _edit_metadata(key: str, value):
     def edit(store: Path) -> None:
-        path = store / "train800" / "kv" / "zarr.json"
+        path = store / "images" / "kv" / "zarr.json"
         meta = json.loads(path.read_text())
         meta[key] = value
         path.write_text(json.dumps(meta))
@@ -362,26 +363,26 @@ def _drop_root_attr(store: Path) -> None:
 
 
 def _drop_array(store: Path) -> None:
-    shutil.rmtree(store / "train800" / "valid")
+    shutil.rmtree(store / "images" / "valid")
 
 
 def _recorded(change):
     """A change whose shard checksums are recomputed: data that is consistent, but wrong in another way."""
 
     def apply(store: Path) -> None:
-        from vqt_cache.store import row_checksum, shard_checksum
+        from vqt_cache.store import _rows_hash, row_checksum, shard_checksum
 
         change(store)
         s = open_store(str(store), mode="r+")
-        split = s.split("train800")
-        for shard in range(split.num_shards):
-            start, stop = split.shard_range(shard)
+        images = s.images
+        for shard in range(images.num_shards):
+            start, stop = images.shard_range(shard)
             rows = row_checksum()
-            for row in range(start, stop):
-                rows.update(np.ascontiguousarray(split.features[row]))
-            final, labels, valid = (split.group[k][start:stop] for k in ("final", "labels", "valid"))
-            digest = shard_checksum(rows.digest(), final, labels, valid)
-            split.group["checksum"][shard] = np.frombuffer(digest, np.uint8)
+            rows.update(np.ascontiguousarray(images.features[start:stop]))
+            final, valid = (images.group[k][start:stop] for k in ("final", "valid"))
+            images.group["checksum"][shard] = np.frombuffer(shard_checksum(rows.digest(), final, valid), np.uint8)
+        split = s.group["splits/train800"]
+        split.attrs["rows_hash"] = _rows_hash(split["rows"][:], split["labels"][:])
 
     return apply
 
@@ -620,8 +621,8 @@ def test_fp16_overflow_stops_extraction_and_names_the_row(tmp_path):
     save_file(state, tmp_path / "loud.safetensors")
     args = [a if a != "random" else str(tmp_path / "loud.safetensors") for a in tiny_extract_args("val200")]
     line = error_line(*run_cli(*args, "--out", str(tmp_path / "s.zarr")))
-    assert "row 0" in line and "val200" in line and "--dtype float32" in line
-    assert not open_store(str(tmp_path / "s.zarr")).split("val200", require_complete=False).done().any()
+    assert "row 0" in line and "image digits:" in line and "--dtype float32" in line
+    assert not open_store(str(tmp_path / "s.zarr")).images.done().any()
     assert run_cli(*args, "--out", str(tmp_path / "s32.zarr"), "--dtype", "float32")[0] == 0
 
 

@@ -137,6 +137,6 @@ def test_an_altered_scale_is_refused(stores, tmp_path):
 
     copy = tmp_path / "s.zarr"
     shutil.copytree(stores["int8"], copy)
-    scale = zarr.open_group(copy, mode="r+")["train800"]["scale"]
+    scale = zarr.open_group(copy, mode="r+")["images/scale"]
     scale[3] = scale[3] * 2
     error_line(*run_cli("train", "--store", str(copy), "--out", str(tmp_path / "run"), "--epochs", "2"))

@@ -181,7 +181,7 @@ def test_missing_and_incomplete_split(tiny_store, tmp_path):
     assert "no split 'test'" in line
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
-    open_store(str(copy), mode="r+").group["train800"]["shard_done"][3] = 0
+    open_store(str(copy), mode="r+").group["images/shard_done"][3] = 0
     line = error_line(*run_cli("train", "--store", str(copy)))
     assert "split 'train800'" in line and "incomplete" in line
 
@@ -189,15 +189,20 @@ def test_missing_and_incomplete_split(tiny_store, tmp_path):
 def test_split_without_labels(tiny_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
-    open_store(str(copy), mode="r+").group["train800"]["labels"][:] = -1
-    line = error_line(*run_cli("train", "--store", str(copy), "--epochs", "2", "--warmup-epochs", "1"))
+    from vqt_cache.store import _rows_hash
+
+    split = open_store(str(copy), mode="r+").group["splits/train800"]
+    split["labels"][:] = -1  # as a split of unlabelled images is written: its hash agrees
+    split.attrs["rows_hash"] = _rows_hash(split["rows"][:], split["labels"][:])
+    args = ("--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "run"))
+    line = error_line(*run_cli("train", "--store", str(copy), *args))
     assert "has no labels" in line
 
 
 def test_nan_in_the_cache(tiny_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
-    features = open_store(str(copy), mode="r+").group["train800"]["kv"]
+    features = open_store(str(copy), mode="r+").group["images/kv"]
     row = features[5]
     row[0, 0, 0, 0, 0] = np.nan
     features[5] = row

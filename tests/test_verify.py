@@ -37,7 +37,7 @@ def store(clean_store, tmp_path) -> Path:
 
 
 def chunk(store: Path, row: int) -> Path:
-    return store / "val200" / "kv" / "c" / str(row) / "0" / "0" / "0" / "0" / "0"
+    return store / "images" / "kv" / "c" / str(row) / "0" / "0" / "0" / "0" / "0"
 
 
 def test_clean_store_verifies_and_recomputes(store):
@@ -65,18 +65,18 @@ def test_deleted_shard(store):
 
 def test_altered_and_nan_values(store):
     s = open_store(str(store), mode="r+")
-    row = s.group["val200"]["kv"][10]
+    row = s.group["images/kv"][10]
     row.flat[123] += 1
-    s.group["val200"]["kv"][10] = row
-    row = s.group["val200"]["kv"][100]
+    s.group["images/kv"][10] = row
+    row = s.group["images/kv"][100]
     row.flat[7] = np.nan
-    s.group["val200"]["kv"][100] = row
+    s.group["images/kv"][100] = row
     faults = verify(str(store))["faults"]
     assert len(faults) == 2 and "checksum" in faults[0] and "NaN" in faults[1]
 
 
 def test_incomplete_split(store):
-    open_store(str(store), mode="r+").group["val200"]["shard_done"][5] = 0
+    open_store(str(store), mode="r+").group["images/shard_done"][5] = 0
     [fault] = verify(str(store))["faults"]
     assert "1 of 7 shards incomplete" in fault
 
@@ -140,6 +140,8 @@ def test_concurrent_writers_make_one_good_store(tmp_path, clean_store):
     assert verify(str(tmp_path / "shared.zarr"))["faults"] == []
     shared, single = open_store(str(tmp_path / "shared.zarr")), open_store(clean_store)
     np.testing.assert_array_equal(shared.split("val200").labels(), single.split("val200").labels())
+    np.testing.assert_array_equal(shared.split("val200").load()[0], single.split("val200").load()[0])
+    np.testing.assert_array_equal(shared.split("val200").final(), single.split("val200").final())
 
 
 def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     from vqt_cache import store as store_module
 
     calls = {"n": 0}
-    original = store_module.Split.write_images
+    original = store_module.Images.write_images
 
     def failing(self, start, features, scales=None):
         calls["n"] += 1
@@ -156,13 +158,13 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, start, features, scales)
 
-    monkeypatch.setattr(store_module.Split, "write_images", failing)
+    monkeypatch.setattr(store_module.Images, "write_images", failing)
     out = str(tmp_path / "full.zarr")
     args = tiny_extract_args("val200", "--shard-size", "32", "--batch-size", "16", "--out", out)
     code, text = run_cli(*args)
     assert code == 2 and "No space left on device" in text and "re-run the same command" in text
-    assert open_store(out).split("val200", require_complete=False).done().tolist()[:3] == [True, True, False]
-    monkeypatch.setattr(store_module.Split, "write_images", original)
+    assert open_store(out).images.done().tolist()[:3] == [True, True, False]
+    monkeypatch.setattr(store_module.Images, "write_images", original)
     assert run_cli(*args)[0] == 0
     assert verify(out)["faults"] == []
 
@@ -176,7 +178,7 @@ def test_ctrl_c_stops_with_a_resume_hint_and_the_same_command_finishes(tmp_path,
         *tiny_extract_args("train800,test,val200", "--shard-size", "32", "--batch-size", "8", "--out", str(out)),
     ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not (out / "train800" / "shard_done" / "zarr.json").exists() and proc.poll() is None:
+    while not (out / "images" / "shard_done" / "c").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # within the first of three splits
     text, _ = proc.communicate(timeout=120)
@@ -187,5 +189,5 @@ def test_ctrl_c_stops_with_a_resume_hint_and_the_same_command_finishes(tmp_path,
     subprocess.run(args, cwd=REPO, check=True, capture_output=True)
     assert verify(str(out))["faults"] == []
     np.testing.assert_array_equal(
-        open_store(str(out)).split("val200").features[:], open_store(clean_store).split("val200").features[:]
+        open_store(str(out)).split("val200").load()[0], open_store(clean_store).split("val200").load()[0]
     )

@@ -195,8 +195,14 @@ def info(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "
         f"{data['bytes_per_image'] / 1e6:.2f} MB per image"
     )
+    images = data["images"]
+    console.print(
+        "images     [red]damaged: run vqt-cache verify[/red]"
+        if images.get("damaged")
+        else f"images     {images['images']} images, each stored once: {images['bytes'] / 1e6:.1f} MB on disk"
+    )
     table = Table()
-    for column in ("split", "images", "shards done", "complete", "skipped", "MB stored"):
+    for column in ("split", "images", "shards done", "complete", "skipped", "MB read"):
         table.add_column(column, justify="right")
     for s in data["splits"]:
         if s.get("damaged"):
@@ -527,9 +533,9 @@ def verify(
     else:
         for s in result["splits"]:
             console.print(
-                f"split {s['name']}: {s['checked']} of {s['shards']} shards checked, "
-                f"{'complete' if s['complete'] else 'INCOMPLETE'}"
+                f"split {s['name']}: reads {s['shards']} shards, {'complete' if s['complete'] else 'INCOMPLETE'}"
             )
+        console.print(f"checked {result['checked']} image shards (each image once, however many splits read it)")
         if result["recomputed"]:
             console.print(f"recomputed {result['recomputed']} images against the backbone")
         for fault in result["faults"]:

@@ -6,10 +6,10 @@ way a batch is built the same way, one copy per image that casts to float32 and 
 both modes give bit-identical batches. A background thread prepares the next batches while the current one
 trains. No image code, no timm.
 
-Nothing is trusted unchecked: on opening, every shard of the split is checked against the checksum recorded when
-it was written (features, final features, labels, valid flags), so a missing chunk (which Zarr would read as
-zeros), an altered byte or a truncated chunk is an error, never training data. In memory this hashes what was
-loaded anyway; streamed, it is one sequential read of the split before the first epoch.
+Nothing is trusted unchecked: on opening, every shard the split reads is checked against the checksum recorded
+when it was written (features, final features, valid flags), and its rows and labels against their hash, so a
+missing chunk (which Zarr would read as zeros), an altered byte or a truncated chunk is an error, never training
+data. In memory this hashes what was loaded anyway; streamed, it is one sequential read before the first epoch.
 """
 
 from __future__ import annotations
@@ -64,14 +64,9 @@ class CachedSplit:
         one being filled), and as many as fit (at least two) when streaming, to read ahead.
         """
         self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        try:
-            self.rows = np.flatnonzero(split.valid())
-            self.labels = torch.from_numpy(split.labels())
-            self.final = torch.from_numpy(split.group["final"][:])
-        except Exception as exc:  # a truncated chunk fails to decode in many ways
-            raise VQTError(
-                f"split {split.name!r}: a labels, valid or final chunk cannot be read; re-extract it"
-            ) from exc
+        self.rows = np.flatnonzero(split.valid())  # rows of the split (not of the store's image table)
+        self.labels = torch.from_numpy(split.labels())
+        self.final = torch.from_numpy(split.final())
         if not len(self.rows):
             raise VQTError(f"split {split.name!r} has no valid images (every image was skipped at extraction)")
         if (self.labels[self.rows] < 0).any():
@@ -80,12 +75,13 @@ class CachedSplit:
             raise VQTError(
                 f"split {split.name!r} has labels beyond the {num_classes} classes of the run; re-extract it"
             )
-        self.row_shape = split.features.shape[1:]
+        images = split.images
+        self.row_shape = split.row_shape
         self.batch_axis = 2 if split.layout == "kv" else 1  # (L, 2, B, ...) or (L, B, ...)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.row_bytes = int(np.prod(self.row_shape)) * split.features.dtype.itemsize
+        self.row_bytes = int(np.prod(self.row_shape)) * images.features.dtype.itemsize
         if split.quantized:  # int8 values and their float16 scales, dequantized row by row into the batch
-            self.row_bytes += int(np.prod(split.scales.shape[1:])) * 2
+            self.row_bytes += int(np.prod(images.scales.shape[1:])) * 2
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.batch_rows = max(min(batch_size, len(self.rows)), 1)  # a buffer's batch size
         self.batch_bytes = self.batch_rows * int(np.prod(self.row_shape)) * 4  # one float32 batch buffer
@@ -94,12 +90,7 @@ class CachedSplit:
         self._pool: list[torch.Tensor] = []
         if self.in_memory:
             self.buffers = 2
-            try:
-                features = split.features[:]
-                scales = split.scales[:] if split.quantized else None
-            except Exception as exc:
-                raise VQTError(f"split {split.name!r}: a feature chunk cannot be read; run `vqt-cache verify`") from exc
-            split.check_shards(features, scales)
+            features, scales = split.load()  # every shard read is checked against its checksum
             self._features = torch.from_numpy(features)
             self._scales = None if scales is None else torch.from_numpy(scales)
         else:  # the rows being read ahead come out of the budget too
@@ -138,7 +129,7 @@ class CachedSplit:
             if self._scales is None:
                 yield from (self._features[row] for row in rows)
             else:
-                group = self.split.group_size
+                group = self.split.images.group_size
                 yield from (dequantize(self._features[row], self._scales[row], group) for row in rows)
             return
         with ThreadPoolExecutor(READERS) as pool:

@@ -99,6 +99,23 @@ class Dataset:
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"cannot read image {path}: {exc}") from exc
 
+    def image_key(self, source: str) -> str:
+        """An image's identity in a store: its source and a digest of its content (the file's bytes, or the
+        decoded pixels of an in-memory dataset); a file that cannot be read is keyed as missing."""
+        if self._loader is not None:
+            try:
+                content = np.asarray(self._loader(source)).tobytes()
+            except Exception:  # extraction says what is wrong with it
+                content = None
+        else:
+            path = self.root / source
+            try:
+                content = path.read_bytes() if path.is_file() else None
+            except OSError:  # unreadable: extraction says what is wrong with it
+                content = None
+        digest = "missing" if content is None else hashlib.blake2b(content, digest_size=16).hexdigest()
+        return f"{source}#{digest}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -118,7 +135,7 @@ class Dataset:
 
 
 def index_hash(items: list[tuple[str, int]]) -> str:
-    """sha256 of a split's ordered (source, label) list: the identity of a split's rows."""
+    """sha256 of a split's ordered (image key, label) list: the identity of a split's rows."""
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 

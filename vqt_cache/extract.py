@@ -1,8 +1,9 @@
 """Stage one: run the frozen backbone once over a dataset and write the store (design.md §5, §8).
 
-Work is done shard by shard. Each shard is read in the same fixed batches whatever the run, so a resumed or
-multi-process extraction writes the very bytes a single uninterrupted run would. Under torchrun, rank r owns the
-shards s with s % world_size == r; rank 0 writes all metadata before any rank writes data.
+Work is done shard by shard of the store's image table (each image once, however many splits list it). Each
+shard is read in the same fixed batches whatever the run, so a resumed or multi-process extraction writes the very
+bytes a single uninterrupted run would. Under torchrun, rank r owns the shards s with s % world_size == r; rank 0
+writes all metadata before any rank writes data.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vqt_cache.backbones import Backbone, load_backbone, resolve_device
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
 from vqt_cache.errors import VQTError
 from vqt_cache.quantize import group_for, quantize
-from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Store, create_store, hash_rows, row_checksum
+from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Images, Store, create_store, hash_rows, row_checksum
 
 ON_BAD_IMAGE = ("fail", "skip")
 
@@ -139,34 +140,36 @@ def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dic
     }
 
 
-def _prepare_split(store: Store, dataset: Dataset, name: str, shard_size: int) -> None:
-    """Create a split's metadata, or check that an existing split lists the very same images."""
+def _prepare_split(store: Store, dataset: Dataset, name: str) -> None:
+    """Create a split's metadata (new images join the image table), or check that an existing split lists the very
+    same images (sources and contents)."""
     items = dataset.split(name)
-    digest = index_hash(items)
+    keys = [dataset.image_key(source) for source, _ in items]
+    digest = index_hash([(key, label) for key, (_, label) in zip(keys, items, strict=True)])
+    labels = [label for _, label in items]
     if store.has_split(name):
-        if store.group[name].attrs["index_hash"] != digest:
+        split = store.split(name, require_complete=False)
+        if split.group.attrs["index_hash"] != digest and not store.rekey_split(split, keys, labels, digest):
             raise VQTError(
                 f"split {name!r} in {store.url} lists other images than {dataset.name!r} at "
-                f"{dataset.root} does now; use another --out or delete the store"
+                f"{dataset.root} does now (other files, labels or contents); use another --out or delete the store"
             )
         return
-    if name in store.split_names():  # interrupted creation: no data was written yet
-        store.remove_split(name)
-    store.create_split(name, [s for s, _ in items], [label for _, label in items], shard_size, digest)
+    store.create_split(name, keys, labels, digest)
 
 
-def _shard_batches(split, shards: list[int], batch_size: int) -> list[list[int]]:
+def _shard_batches(images: Images, shards: list[int], batch_size: int) -> list[list[int]]:
     """The fixed batches of the given shards: a batch never crosses a shard boundary."""
     batches = []
     for shard in shards:
-        start, stop = split.shard_range(shard)
+        start, stop = images.shard_range(shard)
         batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
     return batches
 
 
-def extract_split(
+def extract_shards(
     backbone: Backbone,
-    split,
+    images: Images,
     dataset: Dataset,
     shards: list[int],
     prep: dict,
@@ -174,55 +177,55 @@ def extract_split(
     device: torch.device,
     advance: Callable[[int], None],
 ) -> list[str]:
-    """Write the given whole shards of one split; returns the sources of skipped bad images.
+    """Write the given whole shards of the image table; returns the sources of skipped bad images.
 
     Image writes and the checksum run on two background threads (the hash in row order) while the next batch
     computes; a shard's completion flag is written only after all of its writes and hashing have finished.
     """
-    items = dataset.split(split.name)
+    sources = [images.source(row) for row in range(images.num_rows)]  # a row between blocks is never read
     loader = torch.utils.data.DataLoader(
-        ImageSplit(dataset, items, prep),
+        ImageSplit(dataset, [(source, 0) for source in sources], prep),
         num_workers=cfg.workers,
-        batch_sampler=_shard_batches(split, shards, cfg.batch_size),
+        batch_sampler=_shard_batches(images, shards, cfg.batch_size),
     )
     batches = iter(loader)
     dtype = torch.float32 if cfg.dtype == "int8" else getattr(torch, cfg.dtype)  # int8: quantized after the forward
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as hasher:
         for shard in shards:
-            start, stop = split.shard_range(shard)
+            start, stop = images.shard_range(shard)
             finals, valid, writes = [], [], []
             checksum = row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
-                images, ok, errors = next(batches)
+                batch, ok, errors = next(batches)
                 bad = [i for i, good in enumerate(ok.tolist()) if not good]
                 if bad and cfg.on_bad_image == "fail":
                     raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
-                skipped += [items[position + i][0] for i in bad]
-                final, layers = backbone.forward_cache(images.to(device), layout=cfg.layout, dtype=dtype)
+                skipped += [sources[position + i] for i in bad]
+                final, layers = backbone.forward_cache(batch.to(device), layout=cfg.layout, dtype=dtype)
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
-                _check_finite(final, layers, split.name, position, items, cfg.dtype)
+                _check_finite(final, layers, position, sources, cfg.dtype)
                 scales = None
                 if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
                     scales = scales.cpu().numpy()
                 rows = layers.cpu().numpy()
-                writes.append(writer.submit(split.write_images, position, rows, scales))
+                writes.append(writer.submit(images.write_images, position, rows, scales))
                 writes.append(hasher.submit(hash_rows, checksum, rows, scales))
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
-                position += len(images)
+                position += len(batch)
                 if position == stop:
                     for write in writes:
                         write.result()  # re-raises a failed write before the shard is marked complete
-                    split.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
-                advance(len(images))
+                    images.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
+                advance(len(batch))
     return skipped
 
 
-def _check_finite(final: torch.Tensor, layers: torch.Tensor, split: str, start: int, items: list, dtype: str) -> None:
+def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources: list[str], dtype: str) -> None:
     """Stop before writing a batch whose features overflow the store's dtype (or are NaN): such a store would read
     as complete, and stage two would refuse it later."""
     finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
@@ -231,7 +234,7 @@ def _check_finite(final: torch.Tensor, layers: torch.Tensor, split: str, start: 
     row = start + int((~finite).nonzero()[0])
     hint = "extract with --dtype float32" if dtype == "float16" else "check the backbone's weights"
     raise VQTError(
-        f"the features of split {split!r} row {row} ({items[row][0]}) are not finite in {dtype} (overflow or NaN); "
+        f"the features of image {sources[row]} (row {row}) are not finite in {dtype} (overflow or NaN); "
         f"nothing of that shard was marked complete: {hint}"
     )
 
@@ -253,18 +256,22 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     if rank == 0:
         weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         with _creation_lock(url):  # other extract processes on the same store wait here, then find it made
-            store = create_store(url, attrs, weights)
+            store = create_store(url, attrs, weights, shard_size=cfg.shard_size)
             for name in split_names:
-                _prepare_split(store, dataset, name, cfg.shard_size)
+                _prepare_split(store, dataset, name)
     _barrier(world)
     store = create_store(url, attrs, {}) if rank else store  # opens and checks; rank 0 already has it
 
     summaries = []
     nothing_to_do = True
+    images = store.images
+    claimed: set[int] = set()  # shards an earlier split of this run writes (an image two splits share, once)
     for name in split_names:
         split = store.split(name, require_complete=False)
-        mine = [s for s in split.incomplete_shards() if s % world == rank]
-        todo = sum(split.shard_range(s)[1] - split.shard_range(s)[0] for s in mine)
+        shards = [s for s in split.incomplete_shards() if s not in claimed]
+        claimed.update(shards)
+        mine = [s for s in shards if s % world == rank]
+        todo = sum(images.shard_range(s)[1] - images.shard_range(s)[0] for s in mine)
         nothing_to_do &= not mine
         done = 0
         skipped: list[str] = []
@@ -280,7 +287,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
             progress(name, 0, todo)
         if mine:
             try:
-                skipped = extract_split(backbone, split, dataset, mine, prep, cfg, device, advance)
+                skipped = extract_shards(backbone, images, dataset, mine, prep, cfg, device, advance)
             except OSError as exc:  # a full disk, a lost mount, permissions: the finished shards stay finished
                 raise VQTError(
                     f"writing to {url} failed ({exc.strerror or exc}); fix that and re-run the same command to resume"

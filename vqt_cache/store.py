@@ -3,25 +3,34 @@
     <store>/            attrs: format, format_version, backbone, preprocessing, dataset, layout, dtype, codec,
                         versions
       weights/<name>    every tensor of the frozen backbone's state dict, exact (stage two needs only the store)
-      <split>/          attrs: num_samples, shard_size, num_shards, index_hash, sources
-        kv      (n, L, 2, H, N, dh)  keys (after k_norm) and values, head-major   [layout "kv"]
-        hidden  (n, L, N, D)         X̂_l = LN1(Z_{l-1})                           [layout "hidden"]
-        scale   (n, ..., C / g)      float16 scale per token and group of g channels   [dtype "int8" only]
-        final   (n, D)               the backbone's final feature f_0
-        labels  (n,)                 int64
-        valid   (n,)                 0 where a bad image was skipped
-        checksum (num_shards, 32)    blake2b-256 of the shard's feature rows (in order), final features, labels
-                                     and valid flags: everything stage two reads of the shard
+      images/           attrs: shard_size, block_stops, keys (one per row: "<source>#<content digest>", "" = gap)
+        kv      (M, L, 2, H, N, dh)  keys (after k_norm) and values, head-major   [layout "kv"]
+        hidden  (M, L, N, D)         X̂_l = LN1(Z_{l-1})                           [layout "hidden"]
+        scale   (M, ..., C / g)      float16 scale per token and group of g channels   [dtype "int8" only]
+        final   (M, D)               the backbone's final feature f_0
+        valid   (M,)                 0 where a bad image was skipped
+        checksum (num_shards, 32)    blake2b-256 of the shard's feature rows (in order), final features and valid
+                                     flags: everything stage two reads of the shard
         shard_done (num_shards,)     1 once every image of the shard is written (one chunk per shard)
+      splits/<split>/   attrs: num_samples, index_hash, rows_hash, sources
+        rows    (n,)                 int64: the image row of each sample
+        labels  (n,)                 int64
 
-One Zarr chunk of kv/hidden = one image, all layers. Logical shards (fixed groups of `shard_size` images) are the
-unit of writing: one writer per shard, and its completion flag is written last, so a store never reads as
-complete when it is not. final/labels/valid are chunked by shard, so writers never share a chunk.
+Each image is stored once per store, however many splits list it: an image is identified by its source and a
+digest of its content, so train800val200 costs no feature bytes once train800 and val200 are there. A split that
+brings new images appends them to the image table as one block that starts on a shard boundary.
+
+One Zarr chunk of kv/hidden = one image, all layers. Logical shards (fixed groups of `shard_size` rows of the
+image table, cut at block ends) are the unit of writing: one writer per shard, and its completion flag is written
+last, so a store never reads as complete when it is not. final/valid are chunked by shard, so writers never share
+a chunk. A split's rows and labels are covered by `rows_hash`, written with them.
 
 Creation writes the root attributes first with `creating: true`, then the weights, then the attributes without
 it: an interrupted creation is provably this tool's and is redone, while a path holding anything else (files, a
-foreign or damaged Zarr store) is refused, never overwritten. On open, the attributes and every array's shape,
-dtype and chunking are checked against each other before any data is trusted.
+foreign or damaged Zarr store) is refused, never overwritten. Adding a split grows the image arrays first and
+commits with one write of the image table's attributes, then writes the split (its attributes last); a grown but
+uncommitted image table is shrunk back by the next writer. On open, the attributes and every array's shape, dtype
+and chunking are checked against each other before any data is trusted.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from vqt_cache.files import describe_names
 from vqt_cache.quantize import bytes_per_value, dequantize, group_for
 
 FORMAT = "vqt-cache"
-FORMAT_VERSION = 2  # 2: labels and valid flags inside the shard checksums; creation marker
+FORMAT_VERSION = 3  # 2: labels and valid flags inside the shard checksums; 3: each image stored once
 LAYOUTS = ("kv", "hidden")
 DTYPES = ("float16", "float32", "int8")  # int8: quantized with a float16 scale per token and channel group
 CODECS = ("none", "zstd", "blosc")
@@ -65,12 +74,11 @@ def hash_rows(digest: Any, values: np.ndarray, scales: np.ndarray | None = None)
         digest.update(np.ascontiguousarray(row_scales))
 
 
-def shard_checksum(rows_digest: bytes, final: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> bytes:
-    """A shard's checksum: its rows' digest, then its final features, labels and valid flags, in row order."""
+def shard_checksum(rows_digest: bytes, final: np.ndarray, valid: np.ndarray) -> bytes:
+    """A shard's checksum: its rows' digest, then its final features and valid flags, in row order."""
     digest = row_checksum()
     digest.update(rows_digest)
     digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
-    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
     return digest.digest()
 
@@ -88,7 +96,8 @@ ATTR_TYPES = {
 BACKBONE_KEYS = {"name": str, "timm_name": str, "kwargs": dict, "fingerprint": str, "depth": int, "dim": int}
 BACKBONE_KEYS |= {"heads": int, "tokens": int}
 DATASET_KEYS = {"name": str, "num_classes": int, "class_names": list}
-SPLIT_ATTR_TYPES = {"num_samples": int, "shard_size": int, "num_shards": int, "index_hash": str, "sources": list}
+SPLIT_ATTR_TYPES = {"num_samples": int, "index_hash": str, "rows_hash": str, "sources": list}
+IMAGES_ATTR_TYPES = {"shard_size": int, "block_stops": list, "keys": list}
 
 
 def _compressors(codec: str) -> Any:
@@ -118,7 +127,7 @@ def _check_format(attrs: dict, url: str) -> None:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise VQTError(
             f"store {url} has format_version {version}, this vqt-cache reads {FORMAT_VERSION}"
-            + ("; upgrade vqt-cache" if newer else "; re-extract it into a new folder")
+            + ("; upgrade vqt-cache" if newer else " (older stores keep each split's images apart); re-extract it")
         )
     if attrs.get("creating"):
         raise VQTError(f"the creation of store {url} was interrupted; re-run the extract command that made it")
@@ -161,9 +170,16 @@ def _check_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunks:
         )
 
 
+def _read(array: zarr.Array, selection: Any, what: str) -> np.ndarray:
+    try:
+        return array[selection]
+    except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
+        raise VQTError(f"{what} cannot be read ({type(exc).__name__}); run `vqt-cache verify`") from exc
+
+
 @dataclass
-class Split:
-    """One split of a store: the arrays and the shard bookkeeping."""
+class Images:
+    """The store's image table: every image's features, stored once, and the shard bookkeeping."""
 
     group: zarr.Group
     layout: str
@@ -174,38 +190,48 @@ class Split:
         return self.dtype == "int8"
 
     @property
-    def name(self) -> str:
-        return self.group.basename
-
-    @property
-    def num_samples(self) -> int:
-        return self.group.attrs["num_samples"]
-
-    @property
     def shard_size(self) -> int:
         return self.group.attrs["shard_size"]
 
     @property
-    def num_shards(self) -> int:
-        return self.group.attrs["num_shards"]
+    def keys(self) -> list[str]:
+        """One per row: "<source>#<content digest>", or "" for a row between blocks that holds no image."""
+        return self.group.attrs["keys"]
 
     @property
-    def sources(self) -> list[str]:
-        return self.group.attrs["sources"]
+    def block_stops(self) -> list[int]:
+        return self.group.attrs["block_stops"]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the table, the unused rows between blocks included."""
+        return len(self.keys)
+
+    @property
+    def num_images(self) -> int:
+        """Images the table holds (each once)."""
+        return sum(1 for key in self.keys if key)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_rows / self.shard_size)
 
     @property
     def features(self) -> zarr.Array:
-        """kv (n, L, 2, H, N, dh) or hidden (n, L, N, D), in the store's dtype (int8: see `scales`)."""
+        """kv (M, L, 2, H, N, dh) or hidden (M, L, N, D), in the store's dtype (int8: see `scales`)."""
         return self.group[self.layout]
 
     @property
     def scales(self) -> zarr.Array | None:
-        """int8 stores: (n, ..., C / g) float16, one per token and group of g channels; else None."""
+        """int8 stores: (M, ..., C / g) float16, one per token and group of g channels; else None."""
         return self.group["scale"] if self.quantized else None
 
     @property
     def group_size(self) -> int:
         return group_for(self.features.shape[-1])
+
+    def source(self, row: int) -> str:
+        return self.keys[row].rsplit("#", 1)[0]
 
     def row(self, row: int) -> np.ndarray:
         """One image's features as stored (float16/float32), or dequantized to float32 (int8)."""
@@ -215,26 +241,26 @@ class Split:
         return dequantize(torch.from_numpy(values), torch.from_numpy(self.scales[row]), self.group_size).numpy()
 
     def shard_range(self, shard: int) -> tuple[int, int]:
+        """Rows start..stop-1 of a shard: shard_size rows, cut at the end of the block that holds them."""
         start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_samples)
+        block_stop = next(stop for stop in self.block_stops if stop > start)
+        return start, min(start + self.shard_size, block_stop)
+
+    def shards_of(self, rows: np.ndarray) -> list[int]:
+        """The shards that hold the given rows, in order."""
+        return [int(s) for s in np.unique(np.asarray(rows) // self.shard_size)]
 
     def done(self) -> np.ndarray:
-        try:
-            return self.group["shard_done"][:].astype(bool)
-        except Exception as exc:  # a truncated chunk fails to decode in many ways
-            raise VQTError(
-                f"split {self.name!r}: its completion record (shard_done) cannot be read; run `vqt-cache verify`"
-            ) from exc
+        return _read(self.group["shard_done"], slice(None), "the image table's completion record (shard_done)").astype(
+            bool
+        )
 
-    def incomplete_shards(self) -> list[int]:
-        return [int(s) for s in np.flatnonzero(~self.done())]
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.done().all())
+    def where(self, shard: int) -> str:
+        start, stop = self.shard_range(shard)
+        return f"image shard {shard} (rows {start}..{stop - 1}, from {self.source(start)})"
 
     def write_images(self, start: int, features: np.ndarray, scales: np.ndarray | None = None) -> None:
-        """Write features (and, int8, their scales) of images start.. (one chunk per image)."""
+        """Write features (and, int8, their scales) of rows start.. (one chunk per image)."""
         self.features[start : start + len(features)] = features
         if scales is not None:
             self.scales[start : start + len(scales)] = scales
@@ -247,75 +273,201 @@ class Split:
         start, stop = self.shard_range(shard)
         self.group["final"][start:stop] = final
         self.group["valid"][start:stop] = valid
-        labels = self.group["labels"][start:stop]
-        self.group["checksum"][shard] = np.frombuffer(shard_checksum(rows_digest, final, labels, valid), np.uint8)
+        self.group["checksum"][shard] = np.frombuffer(shard_checksum(rows_digest, final, valid), np.uint8)
         self.group["shard_done"][shard] = 1
 
-    def where(self, shard: int) -> str:
-        start, stop = self.shard_range(shard)
-        return f"split {self.name!r} shard {shard} (rows {start}..{stop - 1})"
-
-    def shard_faults(self, shard: int, rows: np.ndarray | None = None, scales: np.ndarray | None = None) -> list[str]:
-        """Faults of a complete shard: unreadable chunks, NaN/Inf, or data that differs from its checksum.
-
-        rows (and scales): the shard's feature rows when the caller holds them already (else they are read, one at
-        a time).
-        """
+    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """A complete shard's feature rows and scales, with its faults: unreadable chunks, NaN/Inf, or data that
+        differs from its checksum (a missing chunk reads as zeros and is caught here)."""
         start, stop = self.shard_range(shard)
         where = self.where(shard)
-        digest = row_checksum()
         try:
-            for row in range(start, stop):
-                features = self.features[row] if rows is None else rows[row - start]
-                row_scales = None
-                if self.quantized:
-                    row_scales = self.scales[row] if scales is None else scales[row - start]
-                if not np.isfinite(row_scales if self.quantized else features).all():
-                    return [f"{where}: row {row} holds NaN or Inf"]
-                hash_rows(digest, features[None], None if row_scales is None else row_scales[None])
-            final, labels, valid = (self.group[k][start:stop] for k in ("final", "labels", "valid"))
+            features = self.features[start:stop]
+            scales = self.scales[start:stop] if self.quantized else None
+            final, valid = self.group["final"][start:stop], self.group["valid"][start:stop]
+            recorded = self.group["checksum"][shard].tobytes()
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
-            return [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
-        if shard_checksum(digest.digest(), final, labels, valid) != self.group["checksum"][shard].tobytes():
-            return [f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"]
-        return []
+            return np.empty(0), None, [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
+        finite = np.isfinite(scales if self.quantized else features).reshape(stop - start, -1).all(axis=1)
+        if not finite.all():
+            return features, scales, [f"{where}: row {start + int(np.argmin(finite))} holds NaN or Inf"]
+        digest = row_checksum()
+        hash_rows(digest, features, scales)
+        if shard_checksum(digest.digest(), final, valid) != recorded:
+            faults = [
+                f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"
+            ]
+            return features, scales, faults
+        return features, scales, []
 
-    def check_shards(self, features: np.ndarray | None = None, scales: np.ndarray | None = None) -> None:
-        """Every shard against its checksum (from `features` and `scales`, whole arrays, when already in memory)."""
-        for shard in range(self.num_shards):
-            start, stop = self.shard_range(shard)
-            rows = None if features is None else features[start:stop]
-            row_scales = None if scales is None else scales[start:stop]
-            faults = self.shard_faults(shard, rows, row_scales)
-            if faults:
-                raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
-
-    def check_metadata(self, backbone: dict, dtype: str) -> None:
-        """The split's attributes and arrays agree with each other and with the store's (cheap: no data read)."""
-        where = f"split {self.name!r}"
-        _check_types(dict(self.group.attrs), SPLIT_ATTR_TYPES, where)
-        n, shard_size, num_shards = self.num_samples, self.shard_size, self.num_shards
-        if n < 1 or shard_size < 1 or num_shards != math.ceil(n / shard_size) or len(self.sources) != n:
-            raise VQTError(f"{where} is damaged: its sample, shard and source counts disagree; re-extract it")
-        shape, scales = array_shapes(n, backbone, self.layout, dtype)
-        _check_array(self.group, self.layout, shape, dtype, (1, *shape[1:]), where)
+    def check_metadata(self, backbone: dict) -> None:
+        """The table's attributes and arrays agree (cheap: no data read)."""
+        where = "the image table"
+        _check_types(dict(self.group.attrs), IMAGES_ATTR_TYPES, where)
+        M, shard_size, stops = self.num_rows, self.shard_size, self.block_stops
+        if shard_size < 1 or (stops[-1] if stops else 0) != M or stops != sorted(set(stops)):
+            raise VQTError(f"{where} is damaged: its shard size, blocks and rows disagree; re-extract it")
+        shape, scales = array_shapes(M, backbone, self.layout, self.dtype)
+        _check_array(self.group, self.layout, shape, self.dtype, (1, *shape[1:]), where)
         if scales is not None:
             _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), where)
         D = backbone["dim"]
-        _check_array(self.group, "final", (n, D), "float32", (shard_size, D), where)
-        _check_array(self.group, "labels", (n,), "int64", (shard_size,), where)
-        _check_array(self.group, "valid", (n,), "uint8", (shard_size,), where)
-        _check_array(self.group, "shard_done", (num_shards,), "uint8", (1,), where)
-        _check_array(self.group, "checksum", (num_shards, 32), "uint8", (1, 32), where)
+        _check_array(self.group, "final", (M, D), "float32", (shard_size, D), where)
+        _check_array(self.group, "valid", (M,), "uint8", (shard_size,), where)
+        _check_array(self.group, "shard_done", (self.num_shards,), "uint8", (1,), where)
+        _check_array(self.group, "checksum", (self.num_shards, 32), "uint8", (1, 32), where)
 
-    def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+    def _arrays(self) -> dict[str, zarr.Array]:
+        return {name: self.group[name] for name in self.group.array_keys()}
 
-    def valid(self) -> np.ndarray:
-        return self.group["valid"][:].astype(bool)
+    def _resize(self, rows: int) -> None:
+        """Grow (or shrink back) every array to `rows` rows; the attributes, written after, commit it."""
+        shards = math.ceil(rows / self.shard_size)
+        for name, array in self._arrays().items():
+            length = shards if name in ("shard_done", "checksum") else rows
+            if array.shape[0] != length:
+                array.resize((length, *array.shape[1:]))
+
+    def append(self, keys: list[str]) -> None:
+        """Add a block of new images (starting on a shard boundary); one attribute write commits it."""
+        self._resize(self.num_rows)  # an append that was interrupted before its commit is undone first
+        start = math.ceil(self.num_rows / self.shard_size) * self.shard_size
+        rows = start + len(keys)
+        self._resize(rows)
+        gap = [""] * (start - self.num_rows)
+        self.group.attrs.update({"keys": self.keys + gap + keys, "block_stops": [*self.block_stops, rows]})
 
     def nbytes_stored(self) -> int:
-        return sum(self.group[name].nbytes_stored() for name in self.group.array_keys())
+        return sum(array.nbytes_stored() for array in self._arrays().values())
+
+
+def _rows_hash(rows: np.ndarray, labels: np.ndarray) -> str:
+    digest = row_checksum()
+    digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class Split:
+    """One split of a store: which images (rows of the image table) in which order, with their labels.
+
+    Read checked: `rows()` and `labels()` come from arrays whose hash is recorded with them.
+    """
+
+    def __init__(self, group: zarr.Group, images: Images) -> None:
+        self.group, self.images = group, images
+        self._rows: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.group.basename
+
+    @property
+    def layout(self) -> str:
+        return self.images.layout
+
+    @property
+    def quantized(self) -> bool:
+        return self.images.quantized
+
+    @property
+    def num_samples(self) -> int:
+        return self.group.attrs["num_samples"]
+
+    @property
+    def sources(self) -> list[str]:
+        return self.group.attrs["sources"]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.features.shape[1:])
+
+    def rows(self) -> np.ndarray:
+        """The image-table row of each sample."""
+        if self._rows is None:
+            self._load_index()
+        return self._rows
+
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._load_index()
+        return self._labels
+
+    def _load_index(self) -> None:
+        where = f"split {self.name!r}"
+        rows = _read(self.group["rows"], slice(None), f"{where}: its rows")
+        labels = _read(self.group["labels"], slice(None), f"{where}: its labels")
+        if _rows_hash(rows, labels) != self.group.attrs["rows_hash"]:
+            raise VQTError(f"{where} is damaged: its rows or labels differ from their recorded hash; re-extract it")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.images.num_rows):
+            raise VQTError(f"{where} is damaged: it points outside the image table; re-extract it")
+        self._rows, self._labels = rows, labels
+
+    def shards(self) -> list[int]:
+        """The image shards this split reads."""
+        return self.images.shards_of(self.rows())
+
+    def incomplete_shards(self) -> list[int]:
+        done = self.images.done()
+        return [s for s in self.shards() if not done[s]]
+
+    @property
+    def complete(self) -> bool:
+        return not self.incomplete_shards()
+
+    def valid(self) -> np.ndarray:
+        return _read(self.images.group["valid"], slice(None), f"split {self.name!r}: the valid flags")[
+            self.rows()
+        ].astype(bool)
+
+    def final(self) -> np.ndarray:
+        return _read(self.images.group["final"], slice(None), f"split {self.name!r}: the final features")[self.rows()]
+
+    def row(self, sample: int) -> np.ndarray:
+        """One sample's features (float16/float32 as stored, int8 dequantized to float32)."""
+        return self.images.row(int(self.rows()[sample]))
+
+    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
+        rows = self.rows()
+        features = np.empty((len(rows), *self.row_shape), dtype=self.images.features.dtype)
+        scales = None
+        if self.quantized:
+            scales = np.empty((len(rows), *self.images.scales.shape[1:]), dtype=np.float16)
+        for shard in self.shards():
+            shard_features, shard_scales, faults = self.images.read_shard(shard)
+            if faults:
+                raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
+            start, _ = self.images.shard_range(shard)
+            here = np.flatnonzero(rows // self.images.shard_size == shard)
+            features[here] = shard_features[rows[here] - start]
+            if scales is not None:
+                scales[here] = shard_scales[rows[here] - start]
+        return features, scales
+
+    def check_shards(self) -> None:
+        """Every shard this split reads against its checksum (one sequential read; nothing kept)."""
+        for shard in self.shards():
+            faults = self.images.read_shard(shard)[2]
+            if faults:
+                raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
+
+    def check_metadata(self) -> None:
+        """The split's attributes and arrays agree with each other (cheap: two small arrays read)."""
+        where = f"split {self.name!r}"
+        _check_types(dict(self.group.attrs), SPLIT_ATTR_TYPES, where)
+        n = self.num_samples
+        if n < 1 or len(self.sources) != n:
+            raise VQTError(f"{where} is damaged: its sample and source counts disagree; re-extract it")
+        _check_array(self.group, "rows", (n,), "int64", (n,), where)
+        _check_array(self.group, "labels", (n,), "int64", (n,), where)
+        self._load_index()
+
+    def nbytes_stored(self) -> int:
+        """Bytes of the image rows this split reads (shared rows count for every split that reads them)."""
+        per_row = self.images.nbytes_stored() / max(self.images.num_rows, 1)
+        return round(per_row * len(np.unique(self.rows())))
 
 
 class Store:
@@ -332,24 +484,42 @@ class Store:
     def layout(self) -> str:
         return self.group.attrs["layout"]
 
+    @property
+    def images(self) -> Images:
+        """The image table (its metadata checked against its arrays)."""
+        if "images" not in self.group.group_keys():
+            raise VQTError(f"store {self.url} is damaged: it has no image table; re-extract it")
+        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+        try:
+            images.check_metadata(self.attrs["backbone"])
+        except VQTError as exc:
+            raise VQTError(f"store {self.url}: {exc}") from exc
+        return images
+
+    def _splits(self) -> zarr.Group:
+        if "splits" not in self.group.group_keys():
+            raise VQTError(f"store {self.url} is damaged: it has no splits group; re-extract it")
+        return self.group["splits"]
+
     def split_names(self) -> list[str]:
-        return sorted(k for k in self.group.group_keys() if k != "weights")
+        return sorted(self._splits().group_keys())
 
     def split(self, name: str, require_complete: bool = True) -> Split:
         if name not in self.split_names():
             have = ", ".join(self.split_names()) or "none"
             raise VQTError(f"store {self.url} has no split {name!r} (it has: {have})")
-        split = Split(self.group[name], self.layout, self.attrs["dtype"])
-        if "index_hash" not in split.group.attrs:
+        group = self._splits()[name]
+        if "index_hash" not in group.attrs:
             raise VQTError(f"the creation of split {name!r} of {self.url} was interrupted; re-run extract to finish it")
+        split = Split(group, self.images)
         try:
-            split.check_metadata(self.attrs["backbone"], self.attrs["dtype"])
+            split.check_metadata()
         except VQTError as exc:
             raise VQTError(f"store {self.url}: {exc}") from exc
         if require_complete and not split.complete:
             missing = len(split.incomplete_shards())
             raise VQTError(
-                f"split {name!r} of {self.url} is incomplete ({missing} of {split.num_shards} shards missing); "
+                f"split {name!r} of {self.url} is incomplete ({missing} of {len(split.shards())} shards missing); "
                 "re-run the same extract command to finish it"
             )
         return split
@@ -370,45 +540,56 @@ class Store:
                 ) from exc
         return out
 
-    def create_split(self, name: str, sources: list[str], labels: list[int], shard_size: int, index_hash: str) -> Split:
-        """Create a split's arrays and metadata (labels, sources); data shards are written later."""
-        n = len(sources)
-        num_shards = math.ceil(n / shard_size)
-        a = self.attrs
-        D = a["backbone"]["dim"]
-        shape, scales = array_shapes(n, a["backbone"], self.layout, a["dtype"])
-        group = self.group.create_group(name)
-        compressors = _compressors(a["codec"])
-        group.create_array(
-            self.layout, shape=shape, chunks=(1, *shape[1:]), dtype=a["dtype"], compressors=compressors, fill_value=0
-        )
-        if scales is not None:
-            group.create_array(
-                "scale", shape=scales, chunks=(1, *scales[1:]), dtype="float16", compressors=compressors, fill_value=0
-            )
-        group.create_array(
-            "final", shape=(n, D), chunks=(shard_size, D), dtype="float32", compressors=None, fill_value=0
-        )
-        group.create_array("labels", shape=(n,), chunks=(shard_size,), dtype="int64", compressors=None)
-        group.create_array("valid", shape=(n,), chunks=(shard_size,), dtype="uint8", compressors=None, fill_value=0)
-        group.create_array(
-            "shard_done", shape=(num_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0
-        )
-        group.create_array(
-            "checksum", shape=(num_shards, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0
-        )
-        group["labels"][:] = np.asarray(labels, dtype=np.int64)
+    def create_split(self, name: str, keys: list[str], labels: list[int], index_hash: str) -> Split:
+        """Create a split of the images `keys` ("<source>#<content digest>"): images the store does not hold yet
+        are appended to the image table as one block (their data is written later, shard by shard)."""
+        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+        known = {key: row for row, key in enumerate(images.keys) if key}
+        new = list(dict.fromkeys(key for key in keys if key not in known))
+        if new:
+            images.append(new)
+            known.update((key, row) for row, key in enumerate(images.keys) if key)
+        rows = np.asarray([known[key] for key in keys], dtype=np.int64)
+        labels_array = np.asarray(labels, dtype=np.int64)
+        n = len(keys)
+        splits = self._splits()
+        if name in splits.group_keys():  # an interrupted creation: its attributes were never written
+            del splits[name]
+        group = splits.create_group(name)
+        group.create_array("rows", shape=(n,), chunks=(n,), dtype="int64", compressors=None)[:] = rows
+        group.create_array("labels", shape=(n,), chunks=(n,), dtype="int64", compressors=None)[:] = labels_array
         # attrs last: a split group without them is a creation that was interrupted and is redone
         group.attrs.update(
             {
                 "num_samples": n,
-                "shard_size": shard_size,
-                "num_shards": num_shards,
                 "index_hash": index_hash,
-                "sources": sources,
+                "rows_hash": _rows_hash(rows, labels_array),
+                "sources": [key.rsplit("#", 1)[0] for key in keys],
             }
         )
-        return Split(group, self.layout, a["dtype"])
+        return Split(group, self.images)
+
+    def rekey_split(self, split: Split, keys: list[str], labels: list[int], index_hash: str) -> bool:
+        """Record new contents for images of `split` that were never written (an unreadable image the user has
+        since fixed); False, changing nothing, when anything else differs (other sources, labels, or a written image).
+        """
+        rows = split.rows()
+        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+        old = [images.keys[row] for row in rows]
+        if len(keys) != len(rows) or split.labels().tolist() != list(labels):
+            return False
+        changed = [i for i, (a, b) in enumerate(zip(old, keys, strict=True)) if a != b]
+        done = images.done()
+        for i in changed:
+            if old[i].rsplit("#", 1)[0] != keys[i].rsplit("#", 1)[0] or done[rows[i] // images.shard_size]:
+                return False
+        if changed:
+            table = list(images.keys)
+            for i in changed:
+                table[rows[i]] = keys[i]
+            images.group.attrs.update({"keys": table})
+        split.group.attrs.update({"index_hash": index_hash})
+        return True
 
     def bytes_per_image(self) -> int:
         """Bytes of one image's layers, uncompressed (int8: with its scales)."""
@@ -418,26 +599,38 @@ class Store:
     def describe(self) -> dict[str, Any]:
         """Everything `vqt-cache info` shows, JSON-ready."""
         splits = []
+        try:
+            images = self.images
+            done = images.done()
+            valid = images.group["valid"][:].astype(bool)
+            images_info = {"images": images.num_images, "bytes": images.nbytes_stored()}
+        except Exception:  # `info` shows what it can; `verify` says what is wrong
+            images, images_info = None, {"damaged": True}
         for name in self.split_names():
-            split = Split(self.group[name], self.layout, self.attrs["dtype"])
-            if "index_hash" not in split.group.attrs:
+            group = self._splits()[name]
+            if "index_hash" not in group.attrs:
                 continue
             try:
-                split.check_metadata(self.attrs["backbone"], self.attrs["dtype"])
-                done = split.done()
-                valid = split.group["valid"][:].astype(bool)
-            except Exception:  # `info` shows what it can; `verify` says what is wrong
+                if images is None:
+                    raise VQTError("no image table")
+                split = Split(group, images)
+                split.check_metadata()
+                shards = split.shards()
+            except Exception:
                 splits.append({"name": name, "damaged": True})
                 continue
-            finished = np.flatnonzero(done)
-            skipped = [split.sources[i] for s in finished for i in range(*split.shard_range(s)) if not valid[i]]
+            finished = {s for s in shards if done[s]}
+            rows = split.rows()
+            skipped = [
+                split.sources[i] for i, r in enumerate(rows) if r // images.shard_size in finished and not valid[r]
+            ]
             splits.append(
                 {
                     "name": name,
                     "images": split.num_samples,
-                    "shards": split.num_shards,
-                    "shards_done": int(done.sum()),
-                    "complete": bool(done.all()),
+                    "shards": len(shards),
+                    "shards_done": len(finished),
+                    "complete": len(finished) == len(shards),
                     "skipped": skipped,
                     "bytes": split.nbytes_stored(),
                 }
@@ -447,21 +640,55 @@ class Store:
             "url": self.url,
             **{k: self.attrs[k] for k in keys},
             "bytes_per_image": self.bytes_per_image(),
+            "images": images_info,
             "splits": splits,
         }
 
     def has_split(self, name: str) -> bool:
-        return name in self.split_names() and "index_hash" in self.group[name].attrs
+        return name in self.split_names() and "index_hash" in self._splits()[name].attrs
 
-    def remove_split(self, name: str) -> None:
-        del self.group[name]
+
+def _create_images(group: zarr.Group, attrs: dict[str, Any], shard_size: int) -> None:
+    """An empty image table (its arrays grow as splits add images)."""
+    if "images" in group.group_keys():
+        del group["images"]
+    images = group.create_group("images")
+    shape, scales = array_shapes(0, attrs["backbone"], attrs["layout"], attrs["dtype"])
+    compressors = _compressors(attrs["codec"])
+    images.create_array(
+        attrs["layout"],
+        shape=shape,
+        chunks=(1, *shape[1:]),
+        dtype=attrs["dtype"],
+        compressors=compressors,
+        fill_value=0,
+    )
+    if scales is not None:
+        images.create_array(
+            "scale", shape=scales, chunks=(1, *scales[1:]), dtype="float16", compressors=compressors, fill_value=0
+        )
+    D = attrs["backbone"]["dim"]
+    images.create_array("final", shape=(0, D), chunks=(shard_size, D), dtype="float32", compressors=None, fill_value=0)
+    images.create_array("valid", shape=(0,), chunks=(shard_size,), dtype="uint8", compressors=None, fill_value=0)
+    images.create_array("shard_done", shape=(0,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+    images.create_array("checksum", shape=(0, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0)
+    images.attrs.put({"shard_size": shard_size, "block_stops": [], "keys": []})
+    if "splits" in group.group_keys():
+        del group["splits"]
+    group.create_group("splits")
 
 
 def create_store(
-    url: str, attrs: dict[str, Any], weights: dict[str, np.ndarray], storage_options: dict | None = None
+    url: str,
+    attrs: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    storage_options: dict | None = None,
+    shard_size: int = 64,
 ) -> Store:
     """Create a store where nothing is (or an empty folder), resume this tool's own store made with the same
-    backbone, dataset and settings, or refuse in one sentence: nothing found at `url` is ever overwritten."""
+    backbone, dataset and settings, or refuse in one sentence: nothing found at `url` is ever overwritten.
+
+    shard_size: images per shard of a new store's image table (an existing store keeps its own)."""
     found = found_at(url, storage_options)
     if found == "store":
         store = open_store(url, mode="r+", storage_options=storage_options)
@@ -488,6 +715,7 @@ def create_store(
     weights_group = group.create_group("weights")
     for name, array in weights.items():
         weights_group.create_array(name, shape=array.shape, dtype=array.dtype, compressors=None)[...] = array
+    _create_images(group, attrs, shard_size)
     group.attrs.put(marked)  # one atomic write of the root metadata: the store now exists
     return Store(group, url)
 

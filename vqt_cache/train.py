@@ -355,7 +355,9 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
             "dtype": attrs["dtype"],
             "dataset": attrs["dataset"]["name"],
             "backbone": attrs["backbone"]["name"],
-            "index_hash": {k: store.group[v].attrs["index_hash"] for k, v in splits.items() if v},
+            "index_hash": {
+                k: store.split(v, require_complete=False).group.attrs["index_hash"] for k, v in splits.items() if v
+            },
         },
         "model": {
             "method": spec.method,

@@ -1,10 +1,11 @@
 """`vqt-cache verify`: re-read a store and say whether it can be trusted.
 
 Checks the format, the frozen weights (they must decode and hash to the recorded fingerprint), every split's
-metadata and completion records, and for each complete shard that every chunk decodes, holds only finite values
-and matches the checksum recorded when it was written over features, final features, labels and valid flags (a
-deleted or truncated chunk, a silently altered byte). With `recompute`, it also runs the frozen backbone
-(rebuilt from the store's own weights) again on a sample of images and compares with what is stored.
+metadata, rows and labels (against their recorded hash) and completion, and for each complete shard of the image
+table that every chunk decodes, holds only finite values and matches the checksum recorded when it was written
+over features, final features and valid flags (a deleted or truncated chunk, a silently altered byte). With
+`recompute`, it also runs the frozen backbone (rebuilt from the store's own weights) again on a sample of images
+and compares with what is stored.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from vqt_cache.store import open_store
 
 
 def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[str, Any]:
-    """Returns {"url", "splits": [...], "faults": [...], "recomputed": n}; no faults means trustworthy."""
+    """Returns {"url", "splits": [...], "checked": image shards, "faults": [...], "recomputed": n}; no faults means
+    trustworthy."""
     if recompute < 0:
         raise VQTError(f"--recompute takes a number of images >= 0, got {recompute}")
     store = open_store(url)
@@ -31,26 +33,31 @@ def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[s
         backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
     except VQTError as exc:
         faults.append(f"weights: {exc}")
+    try:
+        images = store.images
+        done = images.done()
+    except VQTError as exc:
+        return {"url": url, "splits": [], "checked": 0, "faults": [*faults, str(exc)], "recomputed": 0}
     for name in store.split_names():
-        try:  # an interrupted creation, damaged metadata or an unreadable completion record is a fault
+        try:  # an interrupted creation, damaged metadata or rows, or an unreadable completion record is a fault
             split = store.split(name, require_complete=False)
-            missing = split.incomplete_shards()
+            shards = split.shards()
         except VQTError as exc:
             faults.append(str(exc))
             continue
+        missing = [s for s in shards if not done[s]]
         if missing:
-            faults.append(f"split {name!r}: {len(missing)} of {split.num_shards} shards incomplete; re-run extract")
-        checked = 0
-        for shard in range(split.num_shards):
-            if shard in missing:
-                continue
-            faults += split.shard_faults(shard)
-            checked += 1
-            if progress:
-                progress(f"verify {name}", checked, split.num_shards - len(missing))
-        splits.append({"name": name, "shards": split.num_shards, "complete": not missing, "checked": checked})
+            faults.append(f"split {name!r}: {len(missing)} of {len(shards)} shards incomplete; re-run extract")
+        splits.append({"name": name, "shards": len(shards), "complete": not missing})
+    checked = 0
+    finished = [s for s in range(images.num_shards) if done[s]]
+    for shard in finished:  # each image shard once, however many splits read it
+        faults += images.read_shard(shard)[2]
+        checked += 1
+        if progress:
+            progress("verify images", checked, len(finished))
     recomputed = _recompute(store, backbone, recompute, seed, faults) if recompute and not faults else 0
-    return {"url": url, "splits": splits, "faults": faults, "recomputed": recomputed}
+    return {"url": url, "splits": splits, "checked": checked, "faults": faults, "recomputed": recomputed}
 
 
 def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
