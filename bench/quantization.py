@@ -16,10 +16,11 @@ import numpy as np
 
 from vqt_cache.data import CachedSplit
 from vqt_cache.demo import extract_config, pretrain_parity
+from vqt_cache.evaluate import evaluate
 from vqt_cache.extract import extract
 from vqt_cache.quantize import bytes_per_value, group_for
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, cached_logits, evaluate, load_run, train
+from vqt_cache.train import RunSpec, TrainConfig, cached_logits, load_run, train
 
 DTYPES = ("float32", "float16", "int8")
 SEEDS = (42, 44, 82, 100, 800)
@@ -81,7 +82,7 @@ def run(quick: bool = False) -> list[dict]:
                         out=out,
                     )
                 )
-                accuracy[dtype] = [evaluate(r["dir"], "test")["top1"] for r in results]
+                accuracy[dtype] = [evaluate(r["dir"], "test")[0]["top1"] for r in results]
                 if dtype == "float32":
                     for result in results:  # the float32 runs' logits on every store
                         _, _, _, model = load_run(result["dir"])

@@ -17,7 +17,9 @@ def loaded_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["vqt_cache.train", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"])
+@pytest.mark.parametrize(
+    "module", ["vqt_cache.train", "vqt_cache.evaluate", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"]
+)
 def test_stage_two_does_not_import_image_code(module):
     loaded = loaded_after_import(module)
     assert "vqt_cache.datasets" not in loaded and "vqt_cache.extract" not in loaded

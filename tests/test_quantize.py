@@ -118,13 +118,14 @@ def test_int8_batches_equal_dequantized_float32_within_half_a_step(stores):
 
 
 def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):
-    from vqt_cache.train import RunSpec, TrainConfig, evaluate, train
+    from vqt_cache.evaluate import evaluate
+    from vqt_cache.train import RunSpec, TrainConfig, train
 
     [run] = train(
         TrainConfig(store=stores["float32"], runs=(RunSpec("vqt", 2),), epochs=4, warmup_epochs=1, out=str(tmp_path))
     )
-    exact = evaluate(run["dir"], "val200")
-    approx = evaluate(run["dir"], "val200", store_url=stores["int8"])
+    [exact] = evaluate(run["dir"], "val200")
+    [approx] = evaluate(run["dir"], "val200", store_url=stores["int8"])
     assert abs(exact["top1"] - approx["top1"]) <= 0.01
 
 

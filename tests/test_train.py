@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluate import evaluate
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, evaluate, grid, lr_factor, train
+from vqt_cache.train import RunSpec, TrainConfig, grid, lr_factor, train
 
 from conftest import error_line, run_cli
 
@@ -116,7 +117,7 @@ def test_resume_equals_uninterrupted(tiny_store, tmp_path):
 
 def test_evaluate_from_the_cache(tiny_store, tmp_path):
     run = train(cfg(tiny_store, tmp_path))[0]
-    result = evaluate(run["dir"], "val200")
+    [result] = evaluate(run["dir"], "val200")
     assert result["images"] == 200
     assert result["top1"] == pytest.approx(metrics(run["dir"])["final"]["top1"])
     code, out = run_cli("evaluate", run["dir"], "--split", "val200", "--json")

@@ -338,26 +338,51 @@ def _fail_if_all_diverged(results: list[dict]) -> None:
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
-    split: Annotated[str, typer.Option(help="cached split to evaluate on")] = "test",
+    run_dirs: Annotated[list[str], typer.Argument(help="finished run folders (of one store)")],
+    split: Annotated[str, typer.Option(help="split to evaluate on: cached if the store holds it, else live")] = "test",
     store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    root: Annotated[str | None, typer.Option(help="dataset folder, if it moved since extraction (live)")] = None,
+    live: Annotated[bool, typer.Option("--live", help="run the backbone even when the split is cached")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
-    """Top-1 and mean per-class accuracy of a trained run on a cached split.
+    """Top-1 and mean per-class accuracy of trained runs on a split; each result goes into its run folder.
+
+    A split the store does not hold (a test set left uncached) is evaluated live: one forward of the frozen
+    backbone over its images serves every given run. An interrupted live evaluation resumes when re-run.
 
     Example:
-      vqt-cache evaluate data/runs/digits/tiny/vqt-T4-lr0.25-wd0-seed42 --split test
+      vqt-cache evaluate data/runs/digits/tiny/vqt-T4-lr0.25-wd0-seed* --split test
     """
-    from vqt_cache.train import evaluate as run_evaluate
+    from vqt_cache.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(run_dir, split, store)
+    if batch_size is not None and batch_size < 1:
+        raise VQTError(f"--batch-size must be >= 1, got {batch_size}")
+    with _progress("img") as update:
+        results = run_evaluate(
+            run_dirs,
+            split,
+            store,
+            root,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            progress=None if json_out else update,
+            live=live or None,
+        )
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps(results if len(results) > 1 else results[0]))
         return
-    console.print(
-        f"{run_dir} on {split} ({result['images']} images): top-1 {100 * result['top1']:.2f}%, "
-        f"mean per-class {100 * result['mean_class']:.2f}%"
-    )
+    for result in results:
+        how = "live" if result["live"] else "cached"
+        console.print(
+            f"{result['dir']} on {split} ({result['images']} images, {how}): top-1 {100 * result['top1']:.2f}%, "
+            f"mean per-class {100 * result['mean_class']:.2f}%",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 @app.command()

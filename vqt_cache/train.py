@@ -431,12 +431,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     return sorted(results, key=lambda r: order[r["name"]])
 
 
-def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
-    """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
-    folder = Path(run_dir)
+def _trained_run(folder: Path) -> tuple[dict, Run]:
+    """A finished run folder -> (its config, its trained Run)."""
     config, _ = load_finished(folder)
     try:
-        url, fingerprint, m = store_url or config["store"]["url"], config["store"]["fingerprint"], config["model"]
+        m = config["model"]
         run = Run(
             m["method"],
             int(m["queries"]),
@@ -446,36 +445,46 @@ def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, S
             tuple(m["patch_size"]),
             float(config["recipe"]["dropout"]),
         )
+        _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
     tensors = load_model(folder, m)
-    store = open_store(url)
-    if store.attrs["backbone"]["fingerprint"] != fingerprint:
-        raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
-    backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
-        raise DamagedFile(folder / "config.json", "its model does not fit the store's backbone")
     with torch.no_grad():
         run.queries.prompts.copy_(tensors["queries"])
         run.head.weight.copy_(tensors["head.weight"])
         run.head.bias.copy_(tensors["head.bias"])
-    return config, store, backbone, CachedVQT(backbone.blocks, [run], store.layout).eval()
+    return config, run
 
 
-def evaluate(
-    run_dir: str | Path, split: str = "test", store_url: str | None = None, memory_budget: int | None = None
-) -> dict[str, Any]:
-    """Accuracy of a trained run on a cached split."""
-    config, store, _, model = load_run(run_dir, store_url)
-    num_classes = model.runs[0].head.out_features
-    data = CachedSplit(store.split(split), memory_budget, config["recipe"]["batch_size"], num_classes=num_classes)
-    logits, labels = cached_logits(model, data)
-    return {
-        "run": config["run"],
-        "split": split,
-        "images": len(data),
-        **accuracy(logits[0], labels, config["model"]["num_classes"]),
-    }
+def load_runs(
+    run_dirs: list[str | Path], store_url: str | None = None
+) -> tuple[list[dict], Store, Backbone, CachedVQT]:
+    """Finished run folders of one store -> (their configs, the store, the frozen backbone, one model that
+    serves every run in one pass of the query path)."""
+    if not run_dirs:
+        raise VQTError("no run folders given")
+    configs, runs = zip(*(_trained_run(Path(d)) for d in run_dirs), strict=True)
+    url = store_url or configs[0]["store"]["url"]
+    store = open_store(url)
+    for folder, config in zip(run_dirs, configs, strict=True):
+        if store_url is None and config["store"]["url"] != url:
+            raise VQTError(
+                f"run {folder} was trained on store {config['store']['url']}, not {url}: evaluate the runs of one "
+                "store at a time"
+            )
+        if store.attrs["backbone"]["fingerprint"] != config["store"]["fingerprint"]:
+            raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
+    backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
+    for folder, run in zip(run_dirs, runs, strict=True):
+        if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
+            raise DamagedFile(Path(folder) / "config.json", "its model does not fit the store's backbone")
+    return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout).eval()
+
+
+def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
+    """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
+    [config], store, backbone, model = load_runs([run_dir], store_url)
+    return config, store, backbone, model
 
 
 def grid(

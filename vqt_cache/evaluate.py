@@ -1,0 +1,165 @@
+"""`vqt-cache evaluate`: accuracy of trained runs on a split, from the cache or live from the images.
+
+A split the store holds is read from the cache. Any other split of the store's dataset (a test set that was never
+cached) is evaluated live: the store's frozen backbone (rebuilt from the store's own weights) runs once over the
+split's images, its keys/values (or LN1 inputs) go straight from that forward into the query path, and the queries
+of every given run share that one pass, concatenated, exactly as in training. The linear probe reads f_0 and the
+pooled baseline the per-layer means of the same forward. Live features are float32, whatever the store's dtype.
+
+Results go into each run folder (eval/<split>.json, written whole). A live evaluation saves every run's logits so
+far (eval/<split>.partial.pt) every SAVE_EVERY_S seconds; a re-run resumes after them, and deletes them once the
+results are written. Image code is imported only for a live evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqt_cache.backbones import Backbone, resolve_device
+from vqt_cache.data import CachedSplit
+from vqt_cache.errors import VQTError
+from vqt_cache.files import load_torch, read_json, save_torch, write_json
+from vqt_cache.model import CachedVQT
+from vqt_cache.store import Store
+from vqt_cache.train import accuracy, cached_logits, load_runs
+
+SAVE_EVERY_S = 60.0
+Progress = Callable[[str, int, int], None]
+
+
+def evaluation_path(run_dir: str | Path, split: str, partial: bool = False) -> Path:
+    """Where a run folder keeps its result on `split` (or, during a live evaluation, the logits so far)."""
+    name = split.replace("/", "-")
+    return Path(run_dir) / "eval" / (f"{name}.partial.pt" if partial else f"{name}.json")
+
+
+def read_evaluation(run_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """A run's recorded result on `split`, or None if it was never evaluated there."""
+    path = evaluation_path(run_dir, split)
+    return read_json(path) if path.is_file() else None
+
+
+def evaluate(
+    run_dirs: list[str | Path] | str | Path,
+    split: str = "test",
+    store_url: str | None = None,
+    root: str | None = None,
+    memory_budget: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    progress: Progress | None = None,
+    live: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Top-1 and mean per-class accuracy of every run on `split`; each result is also written into its run folder.
+
+    live: None evaluates from the cache when the store holds the split and live otherwise; True always live.
+    root: overrides the dataset root recorded in the store (live only).
+    """
+    dirs = [run_dirs] if isinstance(run_dirs, str | Path) else list(run_dirs)
+    configs, store, backbone, model = load_runs(dirs, store_url)
+    for folder in dirs:
+        evaluation_path(folder, split).parent.mkdir(exist_ok=True)
+    target = resolve_device(device)
+    batch_size = batch_size or configs[0]["recipe"]["batch_size"]
+    num_classes = store.attrs["dataset"]["num_classes"]
+    live = live or not store.has_split(split)
+    if live:
+        logits, labels = live_logits(model, backbone, store, split, dirs, root, batch_size, target, workers, progress)
+    else:
+        data = CachedSplit(store.split(split), memory_budget, batch_size, device=target, num_classes=num_classes)
+        logits, labels = cached_logits(model.to(target), data)
+    results = []
+    for folder, config, run_logits in zip(dirs, configs, logits, strict=True):
+        result = {
+            "run": config["run"],
+            "split": split,
+            "live": live,
+            "images": len(labels),
+            "store": store.url,
+            **accuracy(run_logits, labels, num_classes),
+        }
+        write_json(evaluation_path(folder, split), result)
+        evaluation_path(folder, split, partial=True).unlink(missing_ok=True)  # ours: the logits of a resumed run
+        results.append({**result, "dir": str(folder)})
+    return results
+
+
+def _resume_point(dirs: list[str | Path], split: str, items_hash: str) -> tuple[int, list[torch.Tensor]]:
+    """Images every run has logits for already (0 unless every run has a partial file of this very split)."""
+    saved = []
+    for folder in dirs:
+        path = evaluation_path(folder, split, partial=True)
+        if not path.is_file():
+            return 0, []
+        state = load_torch(path)
+        if state.get("items") != items_hash or not isinstance(state.get("logits"), torch.Tensor):
+            return 0, []
+        saved.append(state["logits"])
+    done = min(len(s) for s in saved)
+    return done, [s[:done] for s in saved]
+
+
+def _layer_major(layers: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, L, ...) per-image captures -> the query path's (L, 2, B, H, N, dh) or (L, B, N, D)."""
+    order = (1, 2, 0, 3, 4, 5) if layout == "kv" else (1, 0, 2, 3)
+    return layers.permute(order).contiguous()
+
+
+def live_logits(
+    model: CachedVQT,
+    backbone: Backbone,
+    store: Store,
+    split: str,
+    dirs: list[str | Path],
+    root: str | None,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    progress: Progress | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every run's logits (on the CPU) and the labels over a split of the store's dataset, from one frozen forward
+    per batch of images."""
+    from vqt_cache.datasets import ImageSplit, index_hash, open_dataset
+
+    attrs = store.attrs
+    recorded = attrs["dataset"]
+    dataset = open_dataset(recorded["name"], root if root is not None else recorded["root"])
+    items = dataset.split(split)
+    labels = torch.tensor([label for _, label in items])
+    if ((labels < 0) | (labels >= recorded["num_classes"])).any():
+        raise VQTError(f"split {split!r} has labels outside the {recorded['num_classes']} classes of the store")
+    items_hash = index_hash(items)
+    done, logits = _resume_point(dirs, split, items_hash)
+    logits = [[saved] for saved in logits] or [[] for _ in model.runs]
+    loader = torch.utils.data.DataLoader(
+        ImageSplit(dataset, items[done:], attrs["preprocessing"]), batch_size=batch_size, num_workers=workers
+    )
+    backbone.model.to(device)
+    model.to(device).eval()
+    label = f"evaluate {split} live ({len(model.runs)} run{'s' if len(model.runs) > 1 else ''})"
+    if progress:
+        progress(label, done, len(items))
+    saved_at = time.monotonic()
+    with torch.no_grad():
+        for images, ok, errors in loader:
+            if not ok.all():
+                raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
+            final, layers = backbone.forward_cache(images.to(device), layout=store.layout)
+            for i, out in enumerate(model(final, _layer_major(layers, store.layout))):
+                logits[i].append(out.float().cpu())
+            done += len(images)
+            if progress:
+                progress(label, done, len(items))
+            if time.monotonic() - saved_at > SAVE_EVERY_S and done < len(items):
+                for folder, run_logits in zip(dirs, logits, strict=True):
+                    state = {"items": items_hash, "logits": torch.cat(run_logits)}
+                    save_torch(evaluation_path(folder, split, partial=True), state)
+                saved_at = time.monotonic()
+    return [torch.cat(run_logits) for run_logits in logits], labels
