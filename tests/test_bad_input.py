@@ -89,7 +89,7 @@ PIPELINES = {
     "bad-lr": GOOD_PIPELINE.replace("lr = [0.5]", "lr = [-0.5]"),
     "no-datasets": "[grid]\nlr = [0.5]\n",
     "missing-store": GOOD_PIPELINE.replace('store = "STORE"', 'store = "STORE-gone"'),
-    "missing-split": GOOD_PIPELINE.replace('final_eval = "val200"', 'final_eval = "test"'),
+    "missing-split": GOOD_PIPELINE.replace('final_eval = "val200"', 'final_eval = "nosuch"'),
     "duplicate-seed": GOOD_PIPELINE.replace("final_seeds = [1]", "final_seeds = [1, 1]"),
 }
 
@@ -150,7 +150,7 @@ CASES = [
     # evaluate
     ("evaluate/missing-run", "evaluate {tmp}/nowhere", "not a finished run folder"),
     ("evaluate/not-a-run-folder", "evaluate {store}", "not a finished run folder"),
-    ("evaluate/missing-split", "evaluate {run} --split test", "no split 'test'"),
+    ("evaluate/missing-split", "evaluate {run} --split nosuch", "no split 'nosuch'"),
     ("evaluate/newer-format", "evaluate {run} --store {newer}", "format_version 99"),
     # predict
     ("predict/missing-image", "predict {run} {tmp}/nowhere.png", "nowhere.png"),
@@ -169,7 +169,7 @@ CASES = [
     ("sweep/out-of-range-lr", "sweep {tmp}/bad-lr.toml", "learning rate must be > 0"),
     ("sweep/no-datasets", "sweep {tmp}/no-datasets.toml", "lists no [[datasets]]"),
     ("sweep/missing-store", "sweep {tmp}/missing-store.toml", "no store at"),
-    ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'test'"),
+    ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'nosuch'"),
     ("sweep/duplicate-seed", "sweep {tmp}/duplicate-seed.toml", "final_seeds lists 1 twice"),
     ("sweep/bad-shard", "sweep {tmp}/good.toml --shard 3/2", "need 0 <= i < n"),
     ("sweep/wrong-shard", "sweep {tmp}/good.toml --shard half", "--shard takes i/n"),

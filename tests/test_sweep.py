@@ -9,10 +9,10 @@ import pytest
 from vqt_cache.compress import compress
 from vqt_cache.errors import VQTError
 from vqt_cache.report import write_report
-from vqt_cache.sweep import finished_runs, load_pipeline, run_sweep, select
+from vqt_cache.sweep import finished_runs, load_pipeline, run_folders, run_sweep, select
 from vqt_cache.train import RunSpec, TrainConfig, train
 
-from conftest import TINY_EXTRACT, run_cli
+from conftest import GOOD_PIPELINE, TINY_EXTRACT, run_cli
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
 
@@ -191,3 +191,29 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
     code, out = run_cli("compress", run["dir"], "--keep", "1.5")
     assert code == 2 and "--keep must be in (0, 1]" in out
     shutil.rmtree(Path(run["dir"]) / "compressed")
+
+
+def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_path):
+    from vqt_cache.evaluate import read_evaluation
+    from vqt_cache.extract import ExtractConfig, extract
+
+    reports = {}
+    for name, splits in (("cached", None), ("live", ("train800", "val200", "train800val200"))):
+        store = str(tmp_path / f"{name}.zarr")
+        extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=splits, out=store, dtype="float32", workers=0))
+        path = tmp_path / f"{name}.toml"
+        body = GOOD_PIPELINE.replace("STORE", store).replace("RUNS", str(tmp_path / name))
+        body = body.replace('final_train = "train800"', 'final_train = "train800val200"')
+        path.write_text(body.replace('final_eval = "val200"', 'final_eval = "test"'))
+        p = load_pipeline(path)
+        assert p.protocol.final_eval == "test"
+        run_sweep(p)
+        reports[name] = write_report(p)["rows"]
+        finals = run_folders(p.folder(p.datasets[0], "final"))
+        evaluated = [read_evaluation(f, "test") for f in finals]
+        assert len(finals) == 3 and all((e is not None) == (name == "live") for e in evaluated)
+        if name == "live":
+            assert all(e["live"] and e["images"] == 797 for e in evaluated)
+    assert [(r["label"], r["test_top1_mean"]) for r in reports["live"]] == [
+        (r["label"], r["test_top1_mean"]) for r in reports["cached"]
+    ]

@@ -259,6 +259,21 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     return Backbone(name, timm_name, dict(kwargs), model, fingerprint=weights_fingerprint(model))
 
 
+def geometry(name: str, **kwargs: Any) -> dict[str, int]:
+    """depth, dim, heads and tokens of a backbone, without weights (built on the meta device: no memory, no hub)."""
+    timm_name, defaults = resolve_name(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(
+                timm_name, pretrained=False, **{**_NO_DROP, **defaults, **kwargs, "num_classes": 0}
+            )
+    except (TypeError, AssertionError) as exc:
+        raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
+    check_supported(model, name)
+    shape = Backbone(name, timm_name, kwargs, model, fingerprint="")
+    return {"depth": shape.depth, "dim": shape.dim, "heads": shape.heads, "tokens": shape.tokens}
+
+
 def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.ndarray]) -> Backbone:
     """Rebuild a store's frozen backbone from its stored tensors (no download, no weights file).
 

@@ -101,6 +101,9 @@ def extract(
     model_arg: Annotated[list[str] | None, typer.Option(help="timm model argument KEY=VALUE (repeatable)")] = None,
     on_bad_image: Annotated[str, typer.Option(help="fail or skip (skipped images are recorded)")] = "fail",
     workers: Annotated[int, typer.Option(help="image decoding processes")] = 2,
+    no_space_check: Annotated[
+        bool, typer.Option("--no-space-check", help="start even when `vqt-cache plan` says the store cannot fit")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run the frozen backbone once over a dataset and write a resumable Zarr store.
@@ -130,6 +133,7 @@ def extract(
         model_kwargs=_model_kwargs(model_arg or []),
         on_bad_image=on_bad_image,
         workers=workers,
+        check_space=not no_space_check,
     )
     with _progress("img") as update:
         summary = run_extract(cfg, progress=None if json_out else update)
@@ -157,6 +161,76 @@ def extract(
     for s in summary.splits:
         for source in s.skipped:
             console.print(f"[yellow]skipped unreadable image[/yellow] {source} ({s.name})")
+
+
+@app.command()
+def plan(
+    pipeline: Annotated[str | None, typer.Argument(help="a pipeline file (else: plan one extract command)")] = None,
+    backbone: Annotated[str, typer.Option(help="as for extract (for a pipeline: its backbone)")] = "vit_b16",
+    dataset: Annotated[str | None, typer.Option(help="as for extract")] = None,
+    root: Annotated[str | None, typer.Option(help="as for extract")] = None,
+    splits: Annotated[str | None, typer.Option(help="splits to cache, as for extract (default: all)")] = None,
+    layout: Annotated[str, typer.Option(help="kv or hidden")] = "kv",
+    dtype: Annotated[str, typer.Option(help="float16, float32 or int8")] = "float16",
+    out: Annotated[str | None, typer.Option(help="as for extract")] = None,
+    cache_root: Annotated[str, typer.Option(help="as for extract")] = "data/cache",
+    model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """How many images each split holds, which are cached or evaluated live, and what the store costs on disk.
+
+    Nothing is written. Sizes come from the dataset on disk, or from its release's published split sizes.
+
+    Examples:
+      vqt-cache plan pipelines/vtab1k.toml --layout hidden --dtype int8
+      vqt-cache plan --backbone vit_b16 --dataset cub --root ~/data/CUB_200_2011 --splits train,val
+    """
+    from vqt_cache.extract import ExtractConfig
+    from vqt_cache.plan import plan_extract, plan_pipeline
+    from vqt_cache.sweep import load_pipeline
+
+    if pipeline is not None:
+        plans = plan_pipeline(load_pipeline(pipeline), layout, dtype)
+    elif dataset is None:
+        raise VQTError("plan takes a pipeline file, or --dataset (and --backbone) as for extract")
+    else:
+        split_names = tuple(splits.split(",")) if splits else None
+        cfg = ExtractConfig(backbone, dataset, root, split_names, layout, dtype, out=out, cache_root=cache_root)
+        kwargs = _model_kwargs(model_arg or [])
+        plans = [plan_extract(backbone, dataset, cfg.store_url, root, split_names, layout, dtype, kwargs)]
+    if json_out:
+        print(json.dumps([p.as_dict() for p in plans]))
+        return
+    table = Table(title="plan: what the stores hold (MB = 10^6 bytes)")
+    for column in ("dataset", "split", "images", "cached", "new images", "MB per image", "GB to write"):
+        table.add_column(column, justify="right")
+    for p in plans:
+        for i, s in enumerate(p.splits):
+            table.add_row(
+                p.dataset if i == 0 else "",
+                s.name,
+                str(s.images),
+                "cached" if s.cached else "live",
+                str(s.new_images) if s.cached else "-",
+                f"{p.bytes_per_image / 1e6:.2f}" if i == 0 else "",
+                f"{s.new_images * p.bytes_per_image / 1e9:.2f}" if s.cached else "-",
+            )
+        table.add_section()
+    console.print(table)
+    total = sum(p.total_bytes for p in plans)
+    kinds = sorted({f"{p.layout} {p.dtype}" for p in plans})
+    console.print(f"to write: {total / 1e9:.2f} GB ({', '.join(kinds)}) into {len(plans)} store(s)")
+    for p in plans:
+        if p.sizes_from != "disk":
+            console.print(f"{p.dataset}: not on disk; sizes are the official release's")
+        if not p.fits:
+            console.print(
+                f"[red]{p.store} does not fit: {p.total_bytes / 1e9:.2f} GB to write, "
+                f"{p.free_bytes / 1e9:.2f} GB free[/red]"
+            )
+    free = {p.free_bytes for p in plans}
+    if len(free) == 1 and None not in free:
+        console.print(f"free at the destination: {free.pop() / 1e9:.1f} GB")
 
 
 @app.command()

@@ -54,6 +54,50 @@ FGVC_TASKS: dict[str, str] = {
     "stanfordcars": "",
 }
 
+# Images per split of the official releases, for `vqt-cache plan` when a dataset is not on disk (yet).
+# VTAB-1k: train800 and val200 everywhere, train800val200 is their union, and these test sets.
+VTAB_TEST_SIZES = {
+    "caltech101": 6084,
+    "cifar100": 10000,
+    "dtd": 1880,
+    "oxford_flowers102": 6149,
+    "oxford_iiit_pet": 3669,
+    "svhn": 26032,
+    "sun397": 21750,
+    "patch_camelyon": 32768,
+    "eurosat": 5400,
+    "resisc45": 6300,
+    "diabetic_retinopathy": 42670,
+    "clevr_count": 15000,
+    "clevr_dist": 15000,
+    "dmlab": 22735,
+    "kitti": 711,
+    "dsprites_loc": 73728,
+    "dsprites_ori": 73728,
+    "smallnorb_azi": 12150,
+    "smallnorb_ele": 12150,
+}
+# VPT's FGVC release: (train, val, test), three disjoint sets
+FGVC_SIZES = {
+    "cub": (5394, 600, 5794),
+    "nabirds": (21536, 2393, 24633),
+    "oxfordflower": (1020, 1020, 6149),
+    "stanforddogs": (10800, 1200, 8580),
+    "stanfordcars": (7329, 815, 8041),
+}
+
+
+def published_sizes(name: str) -> tuple[dict[str, int], dict[str, tuple[str, ...]]] | None:
+    """Images per split of a dataset's official release, and which splits are unions of others; None if unknown."""
+    family, _, task = name.partition("/")
+    if family == "vtab1k" and task in VTAB_TEST_SIZES:
+        sizes = {"train800": 800, "val200": 200, "train800val200": 1000, "test": VTAB_TEST_SIZES[task]}
+        return sizes, {"train800val200": ("train800", "val200")}
+    if family == "fgvc" and task in FGVC_SIZES:
+        return dict(zip(("train", "val", "test"), FGVC_SIZES[task], strict=True)), {}
+    return None
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 

@@ -64,8 +64,6 @@ def evaluate(
     """
     dirs = [run_dirs] if isinstance(run_dirs, str | Path) else list(run_dirs)
     configs, store, backbone, model = load_runs(dirs, store_url)
-    for folder in dirs:
-        evaluation_path(folder, split).parent.mkdir(exist_ok=True)
     target = resolve_device(device)
     batch_size = batch_size or configs[0]["recipe"]["batch_size"]
     num_classes = store.attrs["dataset"]["num_classes"]
@@ -85,10 +83,19 @@ def evaluate(
             "store": store.url,
             **accuracy(run_logits, labels, num_classes),
         }
-        write_json(evaluation_path(folder, split), result)
+        _save(evaluation_path(folder, split), result)
         evaluation_path(folder, split, partial=True).unlink(missing_ok=True)  # ours: the logits of a resumed run
         results.append({**result, "dir": str(folder)})
     return results
+
+
+def _save(path: Path, value: Any) -> None:
+    """Write a result (JSON) or partial logits (torch) whole, into the run folder's eval/ (made on first use)."""
+    path.parent.mkdir(exist_ok=True)
+    if path.suffix == ".json":
+        write_json(path, value)
+    else:
+        save_torch(path, value)
 
 
 def _resume_point(dirs: list[str | Path], split: str, items_hash: str) -> tuple[int, list[torch.Tensor]]:
@@ -160,6 +167,6 @@ def live_logits(
             if time.monotonic() - saved_at > SAVE_EVERY_S and done < len(items):
                 for folder, run_logits in zip(dirs, logits, strict=True):
                     state = {"items": items_hash, "logits": torch.cat(run_logits)}
-                    save_torch(evaluation_path(folder, split, partial=True), state)
+                    _save(evaluation_path(folder, split, partial=True), state)
                 saved_at = time.monotonic()
     return [torch.cat(run_logits) for run_logits in logits], labels

@@ -52,6 +52,7 @@ class ExtractConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     on_bad_image: str = "fail"
     workers: int = 2
+    check_space: bool = True  # refuse to start a store that the free space at `out` cannot hold
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -138,6 +139,30 @@ def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dic
         "codec": cfg.codec,
         "versions": package_versions(),
     }
+
+
+def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -> None:
+    """Refuse, before anything is written, a store the free space at its destination cannot hold."""
+    if not cfg.check_space:
+        return
+    from vqt_cache.plan import plan_extract
+
+    plan = plan_extract(
+        cfg.backbone,
+        cfg.dataset,
+        cfg.store_url,
+        splits=tuple(split_names),
+        layout=cfg.layout,
+        dtype=cfg.dtype,
+        model_kwargs=cfg.model_kwargs,
+        opened=dataset,
+    )
+    if not plan.fits:
+        raise VQTError(
+            f"the store needs {plan.total_bytes / 1e9:.2f} GB more, but {plan.free_bytes / 1e9:.2f} GB are free at "
+            f"{cfg.store_url}; free some space, choose another --out, cache fewer --splits (a test split can be "
+            "evaluated live), or pass --no-space-check"
+        )
 
 
 def _prepare_split(store: Store, dataset: Dataset, name: str) -> None:
@@ -254,6 +279,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     url = cfg.store_url
 
     if rank == 0:
+        _check_space(cfg, dataset, split_names)
         weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         with _creation_lock(url):  # other extract processes on the same store wait here, then find it made
             store = create_store(url, attrs, weights, shard_size=cfg.shard_size)

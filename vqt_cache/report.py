@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluate import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
 from vqt_cache.sweep import Pipeline, finished_runs, recorded_recipe, run_folders, select
 
@@ -40,7 +41,10 @@ def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
             f"run folder {folder} was trained with {key} {have.get(key)!r}, the pipeline says {want[key]!r}; "
             "re-run the sweep into a new runs_root, or report the pipeline it was trained with"
         )
-    if (config["splits"].get("train"), config["splits"].get("eval")) != splits:
+    allowed = [splits]
+    if phase == "final":  # a final run whose test set is evaluated live trains without evaluating
+        allowed.append((proto.final_train, None))
+    if (config["splits"].get("train"), config["splits"].get("eval")) not in allowed:
         raise VQTError(f"run folder {folder} was trained on splits {config['splits']}, not the pipeline's {splits}")
 
 
@@ -75,13 +79,15 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             run = config["run"]
             if run["seed"] not in p.protocol.final_seeds:
                 continue
-            final = {"test": metrics["final"].get("top1"), "diverged": bool(metrics.get("diverged"))}
+            tested = read_evaluation(folder, p.protocol.final_eval) or metrics["final"]  # live, else during training
+            final = {"test": tested.get("top1"), "diverged": bool(metrics.get("diverged"))}
             compressed = folder / "compressed" / "metrics.json"
             if compressed.exists() and not final["diverged"]:
                 try:
                     report = read_json(compressed)
-                    final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
-                    final["kept"] = report["features_kept"]
+                    if p.protocol.final_eval in report["accuracy"]:  # compress evaluates cached splits only
+                        final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
+                        final["kept"] = report["features_kept"]
                 except (KeyError, TypeError) as exc:
                     raise DamagedFile(compressed, f"no {exc} entry") from exc
             finals.setdefault((run["method"], run["queries"]), []).append(final)

@@ -158,6 +158,13 @@ def array_shapes(n: int, backbone: dict, layout: str, dtype: str) -> tuple[tuple
     return shape, scales
 
 
+def image_bytes(backbone: dict, layout: str, dtype: str) -> int:
+    """Bytes of one image's layers in a store, uncompressed (int8: with its scales); backbone: depth, dim, heads,
+    tokens."""
+    shape, _ = array_shapes(1, backbone, layout, dtype)
+    return round(math.prod(shape) * bytes_per_value(dtype, group_for(shape[-1])))
+
+
 def _check_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str) -> None:
     if name not in group.array_keys():
         raise VQTError(f"{where} is damaged: array {name!r} is missing; re-extract it")
@@ -593,8 +600,7 @@ class Store:
 
     def bytes_per_image(self) -> int:
         """Bytes of one image's layers, uncompressed (int8: with its scales)."""
-        shape, _ = array_shapes(1, self.attrs["backbone"], self.layout, self.attrs["dtype"])
-        return round(math.prod(shape) * bytes_per_value(self.attrs["dtype"], group_for(shape[-1])))
+        return image_bytes(self.attrs["backbone"], self.layout, self.attrs["dtype"])
 
     def describe(self) -> dict[str, Any]:
         """Everything `vqt-cache info` shows, JSON-ready."""

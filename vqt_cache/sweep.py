@@ -5,7 +5,8 @@ A pipeline (pipelines/*.toml) names the datasets, the grid and the protocol (met
    of it is one pass over the cache (one seed);
 2. per (method, T), the (lr, wd) with the best last-epoch eval top-1 (ties -> smaller lr, then smaller wd);
 3. final: the selected configurations on `final_train` with every seed of `final_seeds`, tested on `final_eval`
-   (one pass per seed, all methods together);
+   (one pass per seed, all methods together); a `final_eval` the store does not hold is evaluated live after
+   training, one forward of the backbone over its images for every final run at once;
 4. optionally group-lasso compression of the final VQT runs (method.md §6).
 Run folders are the only state: finished runs are skipped, and `--shard i/n` splits the datasets across
 processes or machines, whose folders `vqt-cache report` merges.
@@ -24,10 +25,11 @@ from typing import Any
 import pydantic
 
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluate import evaluate, read_evaluation
 from vqt_cache.files import read_json
 from vqt_cache.run_folder import read_config
 from vqt_cache.store import open_store
-from vqt_cache.train import RECIPE_KEYS, RunSpec, TrainConfig, grid, train
+from vqt_cache.train import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
 VTAB_GROUPS = {
@@ -184,13 +186,20 @@ def _check(p: Pipeline, path: Path) -> None:
 
 
 def _check_stores(p: Pipeline, entries: list[DatasetEntry]) -> None:
-    """Every store this shard needs exists and holds the protocol's splits, complete, before any training."""
-    splits = {p.protocol.select_train, p.protocol.select_eval, p.protocol.final_train, p.protocol.final_eval}
+    """Every store this shard needs exists and holds the protocol's training and validation splits, complete, and
+    the final test split is cached or is a split of the store's dataset (evaluated live), before any training."""
+    proto = p.protocol
+    splits = {proto.select_train, proto.select_eval, proto.final_train}
     for entry in entries:
         try:
             store = open_store(p.store_for(entry))
             for name in sorted(splits):
                 store.split(name)
+            if not store.has_split(proto.final_eval):
+                from vqt_cache.datasets import open_dataset  # image code, for a live test set only
+
+                dataset = store.attrs["dataset"]
+                open_dataset(dataset["name"], dataset["root"]).split(proto.final_eval)
         except VQTError as exc:
             raise VQTError(f"dataset {entry.name}: {exc}") from exc
 
@@ -325,6 +334,7 @@ def run_sweep(
             for seed in p.protocol.final_seeds
         )
         # a (method, T) whose every selection run diverged has no final runs; the report says it diverged
+        live = not open_store(store).has_split(p.protocol.final_eval)  # the test set is not cached: evaluate live
         results = (
             []
             if not finals
@@ -333,12 +343,16 @@ def run_sweep(
                 store,
                 finals,
                 p.protocol.final_train,
-                p.protocol.final_eval,
+                NO_EVAL if live else p.protocol.final_eval,
                 p.folder(entry, "final"),
                 one_pass,
                 progress,
             )
         )
+        untested = [r["dir"] for r in results if not r["diverged"]]
+        untested = [d for d in untested if read_evaluation(d, p.protocol.final_eval) is None]
+        if live and untested:  # one forward of the backbone over the test images serves every final run
+            evaluate(untested, p.protocol.final_eval, progress=progress)
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
                 folder = Path(result["dir"])

@@ -72,7 +72,7 @@ class TrainConfig:
     store: str
     runs: tuple[RunSpec, ...] = (RunSpec(),)
     train_split: str | None = None  # default: train800, else train
-    eval_split: str | None = None  # default: val200, else val, else test
+    eval_split: str | None = None  # default: val200, else val, else test; NO_EVAL: train without evaluating
     epochs: int = 100
     warmup_epochs: int = 10
     batch_size: int = 128
@@ -119,6 +119,9 @@ def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
 def derived_seed(seed: int, epoch: int) -> int:
     """A generator seed for (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+NO_EVAL = "none"  # an eval split that means: no evaluation during training (a test set evaluated live later)
 
 
 def resolve_split(store: Store, requested: str | None, preferences: tuple[str, ...], what: str) -> str:
@@ -379,12 +382,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     the whole call: another process training the same folders waits, then finds them complete.
     """
     store = open_store(cfg.store)
+    no_eval = cfg.eval_split == NO_EVAL
     splits = {
         "train": resolve_split(store, cfg.train_split, ("train800", "train"), "training"),
-        "eval": resolve_split(store, cfg.eval_split, ("val200", "val", "test"), "evaluation"),
+        "eval": None if no_eval else resolve_split(store, cfg.eval_split, ("val200", "val", "test"), "evaluation"),
     }
     train_split = store.split(splits["train"])
-    eval_split = store.split(splits["eval"])
+    eval_split = None if no_eval else store.split(splits["eval"])
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
     device = resolve_device(cfg.device)
     dirs = run_dirs(cfg, store)
@@ -414,7 +418,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
         budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
         num_classes = store.attrs["dataset"]["num_classes"]
         train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device=device, num_classes=num_classes)
-        eval_data = CachedSplit(
+        eval_data = eval_split and CachedSplit(
             eval_split,
             max(budget - train_data.resident_bytes, 0),
             cfg.batch_size,

@@ -1,0 +1,65 @@
+"""`vqt-cache plan` and the free-space check of extract: sizes before anything is written."""
+
+import json
+from pathlib import Path
+
+from vqt_cache import plan as plan_module
+from vqt_cache.plan import plan_extract, plan_pipeline
+from vqt_cache.store import image_bytes, open_store
+from vqt_cache.sweep import load_pipeline
+
+from conftest import TINY_EXTRACT, error_line, run_cli, tiny_extract_args
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("train800", "val200", "train800val200")
+
+
+def test_the_plan_of_an_extract_command_is_what_extract_writes(tmp_path):
+    out = tmp_path / "s.zarr"
+    kwargs = TINY_EXTRACT["model_kwargs"]
+    plan = plan_extract(TINY_EXTRACT["backbone"], "digits", str(out), None, SPLITS, "kv", "float16", kwargs)
+    assert [(s.name, s.images, s.cached, s.new_images) for s in plan.splits] == [
+        ("train800", 800, True, 800),
+        ("val200", 200, True, 200),
+        ("train800val200", 1000, True, 0),  # its images are train800's and val200's, stored once
+        ("test", 797, False, 0),
+    ]
+    assert not out.exists()  # nothing written
+    code, text = run_cli(*tiny_extract_args(",".join(SPLITS)), "--out", str(out))
+    assert code == 0, text
+    store = open_store(str(out))
+    layers = image_bytes(store.attrs["backbone"], "kv", "float16")
+    chunks = [f for f in (out / "images" / "kv").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    on_disk = sum(f.stat().st_size for f in chunks)
+    assert on_disk == 1000 * layers  # the plan's bytes per image, uncompressed, for each image once
+    assert plan.total_bytes == 1000 * plan.bytes_per_image
+    again = plan_extract(TINY_EXTRACT["backbone"], "digits", str(out), None, SPLITS, "kv", "float16", kwargs)
+    assert again.total_bytes == 0  # a complete store has nothing left to write
+
+
+def test_a_pipeline_plan_caches_training_splits_and_evaluates_test_live():
+    plans = plan_pipeline(load_pipeline(REPO / "pipelines" / "vtab1k.toml"), "hidden", "int8")
+    assert len(plans) == 19 and all(p.sizes_from == "published sizes" for p in plans)
+    for p in plans:
+        assert [(s.name, s.cached, s.new_images) for s in p.splits][:3] == [
+            ("train800", True, 800),
+            ("val200", True, 200),
+            ("train800val200", True, 0),
+        ]
+        assert p.splits[3].name == "test" and not p.splits[3].cached
+    total = sum(p.total_bytes for p in plans)
+    assert total == 19 * 1000 * plans[0].bytes_per_image and total <= 40e9  # the issue's goal for VTAB-1k
+    code, out = run_cli("plan", str(REPO / "pipelines" / "fgvc.toml"), "--json")
+    assert code == 0 and {p["dataset"] for p in json.loads(out)} >= {"fgvc/cub", "fgvc/nabirds"}
+
+
+def test_extract_refuses_a_store_that_cannot_fit_and_the_flag_overrides(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_module, "free_space", lambda _url: 10**6)
+    out = tmp_path / "s.zarr"
+    line = error_line(*run_cli(*tiny_extract_args("val200"), "--out", str(out)))
+    assert "GB are free" in line and "--no-space-check" in line
+    assert not out.exists()
+    code, text = run_cli(*tiny_extract_args("val200"), "--out", str(out), "--no-space-check")
+    assert code == 0, text
+    code, text = run_cli("plan", "--dataset", "digits", "--splits", "val200", "--out", str(out))
+    assert code == 0 and "to write: 0.00 GB" in text

@@ -1,0 +1,160 @@
+"""`vqt-cache plan`: what a store will hold and cost, before anything is written.
+
+For one extract command line, or for every dataset of a pipeline (whose training and validation splits are cached
+and whose test split is evaluated live unless its store holds it already): images per split, cached or evaluated
+live, the images each cached split adds to the store (an image is stored once, however many splits list it),
+bytes per image for the layout and dtype, the total still to write, and the free space where the store goes.
+Sizes come from the dataset on disk, or, when it is not there yet, from its official release's published split
+sizes. `extract` runs the same plan and refuses to start a store that cannot fit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vqt_cache.backbones import geometry
+from vqt_cache.datasets import Dataset, open_dataset, published_sizes
+from vqt_cache.errors import VQTError
+from vqt_cache.store import found_at, image_bytes, open_store
+
+
+@dataclass
+class SplitPlan:
+    name: str
+    images: int
+    cached: bool  # False: evaluated live, never stored
+    new_images: int  # images this split adds to the store (0 when live, stored already, or listed by another split)
+
+
+@dataclass
+class DatasetPlan:
+    dataset: str
+    store: str
+    layout: str
+    dtype: str
+    bytes_per_image: int  # the layers, uncompressed (int8: with scales), plus the final feature
+    splits: list[SplitPlan]
+    free_bytes: int | None  # None: unknown (object storage)
+    sizes_from: str  # "disk" or "published sizes"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.new_images for s in self.splits) * self.bytes_per_image
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.total_bytes <= self.free_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+def free_space(url: str) -> int | None:
+    """Free bytes on the file system a local store goes to (its nearest existing folder); None for URLs."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    path = Path(url.removeprefix("file://")).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def per_image_bytes(backbone: str, model_kwargs: dict, layout: str, dtype: str) -> int:
+    shape = geometry(backbone, **model_kwargs)
+    return image_bytes(shape, layout, dtype) + 4 * shape["dim"] + 1  # + final feature (float32) and valid flag
+
+
+def _stored_sources(url: str) -> tuple[set[str], set[str]]:
+    """Sources of the images a store at `url` holds written already, and its splits (empty when nothing is there)."""
+    if found_at(url) != "store":
+        return set(), set()
+    store = open_store(url)
+    images = store.images
+    done = images.done()
+    written = {
+        images.source(row) for row in range(images.num_rows) if images.keys[row] and done[row // images.shard_size]
+    }
+    return written, set(store.split_names())
+
+
+def _split_plans(
+    dataset: Dataset | None, name: str, root: str | None, cached: list[str], url: str
+) -> tuple[list[SplitPlan], str]:
+    """Every split of the dataset: cached ones (in `cached` order) with the images they add, the others live."""
+    stored, _ = _stored_sources(url)
+    if dataset is None:
+        try:
+            dataset = open_dataset(name, root)
+        except VQTError:
+            known = published_sizes(name)
+            if known is None:
+                raise
+            return _published_plans(name, known, cached, url), "published sizes"
+    for split in cached:
+        dataset.split(split)  # an unknown or empty split: one sentence
+    plans, seen = [], set(stored)
+    for split in cached:
+        sources = [source for source, _ in dataset.split(split)]
+        new = set(sources) - seen
+        seen |= new
+        plans.append(SplitPlan(split, len(sources), True, len(new)))
+    plans += [SplitPlan(s, len(items), False, 0) for s, items in dataset.splits.items() if s not in cached]
+    return plans, "disk"
+
+
+def _published_plans(name: str, known: tuple, cached: list[str], url: str) -> list[SplitPlan]:
+    sizes, unions = known
+    unknown = [s for s in cached if s not in sizes]
+    if unknown:
+        raise VQTError(f"dataset {name!r} has no split {unknown[0]!r} (it has {', '.join(sizes)})")
+    _, have = _stored_sources(url)
+    plans, seen = [], set(have)
+    for split in cached:
+        parts = unions.get(split, (split,))
+        new = sum(sizes[p] for p in parts if p not in seen) if split not in seen else 0
+        seen |= {split, *parts}
+        plans.append(SplitPlan(split, sizes[split], True, new))
+    return plans + [SplitPlan(s, n, False, 0) for s, n in sizes.items() if s not in cached]
+
+
+def plan_extract(
+    backbone: str,
+    dataset: str,
+    url: str,
+    root: str | None = None,
+    splits: tuple[str, ...] | None = None,
+    layout: str = "kv",
+    dtype: str = "float16",
+    model_kwargs: dict | None = None,
+    opened: Dataset | None = None,
+) -> DatasetPlan:
+    """The plan of one extract command (`opened`: the dataset, when the caller has it open already)."""
+    if opened is None and splits is None:
+        opened = open_dataset(dataset, root)  # every split of it: they must be known
+    cached = list(splits) if splits else list(opened.splits)
+    plans, sizes_from = _split_plans(opened, dataset, root, cached, url)
+    per_image = per_image_bytes(backbone, model_kwargs or {}, layout, dtype)
+    return DatasetPlan(dataset, url, layout, dtype, per_image, plans, free_space(url), sizes_from)
+
+
+def plan_pipeline(pipeline: Any, layout: str = "kv", dtype: str = "float16") -> list[DatasetPlan]:
+    """Per dataset of a pipeline: its training and validation splits cached, its test split live (unless its
+    store holds it already). An existing store keeps its own layout and dtype."""
+    proto = pipeline.protocol
+    training = [proto.select_train, proto.select_eval, proto.final_train]
+    plans = []
+    for entry in pipeline.datasets:
+        url = pipeline.store_for(entry)
+        root, kind, cached = None, (layout, dtype), list(dict.fromkeys(training))
+        if found_at(url) == "store":
+            store = open_store(url)
+            root, kind = store.attrs["dataset"]["root"], (store.attrs["layout"], store.attrs["dtype"])
+            if store.has_split(proto.final_eval):
+                cached.append(proto.final_eval)
+        splits, sizes_from = _split_plans(None, entry.name, root, cached, url)
+        per_image = per_image_bytes(pipeline.backbone, {}, *kind)
+        plans.append(DatasetPlan(entry.name, url, *kind, per_image, splits, free_space(url), sizes_from))
+    return plans
