@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, object_storage, quantization, stage_two, training
+from bench import extraction, live_eval, object_storage, quantization, sizing, stage_two, training
 
 BENCHES = {
     "stage_two": stage_two.run,
@@ -21,6 +21,8 @@ BENCHES = {
     "extraction": extraction.run,
     "object_storage": object_storage.run,
     "quantization": quantization.run,
+    "sizing": sizing.run,
+    "live_eval": live_eval.run,
 }
 
 
@@ -29,10 +31,13 @@ def main(argv: list[str]) -> None:
     only = [a for a in argv if not a.startswith("--")] or list(BENCHES)
     console = Console(width=200)
     rows = []
+    unknown = [name for name in only if name not in BENCHES]
+    if unknown:
+        sys.exit(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     for name in only:
         console.print(f"[bold]running {name}[/bold] ...")
         start = time.perf_counter()
-        rows += BENCHES[name](quick=quick)
+        rows += [{"suite": name, **row} for row in BENCHES[name](quick=quick)]
         console.print(f"  {name} took {time.perf_counter() - start:.0f} s")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = Table(
@@ -46,7 +51,10 @@ def main(argv: list[str]) -> None:
     console.print(table)
     out = Path(__file__).parent / "results.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    kept = []  # the rows of the benchmarks not run this time stay
+    if out.exists():
+        kept = [r for r in json.loads(out.read_text())["rows"] if r.get("suite", r.get("bench")) not in only]
+    out.write_text(json.dumps({"meta": meta, "rows": kept + rows}, indent=2))
     console.print(f"wrote {out}")
 
 

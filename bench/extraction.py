@@ -18,7 +18,8 @@ from PIL import Image
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash
 from vqt_cache.extract import ExtractConfig, extract_shards, store_attrs
-from vqt_cache.store import CODECS, create_store
+from vqt_cache.formats import CODECS
+from vqt_cache.store import create_store
 
 
 def _synthetic(n: int) -> Dataset:

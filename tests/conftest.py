@@ -140,7 +140,8 @@ def tiny_store(tmp_path_factory) -> str:
     from vqt_cache.extract import ExtractConfig, extract
 
     out = str(tmp_path_factory.mktemp("store") / "digits.zarr")
-    extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), out=out, workers=0))
+    kind = dict(layout="kv", dtype="float16")  # pinned: tests alter its kv chunks
+    extract(ExtractConfig(**TINY_EXTRACT, **kind, dataset="digits", splits=("train800", "val200"), out=out, workers=0))
     return out
 
 
@@ -151,6 +152,10 @@ def tiny_extract_args(splits: str | None, *options: str, dataset: str = "digits"
     chosen = ["--splits", splits] if splits else []
     return [
         "extract",
+        "--layout",  # pinned (options may override): tests read and alter kv chunks
+        "kv",
+        "--dtype",
+        "float16",
         "--backbone",
         TINY_EXTRACT["backbone"],
         "--weights",

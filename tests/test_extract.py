@@ -32,6 +32,8 @@ def config(tmp_path, name="s.zarr", **overrides) -> ExtractConfig:
         workers=0,
         batch_size=16,
         shard_size=32,
+        layout="kv",  # pinned: tests compare kv chunks
+        dtype="float16",
     )
     return ExtractConfig(**{**args, **overrides})
 
@@ -148,6 +150,10 @@ def test_rerun_over_complete_store_does_nothing(tmp_path):
         "32",
         "--workers",
         "0",
+        "--layout",
+        "kv",
+        "--dtype",
+        "float16",
         *[f"--model-arg={k}={v}" for k, v in cfg.model_kwargs.items()],
     )
     assert code == 0 and "nothing to do" in out
@@ -174,6 +180,17 @@ def test_newer_format_version_is_refused(tmp_path):
     open_store(cfg.store_url, mode="r+").group.attrs["format_version"] = 99
     with pytest.raises(VQTError, match="format_version 99.*upgrade"):
         open_store(cfg.store_url)
+
+
+def test_a_store_of_the_previous_format_gets_one_sentence_and_is_left_alone(tmp_path):
+    cfg = config(tmp_path)
+    extract(cfg)
+    open_store(cfg.store_url, mode="r+").group.attrs["format_version"] = 2  # each split's images apart
+    before = sorted((p, p.stat().st_mtime_ns) for p in Path(cfg.store_url).rglob("*"))
+    for args in (["info", cfg.store_url], ["train", "--store", cfg.store_url], tiny_extract_args("val200")):
+        code, out = run_cli(*args, *(["--out", cfg.store_url] if args[0] == "extract" else []))
+        assert code == 2 and "format_version 2" in out and "re-extract" in out and "Traceback" not in out
+    assert sorted((p, p.stat().st_mtime_ns) for p in Path(cfg.store_url).rglob("*")) == before
 
 
 def test_store_is_self_describing(tmp_path):

@@ -63,3 +63,9 @@ def test_extract_refuses_a_store_that_cannot_fit_and_the_flag_overrides(tmp_path
     assert code == 0, text
     code, text = run_cli("plan", "--dataset", "digits", "--splits", "val200", "--out", str(out))
     assert code == 0 and "to write: 0.00 GB" in text
+
+
+def test_new_stores_default_to_hidden_int8():
+    code, out = run_cli("plan", "--dataset", "digits", "--json")
+    [plan] = json.loads(out)
+    assert code == 0 and (plan["layout"], plan["dtype"]) == ("hidden", "int8")

@@ -89,7 +89,13 @@ def stores(tmp_path_factory) -> dict[str, str]:
         out[dtype] = str(root / f"{dtype}.zarr")
         extract(
             ExtractConfig(
-                **TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), dtype=dtype, out=out[dtype], workers=0
+                **TINY_EXTRACT,
+                dataset="digits",
+                splits=("train800", "val200"),
+                layout="kv",  # the batch test reads per-image maxima in the kv layout
+                dtype=dtype,
+                out=out[dtype],
+                workers=0,
             )
         )
     return out

@@ -112,29 +112,39 @@ class Backbone:
 
     @torch.no_grad()
     def forward_cache(
-        self, images: torch.Tensor, layout: str = "hidden", dtype: torch.dtype = torch.float32
+        self,
+        images: torch.Tensor,
+        layout: str = "hidden",
+        dtype: torch.dtype = torch.float32,
+        layer_major: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen model once; capture what stage two needs from inside its own blocks (no recompute).
 
-        Each layer's capture is copied once, cast to `dtype` on the way, into one per-image buffer.
+        Each layer's capture is copied once, cast to `dtype` on the way, into one buffer.
 
         Returns:
             final: (B, D) the model's own final feature f_0 (pre-logits), float32.
-            per-image layers in `dtype`: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at
-                norm1; or (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv.
+            layers in `dtype`: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at norm1; or
+                (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv. With
+                `layer_major`, the query path's own order instead: (L, B, N, D) or (L, 2, B, H, N, dh).
         """
         B, L, N, D, H = images.shape[0], self.depth, self.tokens, self.dim, self.heads
-        shape = (B, L, N, D) if layout == "hidden" else (B, L, 2, H, N, D // H)
+        if layer_major:
+            shape = (L, B, N, D) if layout == "hidden" else (L, 2, B, H, N, D // H)
+        else:
+            shape = (B, L, N, D) if layout == "hidden" else (B, L, 2, H, N, D // H)
         out = torch.empty(shape, dtype=dtype, device=images.device)
+        per_layer = out if layer_major else out.transpose(0, 1)  # indexed by layer first either way
 
         def capture_hidden(layer: int, x_hat: torch.Tensor) -> None:
-            out[:, layer].copy_(x_hat)
+            per_layer[layer].copy_(x_hat)
 
         def capture_kv(layer: int, qkv_out: torch.Tensor) -> None:
             _, k, v = qkv_out.chunk(3, dim=-1)
             keys, values = heads_kv(self.blocks[layer], k, v)
-            out[:, layer, 0].copy_(keys)  # (B, H, N, dh), cast on the copy
-            out[:, layer, 1].copy_(values)
+            kv = per_layer[layer] if layer_major else per_layer[layer].transpose(0, 1)  # (2, B, H, N, dh)
+            kv[0].copy_(keys)  # (B, H, N, dh), cast on the copy
+            kv[1].copy_(values)
 
         if layout == "hidden":
             modules, capture = [blk.norm1 for blk in self.blocks], capture_hidden

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT
 
 app = typer.Typer(
     help="Visual Query Tuning over cached ViT features: extract once, train many cheap experiments.",
@@ -85,11 +86,13 @@ def extract(
     dataset: Annotated[str, typer.Option(help="cub, fgvc/<task>, vtab1k/<task>, imagefolder or digits")],
     root: Annotated[str | None, typer.Option(help="dataset folder (default data/downloads/<dataset>)")] = None,
     splits: Annotated[str | None, typer.Option(help="comma-separated splits (default: all)")] = None,
-    layout: Annotated[str, typer.Option(help="kv (keys+values) or hidden (LN1 outputs, half the bytes)")] = "kv",
+    layout: Annotated[
+        str, typer.Option(help="hidden (LN1 outputs) or kv (keys+values, twice the bytes)")
+    ] = DEFAULT_LAYOUT,
     dtype: Annotated[
         str, typer.Option(help="float16, float32 or int8 (a float16 scale per token and 64 channels)")
-    ] = "float16",
-    codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = "none",
+    ] = DEFAULT_DTYPE,
+    codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = DEFAULT_CODEC,
     batch_size: Annotated[int, typer.Option(help="images per forward")] = 32,
     shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
@@ -170,8 +173,8 @@ def plan(
     dataset: Annotated[str | None, typer.Option(help="as for extract")] = None,
     root: Annotated[str | None, typer.Option(help="as for extract")] = None,
     splits: Annotated[str | None, typer.Option(help="splits to cache, as for extract (default: all)")] = None,
-    layout: Annotated[str, typer.Option(help="kv or hidden")] = "kv",
-    dtype: Annotated[str, typer.Option(help="float16, float32 or int8")] = "float16",
+    layout: Annotated[str, typer.Option(help="hidden or kv")] = DEFAULT_LAYOUT,
+    dtype: Annotated[str, typer.Option(help="int8, float16 or float32")] = DEFAULT_DTYPE,
     out: Annotated[str | None, typer.Option(help="as for extract")] = None,
     cache_root: Annotated[str, typer.Option(help="as for extract")] = "data/cache",
     model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,

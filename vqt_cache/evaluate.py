@@ -113,12 +113,6 @@ def _resume_point(dirs: list[str | Path], split: str, items_hash: str) -> tuple[
     return done, [s[:done] for s in saved]
 
 
-def _layer_major(layers: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, L, ...) per-image captures -> the query path's (L, 2, B, H, N, dh) or (L, B, N, D)."""
-    order = (1, 2, 0, 3, 4, 5) if layout == "kv" else (1, 0, 2, 3)
-    return layers.permute(order).contiguous()
-
-
 def live_logits(
     model: CachedVQT,
     backbone: Backbone,
@@ -158,8 +152,8 @@ def live_logits(
         for images, ok, errors in loader:
             if not ok.all():
                 raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
-            final, layers = backbone.forward_cache(images.to(device), layout=store.layout)
-            for i, out in enumerate(model(final, _layer_major(layers, store.layout))):
+            final, cache = backbone.forward_cache(images.to(device), layout=store.layout, layer_major=True)
+            for i, out in enumerate(model(final, cache)):
                 logits[i].append(out.float().cpu())
             done += len(images)
             if progress:

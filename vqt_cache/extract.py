@@ -26,8 +26,9 @@ from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, load_backbone, resolve_device
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT, DTYPES, LAYOUTS
 from vqt_cache.quantize import group_for, quantize
-from vqt_cache.store import CODECS, DTYPES, LAYOUTS, Images, Store, create_store, hash_rows, row_checksum
+from vqt_cache.store import Images, Store, create_store, hash_rows, row_checksum
 
 ON_BAD_IMAGE = ("fail", "skip")
 
@@ -40,9 +41,9 @@ class ExtractConfig:
     dataset: str
     root: str | None = None
     splits: tuple[str, ...] | None = None  # None: every split of the dataset
-    layout: str = "kv"
-    dtype: str = "float16"
-    codec: str = "none"
+    layout: str = DEFAULT_LAYOUT
+    dtype: str = DEFAULT_DTYPE
+    codec: str = DEFAULT_CODEC
     batch_size: int = 32
     shard_size: int = 64
     device: str = "auto"

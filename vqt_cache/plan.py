@@ -18,6 +18,7 @@ from typing import Any
 from vqt_cache.backbones import geometry
 from vqt_cache.datasets import Dataset, open_dataset, published_sizes
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
 from vqt_cache.store import found_at, image_bytes, open_store
 
 
@@ -126,8 +127,8 @@ def plan_extract(
     url: str,
     root: str | None = None,
     splits: tuple[str, ...] | None = None,
-    layout: str = "kv",
-    dtype: str = "float16",
+    layout: str = DEFAULT_LAYOUT,
+    dtype: str = DEFAULT_DTYPE,
     model_kwargs: dict | None = None,
     opened: Dataset | None = None,
 ) -> DatasetPlan:
@@ -140,7 +141,7 @@ def plan_extract(
     return DatasetPlan(dataset, url, layout, dtype, per_image, plans, free_space(url), sizes_from)
 
 
-def plan_pipeline(pipeline: Any, layout: str = "kv", dtype: str = "float16") -> list[DatasetPlan]:
+def plan_pipeline(pipeline: Any, layout: str = DEFAULT_LAYOUT, dtype: str = DEFAULT_DTYPE) -> list[DatasetPlan]:
     """Per dataset of a pipeline: its training and validation splits cached, its test split live (unless its
     store holds it already). An existing store keeps its own layout and dtype."""
     proto = pipeline.protocol

@@ -48,13 +48,11 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_names
+from vqt_cache.formats import CODECS, DTYPES, LAYOUTS
 from vqt_cache.quantize import bytes_per_value, dequantize, group_for
 
 FORMAT = "vqt-cache"
 FORMAT_VERSION = 3  # 2: labels and valid flags inside the shard checksums; 3: each image stored once
-LAYOUTS = ("kv", "hidden")
-DTYPES = ("float16", "float32", "int8")  # int8: quantized with a float16 scale per token and channel group
-CODECS = ("none", "zstd", "blosc")
 # attrs that must agree between a store and a run that writes into it
 IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
 
