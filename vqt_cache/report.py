@@ -79,7 +79,9 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             run = config["run"]
             if run["seed"] not in p.protocol.final_seeds:
                 continue
-            tested = read_evaluation(folder, p.protocol.final_eval) or metrics["final"]  # live, else during training
+            # tested during training, or (trained without an eval split) live afterwards
+            live = config["splits"].get("eval") is None
+            tested = (read_evaluation(folder, p.protocol.final_eval) or {}) if live else metrics["final"]
             final = {"test": tested.get("top1"), "diverged": bool(metrics.get("diverged"))}
             compressed = folder / "compressed" / "metrics.json"
             if compressed.exists() and not final["diverged"]:
