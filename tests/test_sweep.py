@@ -204,7 +204,7 @@ def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_pa
         path = tmp_path / f"{name}.toml"
         body = GOOD_PIPELINE.replace("STORE", store).replace("RUNS", str(tmp_path / name))
         body = body.replace('final_train = "train800"', 'final_train = "train800val200"')
-        path.write_text(body.replace('final_eval = "val200"', 'final_eval = "test"'))
+        path.write_text("compress = true\n" + body.replace('final_eval = "val200"', 'final_eval = "test"'))
         p = load_pipeline(path)
         assert p.protocol.final_eval == "test"
         run_sweep(p)
@@ -214,6 +214,8 @@ def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_pa
         assert len(finals) == 3 and all((e is not None) == (name == "live") for e in evaluated)
         if name == "live":
             assert all(e["live"] and e["images"] == 797 for e in evaluated)
+            assert sum("compressed" in e for e in evaluated) == 1  # the VQT run's compressed head, same pass
+    assert any(r["label"].endswith("compressed") for r in reports["live"])
     assert [(r["label"], r["test_top1_mean"]) for r in reports["live"]] == [
         (r["label"], r["test_top1_mean"]) for r in reports["cached"]
     ]

@@ -24,7 +24,7 @@ import torch
 from vqt_cache.backbones import Backbone, resolve_device
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
-from vqt_cache.files import load_torch, read_json, save_torch, write_json
+from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.model import CachedVQT
 from vqt_cache.store import Store
 from vqt_cache.train import accuracy, cached_logits, load_runs
@@ -68,13 +68,20 @@ def evaluate(
     batch_size = batch_size or configs[0]["recipe"]["batch_size"]
     num_classes = store.attrs["dataset"]["num_classes"]
     live = live or not store.has_split(split)
-    if live:
-        logits, labels = live_logits(model, backbone, store, split, dirs, root, batch_size, target, workers, progress)
+    compressed: list[dict | None] = [None] * len(dirs)
+    if live:  # a compressed run's head is evaluated in the same pass (compress itself tests on cached splits)
+        heads = [compressed_head(d) for d in dirs]
+        logits, labels = live_logits(
+            model, backbone, store, split, dirs, root, batch_size, target, workers, progress, heads
+        )
+        logits, packed = logits[: len(dirs)], logits[len(dirs) :]
+        for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
+            compressed[i] = accuracy(packed_logits, labels, num_classes)
     else:
         data = CachedSplit(store.split(split), memory_budget, batch_size, device=target, num_classes=num_classes)
         logits, labels = cached_logits(model.to(target), data)
     results = []
-    for folder, config, run_logits in zip(dirs, configs, logits, strict=True):
+    for folder, config, run_logits, packed_result in zip(dirs, configs, logits, compressed, strict=True):
         result = {
             "run": config["run"],
             "split": split,
@@ -83,10 +90,38 @@ def evaluate(
             "store": store.url,
             **accuracy(run_logits, labels, num_classes),
         }
+        if packed_result is not None:
+            result["compressed"] = packed_result
         _save(evaluation_path(folder, split), result)
         evaluation_path(folder, split, partial=True).unlink(missing_ok=True)  # ours: the logits of a resumed run
         results.append({**result, "dir": str(folder)})
     return results
+
+
+def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear] | None:
+    """A compressed run's (kept feature indices, head) from <run>/compressed/, or None if it was not compressed."""
+    out = Path(run_dir) / "compressed"
+    if not (out / "metrics.json").is_file():
+        return None
+    report = read_json(out / "metrics.json")
+    try:
+        k, F = int(report["features_kept"]), int(report["features_before"])
+        C = int(report["head_params_after"]) // (k + 1)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedFile(out / "metrics.json", f"missing or wrong entry {exc}") from exc
+    shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
+    tensors = load_tensors(out / "model.safetensors")
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            raise DamagedFile(out / "model.safetensors", f"no {name} of shape {shape}")
+    kept = tensors["feature_index"]
+    if len(kept) and (kept.min() < 0 or kept.max() >= F):
+        raise DamagedFile(out / "model.safetensors", "feature_index points outside the run's features")
+    head = torch.nn.Linear(k, C)
+    with torch.no_grad():
+        head.weight.copy_(tensors["head.weight"])
+        head.bias.copy_(tensors["head.bias"])
+    return kept, head.eval()
 
 
 def _save(path: Path, value: Any) -> None:
@@ -98,17 +133,25 @@ def _save(path: Path, value: Any) -> None:
         save_torch(path, value)
 
 
-def _resume_point(dirs: list[str | Path], split: str, items_hash: str) -> tuple[int, list[torch.Tensor]]:
-    """Images every run has logits for already (0 unless every run has a partial file of this very split)."""
-    saved = []
-    for folder in dirs:
+def _resume_point(
+    dirs: list[str | Path], split: str, items_hash: str, owners: list[int]
+) -> tuple[int, list[torch.Tensor]]:
+    """Images every output has logits for already, and those logits: each run's, then each compressed head's
+    (owners[j]: the run of compressed head j). 0 unless every run has a partial file of this very split."""
+    runs, heads = [], []
+    for i, folder in enumerate(dirs):
         path = evaluation_path(folder, split, partial=True)
         if not path.is_file():
             return 0, []
         state = load_torch(path)
         if state.get("items") != items_hash or not isinstance(state.get("logits"), torch.Tensor):
             return 0, []
-        saved.append(state["logits"])
+        if i in owners and not isinstance(state.get("compressed"), torch.Tensor):
+            return 0, []
+        runs.append(state["logits"])
+        if i in owners:
+            heads.append(state["compressed"])
+    saved = runs + heads
     done = min(len(s) for s in saved)
     return done, [s[:done] for s in saved]
 
@@ -124,9 +167,11 @@ def live_logits(
     device: torch.device,
     workers: int,
     progress: Progress | None,
+    compressed: list[tuple[torch.Tensor, torch.nn.Linear] | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every run's logits (on the CPU) and the labels over a split of the store's dataset, from one frozen forward
-    per batch of images."""
+    per batch of images; then, for each run with a `compressed` (kept features, head), that head's logits."""
+    extra = [(i, kept.to(device), head.to(device)) for i, c in enumerate(compressed or []) if c for kept, head in [c]]
     from vqt_cache.datasets import ImageSplit, index_hash, open_dataset
 
     attrs = store.attrs
@@ -137,8 +182,9 @@ def live_logits(
     if ((labels < 0) | (labels >= recorded["num_classes"])).any():
         raise VQTError(f"split {split!r} has labels outside the {recorded['num_classes']} classes of the store")
     items_hash = index_hash(items)
-    done, logits = _resume_point(dirs, split, items_hash)
-    logits = [[saved] for saved in logits] or [[] for _ in model.runs]
+    owners = [i for i, _, _ in extra]
+    done, logits = _resume_point(dirs, split, items_hash, owners)
+    logits = [[saved] for saved in logits] or [[] for _ in range(len(model.runs) + len(extra))]
     loader = torch.utils.data.DataLoader(
         ImageSplit(dataset, items[done:], attrs["preprocessing"]), batch_size=batch_size, num_workers=workers
     )
@@ -153,14 +199,19 @@ def live_logits(
             if not ok.all():
                 raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
             final, cache = backbone.forward_cache(images.to(device), layout=store.layout, layer_major=True)
-            for i, out in enumerate(model(final, cache)):
+            features = model.features(final, cache)
+            outputs = [run.head(f) for run, f in zip(model.runs, features, strict=True)]
+            outputs += [head(features[i][:, kept]) for i, kept, head in extra]
+            for i, out in enumerate(outputs):
                 logits[i].append(out.float().cpu())
             done += len(images)
             if progress:
                 progress(label, done, len(items))
             if time.monotonic() - saved_at > SAVE_EVERY_S and done < len(items):
-                for folder, run_logits in zip(dirs, logits, strict=True):
-                    state = {"items": items_hash, "logits": torch.cat(run_logits)}
+                for i, folder in enumerate(dirs):
+                    state = {"items": items_hash, "logits": torch.cat(logits[i])}
+                    if i in owners:
+                        state["compressed"] = torch.cat(logits[len(dirs) + owners.index(i)])
                     _save(evaluation_path(folder, split, partial=True), state)
                 saved_at = time.monotonic()
     return [torch.cat(run_logits) for run_logits in logits], labels

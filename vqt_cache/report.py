@@ -87,7 +87,10 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             if compressed.exists() and not final["diverged"]:
                 try:
                     report = read_json(compressed)
-                    if p.protocol.final_eval in report["accuracy"]:  # compress evaluates cached splits only
+                    if live and "compressed" in tested:  # evaluated live with the run
+                        final["compressed"] = tested["compressed"]["top1"]
+                        final["kept"] = report["features_kept"]
+                    elif p.protocol.final_eval in report["accuracy"]:
                         final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
                         final["kept"] = report["features_kept"]
                 except (KeyError, TypeError) as exc:

@@ -349,20 +349,27 @@ def run_sweep(
                 progress,
             )
         )
-        untested = [r["dir"] for r in results if not r["diverged"]]
-        untested = [d for d in untested if read_evaluation(d, p.protocol.final_eval) is None]
-        if live and untested:  # one forward of the backbone over the test images serves every final run
-            evaluate(untested, p.protocol.final_eval, progress=progress)
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
                 folder = Path(result["dir"])
                 compressed = (folder / "compressed" / "metrics.json").exists()
                 if result["name"].startswith("vqt-") and not result["diverged"] and not compressed:
                     compress(folder, keep=p.keep)
+        if live:  # one forward of the backbone over the test images serves every final run (and compressed head)
+            untested = [r["dir"] for r in results if not r["diverged"] and not _tested(r["dir"], p.protocol.final_eval)]
+            if untested:
+                evaluate(untested, p.protocol.final_eval, progress=progress)
         done += (len(entry.queries) + len(p.baselines)) * seeds
         if on_run:
             on_run(done, total)
     return [d.name for d in mine]
+
+
+def _tested(run_dir: str, split: str) -> bool:
+    """Whether a final run has its live result on `split` (with its compressed head's, if it was compressed)."""
+    result = read_evaluation(run_dir, split)
+    compressed = (Path(run_dir) / "compressed" / "metrics.json").exists()
+    return result is not None and (not compressed or "compressed" in result)
 
 
 def run_folders(parent: Path) -> list[Path]:
