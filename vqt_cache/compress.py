@@ -20,6 +20,7 @@ from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
+from vqt_cache.query import flush_subnormals
 from vqt_cache.run_folder import claimed
 from vqt_cache.train import accuracy, derived_seed, load_run, lr_factor
 
@@ -77,6 +78,7 @@ def compress(
         raise VQTError(f"--keep must be in (0, 1], got {keep}")
     if not (math.isfinite(lasso) and lasso >= 0):
         raise VQTError(f"--lasso must be a finite number >= 0, got {lasso}")
+    flush_subnormals()
     config, store, _, model = load_run(run_dir)
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")

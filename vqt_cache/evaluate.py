@@ -26,6 +26,7 @@ from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.model import CachedVQT
+from vqt_cache.query import flush_subnormals
 from vqt_cache.store import Store
 from vqt_cache.train import accuracy, cached_logits, load_runs
 
@@ -62,6 +63,7 @@ def evaluate(
     live: None evaluates from the cache when the store holds the split and live otherwise; True always live.
     root: overrides the dataset root recorded in the store (live only).
     """
+    flush_subnormals()
     dirs = [run_dirs] if isinstance(run_dirs, str | Path) else list(run_dirs)
     configs, store, backbone, model = load_runs(dirs, store_url)
     target = resolve_device(device)

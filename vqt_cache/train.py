@@ -26,6 +26,7 @@ from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile
 from vqt_cache.model import METHODS, CachedVQT, Run
+from vqt_cache.query import flush_subnormals
 from vqt_cache.run_folder import RunFolder, check_parent, claimed, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
@@ -381,6 +382,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     A diverged run is a result with `diverged` true and no accuracy. Each run folder is claimed and locked for
     the whole call: another process training the same folders waits, then finds them complete.
     """
+    flush_subnormals()  # else the trained regime runs four times slower on a CPU
     store = open_store(cfg.store)
     no_eval = cfg.eval_split == NO_EVAL
     splits = {
