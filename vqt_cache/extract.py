@@ -280,9 +280,9 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     url = cfg.store_url
 
     if rank == 0:
-        _check_space(cfg, dataset, split_names)
         weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         with _creation_lock(url):  # other extract processes on the same store wait here, then find it made
+            _check_space(cfg, dataset, split_names)  # reads the store: never while another process adds to it
             store = create_store(url, attrs, weights, shard_size=cfg.shard_size)
             for name in split_names:
                 _prepare_split(store, dataset, name)
