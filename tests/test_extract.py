@@ -337,3 +337,21 @@ def test_a_split_added_later_reuses_the_images_the_store_holds(tmp_path):
     kv, _, _ = captured_from_model(config(tmp_path, dtype="float16"), "train800val200")
     np.testing.assert_array_equal(union.load()[0], kv.astype(np.float16))
     assert extract(config(tmp_path, splits=("train800val200", "val200"))).nothing_to_do
+
+
+def test_a_table_grown_but_not_committed_reads_as_before_and_the_next_writer_undoes_it(tmp_path):
+    """An extract adding images grows the arrays first, then commits: a reader in between, or after a kill, sees
+    the committed rows only, and the next extract shrinks the uncommitted growth back before it appends."""
+    from vqt_cache.verify import verify
+
+    cfg = config(tmp_path)
+    extract(cfg)
+    before = open_store(cfg.store_url).split("val200").load()[0]
+    images = open_store(cfg.store_url, mode="r+").images
+    images._resize(images.num_rows + 64)  # what a kill between growing and committing leaves
+    np.testing.assert_array_equal(open_store(cfg.store_url).split("val200").load()[0], before)
+    assert verify(cfg.store_url)["faults"] == []
+    extract(config(tmp_path, splits=("val200", "train800")))
+    store = open_store(cfg.store_url)
+    assert store.images.block_stops == [200, 224 + 800] and store.images.features.shape[0] == 1024
+    assert verify(cfg.store_url)["faults"] == []

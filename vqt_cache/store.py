@@ -163,11 +163,16 @@ def image_bytes(backbone: dict, layout: str, dtype: str) -> int:
     return round(math.prod(shape) * bytes_per_value(dtype, group_for(shape[-1])))
 
 
-def _check_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str) -> None:
+def _check_array(
+    group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str, growing: bool = False
+) -> None:
+    """growing: the array may have more rows than the attributes commit (another process is adding images)."""
     if name not in group.array_keys():
         raise VQTError(f"{where} is damaged: array {name!r} is missing; re-extract it")
     array = group[name]
     found = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
+    if growing and found[0] and found[0][0] > shape[0]:
+        shape = (found[0][0], *shape[1:])  # rows beyond the committed ones are never read
     if found != (tuple(shape), dtype, tuple(chunks)):
         raise VQTError(
             f"{where} is damaged: array {name!r} has shape {found[0]}, dtype {found[1]}, chunks {found[2]}, "
@@ -313,14 +318,15 @@ class Images:
         if shard_size < 1 or (stops[-1] if stops else 0) != M or stops != sorted(set(stops)):
             raise VQTError(f"{where} is damaged: its shard size, blocks and rows disagree; re-extract it")
         shape, scales = array_shapes(M, backbone, self.layout, self.dtype)
-        _check_array(self.group, self.layout, shape, self.dtype, (1, *shape[1:]), where)
+        grows = dict(where=where, growing=True)  # an append in progress grows the arrays before it commits
+        _check_array(self.group, self.layout, shape, self.dtype, (1, *shape[1:]), **grows)
         if scales is not None:
-            _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), where)
+            _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), **grows)
         D = backbone["dim"]
-        _check_array(self.group, "final", (M, D), "float32", (shard_size, D), where)
-        _check_array(self.group, "valid", (M,), "uint8", (shard_size,), where)
-        _check_array(self.group, "shard_done", (self.num_shards,), "uint8", (1,), where)
-        _check_array(self.group, "checksum", (self.num_shards, 32), "uint8", (1, 32), where)
+        _check_array(self.group, "final", (M, D), "float32", (shard_size, D), **grows)
+        _check_array(self.group, "valid", (M,), "uint8", (shard_size,), **grows)
+        _check_array(self.group, "shard_done", (self.num_shards,), "uint8", (1,), **grows)
+        _check_array(self.group, "checksum", (self.num_shards, 32), "uint8", (1, 32), **grows)
 
     def _arrays(self) -> dict[str, zarr.Array]:
         return {name: self.group[name] for name in self.group.array_keys()}
