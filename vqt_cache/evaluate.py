@@ -112,10 +112,7 @@ def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear]
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(out / "metrics.json", f"missing or wrong entry {exc}") from exc
     shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
-    tensors = load_tensors(out / "model.safetensors")
-    for name, shape in shapes.items():
-        if name not in tensors or tuple(tensors[name].shape) != shape:
-            raise DamagedFile(out / "model.safetensors", f"no {name} of shape {shape}")
+    tensors = load_tensors(out / "model.safetensors", shapes)
     kept = tensors["feature_index"]
     if len(kept) and (kept.min() < 0 or kept.max() >= F):
         raise DamagedFile(out / "model.safetensors", "feature_index points outside the run's features")

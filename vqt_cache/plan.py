@@ -19,7 +19,7 @@ from vqt_cache.backbones import geometry
 from vqt_cache.datasets import Dataset, open_dataset, published_sizes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
-from vqt_cache.store import found_at, image_bytes, open_store
+from vqt_cache.store import found_at, image_bytes, key_source, open_store
 
 
 @dataclass
@@ -75,9 +75,8 @@ def _stored_sources(url: str) -> tuple[set[str], set[str]]:
     store = open_store(url)
     images = store.images
     done = images.done()
-    written = {
-        images.source(row) for row in range(images.num_rows) if images.keys[row] and done[row // images.shard_size]
-    }
+    keys = images.keys
+    written = {key_source(key) for row, key in enumerate(keys) if key and done[row // images.shard_size]}
     return written, set(store.split_names())
 
 
@@ -85,7 +84,7 @@ def _split_plans(
     dataset: Dataset | None, name: str, root: str | None, cached: list[str], url: str
 ) -> tuple[list[SplitPlan], str]:
     """Every split of the dataset: cached ones (in `cached` order) with the images they add, the others live."""
-    stored, _ = _stored_sources(url)
+    stored, have = _stored_sources(url)
     if dataset is None:
         try:
             dataset = open_dataset(name, root)
@@ -93,7 +92,7 @@ def _split_plans(
             known = published_sizes(name)
             if known is None:
                 raise
-            return _published_plans(name, known, cached, url), "published sizes"
+            return _published_plans(name, known, cached, have), "published sizes"
     for split in cached:
         dataset.split(split)  # an unknown or empty split: one sentence
     plans, seen = [], set(stored)
@@ -106,12 +105,12 @@ def _split_plans(
     return plans, "disk"
 
 
-def _published_plans(name: str, known: tuple, cached: list[str], url: str) -> list[SplitPlan]:
+def _published_plans(name: str, known: tuple, cached: list[str], have: set[str]) -> list[SplitPlan]:
+    """The plans from a release's published sizes; `have`: the splits the store holds already."""
     sizes, unions = known
     unknown = [s for s in cached if s not in sizes]
     if unknown:
         raise VQTError(f"dataset {name!r} has no split {unknown[0]!r} (it has {', '.join(sizes)})")
-    _, have = _stored_sources(url)
     plans, seen = [], set(have)
     for split in cached:
         parts = unions.get(split, (split,))

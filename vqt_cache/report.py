@@ -87,11 +87,15 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             if compressed.exists() and not final["diverged"]:
                 try:
                     report = read_json(compressed)
-                    if live and "compressed" in tested:  # evaluated live with the run
-                        final["compressed"] = tested["compressed"]["top1"]
-                        final["kept"] = report["features_kept"]
-                    elif p.protocol.final_eval in report["accuracy"]:
-                        final["compressed"] = report["accuracy"][p.protocol.final_eval]["after"]["top1"]
+                    if live:  # evaluated live with the run
+                        packed = tested.get("compressed")
+                    else:  # compress tested it on the cached split
+                        accuracies = report["accuracy"]
+                        packed = (
+                            accuracies[p.protocol.final_eval]["after"] if p.protocol.final_eval in accuracies else None
+                        )
+                    if packed is not None:
+                        final["compressed"] = packed["top1"]
                         final["kept"] = report["features_kept"]
                 except (KeyError, TypeError) as exc:
                     raise DamagedFile(compressed, f"no {exc} entry") from exc

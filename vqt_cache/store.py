@@ -180,6 +180,11 @@ def _check_array(
         )
 
 
+def key_source(key: str) -> str:
+    """The source of an image key "<source>#<content digest>" (datasets.Dataset.image_key makes them)."""
+    return key.rsplit("#", 1)[0]
+
+
 def _read(array: zarr.Array, selection: Any, what: str) -> np.ndarray:
     try:
         return array[selection]
@@ -241,7 +246,7 @@ class Images:
         return group_for(self.features.shape[-1])
 
     def source(self, row: int) -> str:
-        return self.keys[row].rsplit("#", 1)[0]
+        return key_source(self.keys[row])
 
     def row(self, row: int) -> np.ndarray:
         """One image's features as stored (float16/float32), or dequantized to float32 (int8)."""
@@ -554,7 +559,7 @@ class Store:
     def create_split(self, name: str, keys: list[str], labels: list[int], index_hash: str) -> Split:
         """Create a split of the images `keys` ("<source>#<content digest>"): images the store does not hold yet
         are appended to the image table as one block (their data is written later, shard by shard)."""
-        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+        images = self.images
         known = {key: row for row, key in enumerate(images.keys) if key}
         new = list(dict.fromkeys(key for key in keys if key not in known))
         if new:
@@ -575,7 +580,7 @@ class Store:
                 "num_samples": n,
                 "index_hash": index_hash,
                 "rows_hash": _rows_hash(rows, labels_array),
-                "sources": [key.rsplit("#", 1)[0] for key in keys],
+                "sources": [key_source(key) for key in keys],
             }
         )
         return Split(group, self.images)
@@ -584,15 +589,14 @@ class Store:
         """Record new contents for images of `split` that were never written (an unreadable image the user has
         since fixed); False, changing nothing, when anything else differs (other sources, labels, or a written image).
         """
-        rows = split.rows()
-        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+        rows, images = split.rows(), split.images
         old = [images.keys[row] for row in rows]
         if len(keys) != len(rows) or split.labels().tolist() != list(labels):
             return False
         changed = [i for i, (a, b) in enumerate(zip(old, keys, strict=True)) if a != b]
         done = images.done()
         for i in changed:
-            if old[i].rsplit("#", 1)[0] != keys[i].rsplit("#", 1)[0] or done[rows[i] // images.shard_size]:
+            if key_source(old[i]) != key_source(keys[i]) or done[rows[i] // images.shard_size]:
                 return False
         if changed:
             table = list(images.keys)
