@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, live_eval, object_storage, quantization, sizing, stage_two, training
+from bench import extraction, live_eval, object_storage, precision, quantization, sizing, stage_two, training
 
 BENCHES = {
     "stage_two": stage_two.run,
@@ -21,6 +21,7 @@ BENCHES = {
     "extraction": extraction.run,
     "object_storage": object_storage.run,
     "quantization": quantization.run,
+    "precision": precision.run,
     "sizing": sizing.run,
     "live_eval": live_eval.run,
 }

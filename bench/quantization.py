@@ -80,6 +80,7 @@ def run(quick: bool = False) -> list[dict]:
                         eval_split="test",
                         eval_every=epochs,
                         out=out,
+                        precision="float32",  # the stores' errors alone (bench/precision.py measures bf16)
                     )
                 )
                 accuracy[dtype] = [evaluate(r["dir"], "test")[0]["top1"] for r in results]

@@ -36,7 +36,9 @@ GiB = 2**30
 def synthetic_store(path: str, backbone, layout: str, n_train: int, n_eval: int = 16) -> str:
     """A ViT-B/16 store with the real frozen weights and random float16 features (one random image, repeated)."""
     dataset = _synthetic(1)
-    attrs = store_attrs(backbone, dataset, ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout))
+    attrs = store_attrs(
+        backbone, dataset, ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout, dtype="float16")
+    )
     weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()}
     store = create_store(path, attrs, weights)
     rng = np.random.default_rng(0)

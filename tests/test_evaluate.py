@@ -31,7 +31,9 @@ def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, lay
     store = str(tmp_path / "s.zarr")
     common = dict(dataset="digits", dtype="float32", layout=layout, workers=0)
     extract(ExtractConfig(**TINY_EXTRACT, **common, splits=("train800", "val200"), out=store))
-    cfg = TrainConfig(store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(tmp_path / "runs"))
+    cfg = TrainConfig(
+        store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(tmp_path / "runs"), precision="float32"
+    )
     dirs = [r["dir"] for r in train(cfg)]
     _, st, backbone, model = load_runs(dirs)
     cached, labels = cached_logits(model, CachedSplit(st.split("val200"), batch_size=64))

@@ -23,7 +23,9 @@ VQT_T2 = RunSpec("vqt", 2, 0.5, 1e-3, 0)
 
 
 def cfg(store, out, runs=(VQT_T2,), **overrides) -> TrainConfig:
-    args = dict(store=store, runs=tuple(runs), epochs=4, warmup_epochs=1, batch_size=64, out=str(out))
+    args = dict(
+        store=store, runs=tuple(runs), epochs=4, warmup_epochs=1, batch_size=64, out=str(out), precision="float32"
+    )
     return TrainConfig(**{**args, **overrides})
 
 

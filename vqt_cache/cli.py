@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT
+from vqt_cache.formats import DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT, DEFAULT_PRECISION
 
 app = typer.Typer(
     help="Visual Query Tuning over cached ViT features: extract once, train many cheap experiments.",
@@ -340,6 +340,9 @@ def train(
     out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
     memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="query-path arithmetic: float32, bf16 (bfloat16 matmuls), auto (bf16 where fast)")
+    ] = DEFAULT_PRECISION,
     eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = 1,
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N epochs, for resume")] = 10,
     cache_root: Annotated[str, typer.Option(help="where to look for the store")] = "data/cache",
@@ -373,6 +376,7 @@ def train(
         dropout=dropout,
         memory_budget=_gib(memory_budget),
         device=device,
+        precision=precision,
         out=out,
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
@@ -423,6 +427,9 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = 2,
+    precision: Annotated[
+        str | None, typer.Option(help="float32, bf16 or auto (default: what the runs trained with)")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """Top-1 and mean per-class accuracy of trained runs on a split; each result goes into its run folder.
@@ -448,6 +455,7 @@ def evaluate(
             workers=workers,
             progress=None if json_out else update,
             live=live or None,
+            precision=precision,
         )
     if json_out:
         print(json.dumps(results if len(results) > 1 else results[0]))

@@ -31,7 +31,7 @@ def _features(model, data: CachedSplit) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     with torch.no_grad():
         for batch in data.batches():
-            feats.append(model.features(batch.final, batch.cache)[0])
+            feats.append(model.features(batch.final, batch.cache, None, batch.means)[0])
             labels.append(batch.labels)
     return torch.cat(feats), torch.cat(labels)
 
@@ -87,7 +87,7 @@ def compress(
         raise VQTError(f"{out} holds {describe_entries(out)}, more than compress writes; move them away first")
     spec, recipe, C = config["run"], config["recipe"], config["model"]["num_classes"]
     train_split = store.split(config["splits"]["train"])
-    train_x, train_y = _features(model, CachedSplit(train_split, memory_budget, num_classes=C))
+    train_x, train_y = _features(model, CachedSplit(train_split, memory_budget, num_classes=C, **model.reads()))
     lr = 0.5 * spec["lr"]
     seed = derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
     lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
@@ -106,7 +106,7 @@ def compress(
     )
     accuracies = {}
     for name in eval_splits:
-        x, y = _features(model, CachedSplit(store.split(name), memory_budget, num_classes=C))
+        x, y = _features(model, CachedSplit(store.split(name), memory_budget, num_classes=C, **model.reads()))
         with torch.no_grad():
             accuracies[name] = {
                 "before": accuracy(model.runs[0].head(x), y, C),

@@ -1,10 +1,15 @@
 """Stage-two data: batches from a store split, in the layer-major layout the query path reads.
 
-A split is held in memory when it fits the memory budget, and streamed image by image from the store otherwise
-(one Zarr chunk per image, so random access is cheap; a few images are read at once, for object stores). Either
-way a batch is built the same way, one copy per image that casts to float32 and moves the batch axis inside, so
-both modes give bit-identical batches. A background thread prepares the next batches while the current one
-trains. No image code, no timm.
+Features stay in their stored dtype (int8 with float32 copies of their scales, float16 or float32) until a batch
+is made. A split that fits the memory budget lives on the training device, layer-major; a batch is gathered there
+with one index_select and widened (cast, then int8 scaled) to the query path's dtype in place. A split that does
+not fit is streamed: a background thread reads the batch's rows from the store (one Zarr chunk per image, a few
+at once, for object stores) into a host staging buffer (pinned, for a GPU), copies it to the device on a side
+stream while the current batch computes, and the batch is widened there the same way. Both modes widen the same
+stored values with the same ops, so they give bit-identical batches. No image code, no timm.
+
+Runs that read no cached tokens read only what they need: f_0 for the linear probe, and each layer's mean token
+for the pooled baseline, computed once per split while its shards are checked.
 
 Nothing is trusted unchecked: on opening, every shard the split reads is checked against the checksum recorded
 when it was written (features, final features, valid flags), and its rows and labels against their hash, so a
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 
 from vqt_cache.errors import VQTError
-from vqt_cache.quantize import dequantize
+from vqt_cache.heads import token_means
 from vqt_cache.store import Split
 
 # Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
@@ -42,9 +47,28 @@ def default_memory_budget() -> int:
 @dataclass
 class Batch:
     final: torch.Tensor  # (B, D) float32
-    cache: torch.Tensor  # (L, 2, B, H, N, dh) or (L, B, N, D), float32
+    cache: torch.Tensor | None  # (L, 2, B, H, N, dh) or (L, B, N, D) in the query path's dtype; None: not read
+    means: torch.Tensor | None  # (B, L, D) float32 per-layer mean tokens (the pooled baseline); None: not read
     labels: torch.Tensor  # (B,) int64
-    rows: np.ndarray  # store row of each image
+    rows: np.ndarray  # split position of each image
+
+
+def widen(values: torch.Tensor, scales: torch.Tensor | None, group: int, out: torch.Tensor) -> torch.Tensor:
+    """Stored features -> `out` (float32 or bfloat16, same shape): a cast, and for int8 the product with each
+    channel group's scale (float32, `rescale`)."""
+    out.copy_(values)
+    if scales is not None:
+        rescale(out, scales, group)
+    return out
+
+
+def rescale(out: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """Multiply int8 values already cast into `out` by their scales (..., C // group), in place. Into float32 this
+    is exactly the stored value; into bfloat16 the scale is rounded to bfloat16 first (a relative error of at most
+    2^-8 per value, against 2^-9 for bfloat16 itself)."""
+    channels = out.shape[-1]
+    out.unflatten(-1, (channels // group, group)).mul_(scales.to(out.dtype).unsqueeze(-1))
+    return out
 
 
 class CachedSplit:
@@ -57,135 +81,212 @@ class CachedSplit:
         batch_size: int = 128,
         device: torch.device | str = "cpu",
         num_classes: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        cache: bool = True,
+        means: bool = False,
     ) -> None:
-        """Hold the split in memory if its valid rows and two batches fit `memory_budget` bytes, else stream it.
+        """Serve `split` on `device`; batches carry the cache in `dtype` if `cache`, the mean tokens if `means`.
 
-        The budget covers the resident features and the float32 batch buffers: two in memory (one trained on,
-        one being filled), and as many as fit (at least two) when streaming, to read ahead.
+        The split's features are held on the device if they and two widened batches fit `memory_budget` bytes
+        (and, on a GPU, 80% of its free memory); else they are streamed, with as many staging batches (stored
+        dtype, on the host) as fit, at least two, to read ahead.
         """
-        self.split, self.batch_size, self.device = split, batch_size, torch.device(device)
-        self.rows = np.flatnonzero(split.valid())  # rows of the split (not of the store's image table)
-        self.labels = torch.from_numpy(split.labels())
-        self.final = torch.from_numpy(split.final())
+        self.split, self.batch_size, self.device, self.dtype = split, batch_size, torch.device(device), dtype
+        self.rows = np.flatnonzero(split.valid())  # split positions (not rows of the store's image table)
+        labels = torch.from_numpy(split.labels())
         if not len(self.rows):
             raise VQTError(f"split {split.name!r} has no valid images (every image was skipped at extraction)")
-        if (self.labels[self.rows] < 0).any():
+        if (labels[self.rows] < 0).any():
             raise VQTError(f"split {split.name!r} has no labels (label -1); it can be evaluated on, not trained on")
-        if num_classes is not None and (self.labels[self.rows] >= num_classes).any():
+        if num_classes is not None and (labels[self.rows] >= num_classes).any():
             raise VQTError(
                 f"split {split.name!r} has labels beyond the {num_classes} classes of the run; re-extract it"
             )
+        self.num_classes = int(labels.max()) + 1
+        self.labels = labels.to(self.device)
+        self.final = torch.from_numpy(split.final()).to(self.device)
+        self._resident = np.full(split.num_samples, -1)  # split position -> index among the valid rows
+        self._resident[self.rows] = np.arange(len(self.rows))
+        self.reads_cache = cache
         images = split.images
-        self.row_shape = split.row_shape
+        self.layout, self.group, self.row_shape = split.layout, images.group_size, split.row_shape
         self.batch_axis = 2 if split.layout == "kv" else 1  # (L, 2, B, ...) or (L, B, ...)
-        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.row_bytes = int(np.prod(self.row_shape)) * images.features.dtype.itemsize
-        if split.quantized:  # int8 values and their float16 scales, dequantized row by row into the batch
-            self.row_bytes += int(np.prod(images.scales.shape[1:])) * 2
-        budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.stored_dtype = torch.from_numpy(np.empty(0, images.features.dtype)).dtype
+        self.scale_shape = tuple(images.scales.shape[1:]) if split.quantized else None
+        self.row_bytes = int(np.prod(self.row_shape)) * self.stored_dtype.itemsize
+        if self.scale_shape:  # scales are held in float32
+            self.row_bytes += int(np.prod(self.scale_shape)) * 4
         self.batch_rows = max(min(batch_size, len(self.rows)), 1)  # a buffer's batch size
-        self.batch_bytes = self.batch_rows * int(np.prod(self.row_shape)) * 4  # one float32 batch buffer
-        self.in_memory = len(self.rows) * self.row_bytes + 2 * self.batch_bytes <= budget
-        self._features = self._scales = None
-        self._pool: list[torch.Tensor] = []
-        if self.in_memory:
-            self.buffers = 2
-            features, scales = split.load()  # every shard read is checked against its checksum
-            self._features = torch.from_numpy(features)
-            self._scales = None if scales is None else torch.from_numpy(scales)
-        else:  # the rows being read ahead come out of the budget too
-            split.check_shards()
-            self.buffers = max(2, (budget - READERS * self.row_bytes) // self.batch_bytes)
+        self.batch_bytes = self.batch_rows * int(np.prod(self.row_shape)) * dtype.itemsize  # one widened batch
+        self.staging_bytes = self.batch_rows * self.row_bytes
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        features = len(self.rows) * self.row_bytes
+        fits = features + 2 * self.batch_bytes <= budget
+        if fits and self.device.type == "cuda":
+            fits = features + 2 * self.batch_bytes <= 0.8 * torch.cuda.mem_get_info(self.device)[0]
+        self.in_memory = fits or not cache
+        self.means = torch.empty((len(self.rows), *self._means_shape()), device=self.device) if means else None
+        self._values = self._scales = None
+        self._widened: list[torch.Tensor] = []  # two, alternating
+        self._staging: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if cache and fits:
+            self.buffers = 0  # staging batches
+            self._load()
+        else:  # one sequential read checks every shard (and computes the means); the features are not kept
+            self._scan()
+            spare = budget - READERS * self.row_bytes - 2 * self.batch_bytes
+            self.buffers = max(2, spare // self.staging_bytes) if cache else 0
+
+    def _means_shape(self) -> tuple[int, int]:
+        """(L, D) of one image's mean tokens."""
+        if self.layout == "kv":
+            L, _, H, _, dh = self.row_shape
+            return L, H * dh
+        L, _, D = self.row_shape
+        return L, D
+
+    def _batch_shape(self, rows: int, row_shape: tuple[int, ...]) -> list[int]:
+        shape = list(row_shape)
+        shape.insert(self.batch_axis, rows)
+        return shape
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes held for the whole run: the features (in memory) and the batch buffers."""
-        features = len(self.rows) * self.row_bytes if self._features is not None else 0
-        return features + self.buffers * self.batch_bytes
+        """Bytes held for the whole run: the features (in memory), the means and the batch buffers."""
+        features = len(self.rows) * self.row_bytes if self._values is not None else 0
+        means = self.means.numel() * 4 if self.means is not None else 0
+        return features + means + self.buffers * self.staging_bytes + 2 * self.batch_bytes * self.reads_cache
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _check_finite(self, features: torch.Tensor, row: int) -> None:
-        if not torch.isfinite(features).all():
-            raise VQTError(
-                f"the cache of split {self.split.name!r} holds NaN or Inf at row {row} "
-                f"({self.split.sources[row]}); re-extract it"
+    # -- reading the store -------------------------------------------------------------------------------------
+    def _checked_blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Shard by shard, checked: (indices among the valid rows, their stored features, their float32 scales)."""
+        for here, features, scales in self.split.checked_shards():
+            index = self._resident[here]
+            keep = index >= 0
+            yield (
+                torch.from_numpy(index[keep]),
+                torch.from_numpy(features[keep]),
+                None if scales is None else torch.from_numpy(scales[keep]).float(),
             )
 
-    def _read(self, row: int) -> torch.Tensor:
-        try:
-            features = torch.from_numpy(self.split.row(int(row)))
-        except Exception as exc:  # checked at open, so the store changed since: say so, in one sentence
-            raise VQTError(
-                f"split {self.split.name!r} row {row} cannot be read any more; run `vqt-cache verify`"
-            ) from exc
-        self._check_finite(features, row)
-        return features
+    def _add_means(self, index: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> None:
+        if self.means is not None:
+            rows = widen(values, scales, self.group, torch.empty(values.shape))
+            self.means[index.to(self.device)] = token_means(rows, self.layout).to(self.device)
 
-    def _rows(self, rows: np.ndarray) -> Iterable[torch.Tensor]:
-        """The rows' features in order: from memory, or read from the store READERS at a time."""
-        if self._features is not None:
-            if self._scales is None:
-                yield from (self._features[row] for row in rows)
-            else:
-                group = self.split.images.group_size
-                yield from (dequantize(self._features[row], self._scales[row], group) for row in rows)
-            return
+    def _load(self) -> None:
+        """Hold the valid rows on the device, in their stored dtype (scales in float32)."""
+        n = len(self.rows)
+        self._values = torch.empty((n, *self.row_shape), dtype=self.stored_dtype, device=self.device)
+        if self.scale_shape:
+            self._scales = torch.empty((n, *self.scale_shape), device=self.device)
+        for index, values, scales in self._checked_blocks():
+            at = index.to(self.device)
+            self._values[at] = values.to(self.device)
+            if scales is not None:
+                self._scales[at] = scales.to(self.device)
+            self._add_means(index, values, scales)
+
+    def _scan(self) -> None:
+        for index, values, scales in self._checked_blocks():
+            self._add_means(index, values, scales)
+
+    def _read(self, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One streamed row, as stored (checked at open, so a failure now means the store changed since)."""
+        try:
+            values, scales = self.split.images.stored_row(int(self.split.rows()[position]))
+        except Exception as exc:
+            raise VQTError(
+                f"split {self.split.name!r} row {position} cannot be read any more; run `vqt-cache verify`"
+            ) from exc
+        values = torch.from_numpy(values)
+        scales = None if scales is None else torch.from_numpy(scales)
+        if not torch.isfinite(values if scales is None else scales).all():
+            raise VQTError(
+                f"the cache of split {self.split.name!r} holds NaN or Inf at row {position} "
+                f"({self.split.sources[position]}); re-extract it"
+            )
+        return values, scales
+
+    def _read_rows(self, positions: np.ndarray) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The rows in order, read from the store READERS at a time."""
         with ThreadPoolExecutor(READERS) as pool:
             ahead: deque = deque()
-            for row in rows:
-                ahead.append(pool.submit(self._read, row))
+            for position in positions:
+                ahead.append(pool.submit(self._read, position))
                 if len(ahead) == READERS:
                     yield ahead.popleft().result()
             while ahead:
                 yield ahead.popleft().result()
 
-    def new_buffer(self) -> torch.Tensor:
-        """A float32 layer-major buffer for one full batch."""
-        shape = list(self.row_shape)
-        shape.insert(self.batch_axis, self.batch_rows)
-        return torch.empty(shape, dtype=torch.float32)
+    # -- batches -----------------------------------------------------------------------------------------------
+    def _widened_buffer(self, slot: int) -> torch.Tensor:
+        """Widened batch buffer `slot` (0 or 1), allocated once: a fresh 1 GB tensor per batch costs more in page
+        faults than the copy itself."""
+        while len(self._widened) <= slot:
+            shape = self._batch_shape(self.batch_rows, self.row_shape)
+            self._widened.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+        return self._widened[slot]
 
-    def make_batch(self, rows: np.ndarray, buffer: torch.Tensor | None = None) -> Batch:
-        """One copy per image: cast to float32 and place it at its batch position of the layer-major cache.
+    def _staging_buffer(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Host staging buffer `slot`: one batch of stored values (and float32 scales), pinned for a GPU."""
+        while len(self._staging) <= slot:
+            values = torch.empty(self._batch_shape(self.batch_rows, self.row_shape), dtype=self.stored_dtype)
+            scales = torch.empty(self._batch_shape(self.batch_rows, self.scale_shape)) if self.scale_shape else None
+            if self.device.type == "cuda":
+                values, scales = values.pin_memory(), scales if scales is None else scales.pin_memory()
+            self._staging.append((values, scales))
+        return self._staging[slot]
 
-        The cache is written into `buffer` (reused across batches: a fresh 1 GB tensor costs more in page
-        faults than the copy itself) or a new one; a short last batch is a narrowed view of it.
-        """
-        cache = (self.new_buffer() if buffer is None else buffer).narrow(self.batch_axis, 0, len(rows))
-        for b, features in enumerate(self._rows(rows)):
-            cache.select(self.batch_axis, b).copy_(features)
-        index = torch.from_numpy(rows)
-        return Batch(self.final[index].to(self.device), cache.to(self.device), self.labels[index].to(self.device), rows)
+    def _batch(self, positions: np.ndarray, cache: torch.Tensor | None) -> Batch:
+        """The batch of the given split positions, around its cache."""
+        index = torch.from_numpy(positions).to(self.device)
+        means = None
+        if self.means is not None:
+            means = self.means[torch.from_numpy(self._resident[positions]).to(self.device)]
+        return Batch(self.final[index], cache, means, self.labels[index], positions)
 
     def batches(self, order: np.ndarray | None = None) -> Iterator[Batch]:
         """Batches of `batch_size` rows in `order` (default: store order).
 
-        Batch buffers are reused (at most `self.buffers` exist): a batch's tensors stay valid until the caller asks
-        for the batch after the next one (when it asks for batch k+1, batch k-1's buffer is refilled).
+        Batch buffers are reused (two widened ones, alternating): a batch's tensors stay valid until the caller
+        asks for the batch after the next one.
         """
         rows = self.rows if order is None else order
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        if self.in_memory:  # a memory copy: done inline, as a second thread would fight the compute for the cores
+        if not self.reads_cache:
+            yield from (self._batch(chunk, None) for chunk in chunks)
+        elif self._values is not None:  # gathered inline: a second thread would fight the compute for the cores
             for k, chunk in enumerate(chunks):
-                yield self.make_batch(chunk, self._buffer(k % 2))
-            return
-        yield from self._prefetched(chunks)
+                yield self._gathered(chunk, k % 2)
+        else:
+            yield from self._streamed(chunks)
 
-    def _buffer(self, slot: int) -> torch.Tensor:
-        """Batch buffer number `slot`, allocated once and kept for every later epoch."""
-        while len(self._pool) <= slot:
-            self._pool.append(self.new_buffer())
-        return self._pool[slot]
+    def _gathered(self, positions: np.ndarray, slot: int) -> Batch:
+        """A batch from the rows held on the device: each row cast straight into its batch position (one pass, and
+        faster than an index_select into a staging batch and a cast), then int8 rescaled."""
+        cache = self._widened_buffer(slot).narrow(self.batch_axis, 0, len(positions))
+        resident = self._resident[positions]
+        for b, row in enumerate(resident.tolist()):
+            cache.select(self.batch_axis, b).copy_(self._values[row])
+        if self._scales is not None:
+            scales = self._scales[torch.from_numpy(resident).to(self.device)]
+            rescale(cache, scales.movedim(0, self.batch_axis), self.group)
+        return self._batch(positions, cache)
 
-    def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Batch]:
-        """Streaming: a thread reads and builds the next batches while the caller trains on the current one."""
+    def _streamed(self, chunks: list[np.ndarray]) -> Iterator[Batch]:
+        """A thread reads the next batches into staging buffers (and copies them to the GPU on a side stream)
+        while the caller trains on the current one."""
         ready: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
         for slot in range(self.buffers):
             free.put(slot)
         stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        side = torch.cuda.Stream(self.device) if cuda else None
 
         def produce() -> None:
             try:
@@ -198,25 +299,43 @@ class CachedSplit:
                             break
                         except queue.Empty:
                             continue
-                    ready.put((self.make_batch(chunk, self._buffer(slot)), slot))
+                    values, scales = (
+                        v.narrow(self.batch_axis, 0, len(chunk)) if v is not None else None
+                        for v in self._staging_buffer(slot)
+                    )
+                    for b, (row_values, row_scales) in enumerate(self._read_rows(chunk)):
+                        values.select(self.batch_axis, b).copy_(row_values)
+                        if scales is not None:
+                            scales.select(self.batch_axis, b).copy_(row_scales)
+                    if cuda:
+                        with torch.cuda.stream(side):
+                            values = values.to(self.device, non_blocking=True)
+                            scales = scales if scales is None else scales.to(self.device, non_blocking=True)
+                        side.synchronize()  # the host buffer is free again; the device copy is handed over
+                    ready.put((chunk, slot, values, scales))
                 ready.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 ready.put(exc)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
-        previous = None
         try:
+            k = 0
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                batch, buffer = item
+                chunk, slot, values, scales = item
                 del item
+                if cuda:  # made on the side stream, read on this one: the allocator must know
+                    for tensor in (values, scales):
+                        if tensor is not None:
+                            tensor.record_stream(torch.cuda.current_stream(self.device))
+                cache = self._widened_buffer(k % 2).narrow(self.batch_axis, 0, len(chunk))
+                batch = self._batch(chunk, widen(values, scales, self.group, cache))
+                free.put(slot)  # on the CPU, widened (synchronously); on a GPU, the copy finished before it came
+                del values, scales
                 yield batch
-                del batch
-                if previous is not None:
-                    free.put(previous)  # the caller now holds this batch and has dropped the one before
-                previous = buffer
+                k += 1
         finally:
             stop.set()
             thread.join()

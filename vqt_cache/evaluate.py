@@ -26,7 +26,7 @@ from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.model import CachedVQT
-from vqt_cache.query import flush_subnormals
+from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.store import Store
 from vqt_cache.train import accuracy, cached_logits, load_runs
 
@@ -57,16 +57,18 @@ def evaluate(
     workers: int = 2,
     progress: Progress | None = None,
     live: bool | None = None,
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
     """Top-1 and mean per-class accuracy of every run on `split`; each result is also written into its run folder.
 
     live: None evaluates from the cache when the store holds the split and live otherwise; True always live.
     root: overrides the dataset root recorded in the store (live only).
+    precision: the query path's (float32, bf16, auto); default: the one the runs trained with.
     """
     flush_subnormals()
     dirs = [run_dirs] if isinstance(run_dirs, str | Path) else list(run_dirs)
-    configs, store, backbone, model = load_runs(dirs, store_url)
     target = resolve_device(device)
+    configs, store, backbone, model = load_runs(dirs, store_url, precision and resolve_precision(precision, target))
     batch_size = batch_size or configs[0]["recipe"]["batch_size"]
     num_classes = store.attrs["dataset"]["num_classes"]
     live = live or not store.has_split(split)
@@ -80,7 +82,7 @@ def evaluate(
         for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
             compressed[i] = accuracy(packed_logits, labels, num_classes)
     else:
-        data = CachedSplit(store.split(split), memory_budget, batch_size, device=target, num_classes=num_classes)
+        data = CachedSplit(store.split(split), memory_budget, batch_size, target, num_classes, **model.reads())
         logits, labels = cached_logits(model.to(target), data)
     results = []
     for folder, config, run_logits, packed_result in zip(dirs, configs, logits, compressed, strict=True):

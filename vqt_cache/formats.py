@@ -1,4 +1,4 @@
-"""What a store can hold, and what a new store holds unless told otherwise (torch-free: the CLI shows these).
+"""What a store can hold and stage two can compute in, and the defaults (torch-free: the CLI shows these).
 
 The defaults come from measurements (README, "Choosing layout and dtype"): LN1 outputs in int8 with a float16 scale
 per token and 64 channels cost 1.87 MB per ViT-B/16 image, a quarter of keys/values in float16, with demo accuracy
@@ -11,3 +11,8 @@ CODECS = ("none", "zstd", "blosc")
 DEFAULT_LAYOUT = "hidden"
 DEFAULT_DTYPE = "int8"
 DEFAULT_CODEC = "none"
+
+# stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is
+# bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (README, "Precision")
+PRECISIONS = ("float32", "bf16")
+DEFAULT_PRECISION = "auto"

@@ -26,17 +26,23 @@ def assemble_features(final: torch.Tensor, outputs: torch.Tensor) -> torch.Tenso
     return torch.cat([F.normalize(final, dim=-1), per_layer], dim=1)
 
 
-def pooled_features(final: torch.Tensor, cache: torch.Tensor, layout: str) -> torch.Tensor:
-    """Head2Toe-style baseline: f_0 plus each layer's mean cached token, each group L2-normalised.
+def token_means(rows: torch.Tensor, layout: str) -> torch.Tensor:
+    """Each layer's mean cached token, for the pooled baseline: (n, L, D) float32 from image-major rows.
 
-    The pooled token is the mean over the N image tokens of what the cache holds per layer: V_l (heads
-    concatenated) for layout "kv", X̂_l = LN1(Z_{l-1}) for "hidden". Returns (B, D·(1 + L)).
+    The rows are (n, L, 2, H, N, dh) for layout "kv", whose mean token is V_l's (heads concatenated), or
+    (n, L, N, D) for "hidden", whose mean token is X̂_l = LN1(Z_{l-1})'s. A layer-major batch gives its rows with
+    `cache.movedim(batch_axis, 0)`.
     """
-    if layout == "kv":  # (L, 2, B, H, N, dh) -> (B, L, H·dh)
-        pooled = cache[:, 1].mean(dim=3).permute(1, 0, 2, 3).flatten(2)
-    else:  # (L, B, N, D) -> (B, L, D)
-        pooled = cache.mean(dim=2).transpose(0, 1)
-    return torch.cat([F.normalize(final, dim=-1), F.normalize(pooled, dim=-1).flatten(1)], dim=1)
+    rows = rows.float()
+    if layout == "kv":  # (n, L, H, N, dh) values -> (n, L, H, dh) -> (n, L, H·dh)
+        return rows[:, :, 1].mean(dim=3).flatten(2)
+    return rows.mean(dim=2)
+
+
+def pooled_features(final: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Head2Toe-style baseline: f_0 plus each layer's mean cached token (`token_means`), each group
+    L2-normalised: (B, D) and (B, L, D) -> (B, D·(1 + L))."""
+    return torch.cat([F.normalize(final, dim=-1), F.normalize(means, dim=-1).flatten(1)], dim=1)
 
 
 def linear_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:

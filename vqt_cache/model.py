@@ -22,7 +22,7 @@ from torch import nn
 
 from vqt_cache.backbones import Backbone
 from vqt_cache.errors import VQTError
-from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features
+from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features, token_means
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 
 METHODS = ("vqt", "linear", "pooled")  # VQT; linear probe on f_0; Head2Toe-style pooled intermediate features
@@ -82,9 +82,11 @@ def _prompts(runs: Sequence[Run], batch_size: int, generators: Sequence[torch.Ge
 class CachedVQT(nn.Module):
     """The frozen query path shared by one or more runs, fed by (final feature, layer-major cache)."""
 
-    def __init__(self, blocks: nn.ModuleList, runs: Sequence[Run], layout: str = "kv") -> None:
+    def __init__(
+        self, blocks: nn.ModuleList, runs: Sequence[Run], layout: str = "kv", precision: str = "float32"
+    ) -> None:
         super().__init__()
-        self.path = QueryPath(blocks, layout)
+        self.path = QueryPath(blocks, layout, precision)
         self.runs = nn.ModuleList(runs)
 
     @classmethod
@@ -102,25 +104,55 @@ class CachedVQT(nn.Module):
         run = Run(method, num_queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, dropout, seed)
         return cls(backbone.blocks, [run], layout)
 
+    def reads(self) -> dict:
+        """What this model's batches must carry, as `CachedSplit` arguments: the cache (in the query path's dtype)
+        if any run has queries, the mean tokens if any run is the pooled baseline."""
+        return {"dtype": self.path.cache_dtype, "cache": self.reads_cache, "means": self.reads_means}
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether any run's queries read the cached tokens (else f_0 and, for pooled runs, the means suffice)."""
+        return any(run.queries.num_queries for run in self.runs)
+
+    @property
+    def reads_means(self) -> bool:
+        """Whether any run is the pooled baseline, which reads each layer's mean token."""
+        return any(run.method == "pooled" for run in self.runs)
+
     def features(
-        self, final: torch.Tensor, cache: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None
+        self,
+        final: torch.Tensor,
+        cache: torch.Tensor | None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        means: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """(B, D) final features + cache -> each run's (B, F) features (dropout masks from `generators`)."""
+        """(B, D) final features + cache -> each run's (B, F) features (dropout masks from `generators`).
+
+        The pooled baseline reads `means` (B, L, D) (`heads.token_means`), computed from the cache when not given.
+        """
         prompts = _prompts(self.runs, final.shape[0], generators)
         outputs = self.path(prompts, cache)
-        pooled = (
-            pooled_features(final, cache, self.path.layout) if any(r.method == "pooled" for r in self.runs) else None
-        )
+        pooled = None
+        if self.reads_means:
+            if means is None:
+                batch_axis = 2 if self.path.layout == "kv" else 1
+                means = token_means(cache.movedim(batch_axis, 0), self.path.layout)
+            pooled = pooled_features(final, means)
         return [
             run.features(final, out, pooled)
             for run, out in zip(self.runs, _split_outputs(self.runs, outputs), strict=True)
         ]
 
     def forward(
-        self, final: torch.Tensor, cache: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None
+        self,
+        final: torch.Tensor,
+        cache: torch.Tensor | None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        means: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Each run's (B, C) logits."""
-        return [run.head(f) for run, f in zip(self.runs, self.features(final, cache, generators), strict=True)]
+        features = self.features(final, cache, generators, means)
+        return [run.head(f) for run, f in zip(self.runs, features, strict=True)]
 
 
 class LiveVQT(nn.Module):

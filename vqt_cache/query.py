@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqt_cache.backbones import heads_kv
+from vqt_cache.errors import VQTError
+from vqt_cache.formats import LAYOUTS, PRECISIONS
 
-LAYOUTS = ("kv", "hidden")
+# the dtype the query path reads its cache in, per precision (formats.PRECISIONS)
+CACHE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def flush_subnormals() -> None:
@@ -31,6 +34,27 @@ def flush_subnormals() -> None:
     change below 1.2e-38 in absolute value. GPUs are unaffected; the call is harmless there.
     """
     torch.set_flush_denormal(True)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run faster than float32 here: a CUDA GPU with bf16 tensor cores (Ampere and
+    later), or a CPU with AMX or AVX512-BF16 (a bf16 GEMM runs at 7.4x float32 on this project's 2-core AMX CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: absent -> assume not
+    return any(getattr(cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """ "float32" or "bf16"; "auto" is bf16 where `bf16_is_fast`, else float32."""
+    if name == "auto":
+        return "bf16" if bf16_is_fast(device) else "float32"
+    if name not in PRECISIONS:
+        raise VQTError(f"unknown precision {name!r}: use one of auto, {', '.join(PRECISIONS)}")
+    return name
 
 
 def query_init_bound(patch_size: tuple[int, int], dim: int) -> float:
@@ -142,17 +166,34 @@ def query_block(block: nn.Module, p: torch.Tensor, layer_cache: torch.Tensor, la
 
 
 class QueryPath(nn.Module):
-    """All layers: queries (B, L, T, D) + a layer-major cache -> per-layer query outputs O (B, L, T, D)."""
+    """All layers: queries (B, L, T, D) + a layer-major cache -> per-layer query outputs O (B, L, T, D), float32.
 
-    def __init__(self, blocks: nn.ModuleList, layout: str = "kv") -> None:
+    With precision "bf16" the cache is expected in bfloat16 (`CachedSplit` widens it so) and the blocks run under
+    autocast: their matmuls in bfloat16 with float32 accumulation; the layer norms, the residual stream and the
+    outputs stay float32.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, layout: str = "kv", precision: str = "float32") -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         self.blocks = blocks  # frozen, built without dropout or drop-path: train/eval mode does not matter
         self.layout = layout
+        self.precision = precision
 
-    def forward(self, queries: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype the path reads its cache in."""
+        return CACHE_DTYPES[self.precision]
+
+    def forward(self, queries: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
         if queries.shape[2] == 0:  # T = 0: nothing to run (the linear-probe special case)
             return queries
-        outs = [query_block(blk, queries[:, layer], cache[layer], self.layout) for layer, blk in enumerate(self.blocks)]
-        return torch.stack(outs, dim=1)
+        bf16 = self.precision == "bf16"
+        with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=bf16):
+            outs = [
+                query_block(blk, queries[:, layer], cache[layer], self.layout) for layer, blk in enumerate(self.blocks)
+            ]
+        return torch.stack(outs, dim=1).float()

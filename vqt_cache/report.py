@@ -35,7 +35,7 @@ def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
     proto = p.protocol
     splits = {"select": (proto.select_train, proto.select_eval), "final": (proto.final_train, proto.final_eval)}[phase]
     have = config["recipe"]
-    if have != want:
+    if any(have.get(k) != want[k] for k in want):
         key = next(k for k in want if have.get(k) != want[k])
         raise VQTError(
             f"run folder {folder} was trained with {key} {have.get(key)!r}, the pipeline says {want[key]!r}; "

@@ -67,6 +67,7 @@ def read_config(path: Path) -> dict:
         value = config["run"].get(key)
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise DamagedFile(path / "config.json", f"run {key} is {value!r}")
+    config["recipe"].setdefault("precision", "float32")  # runs from before precision was recorded
     return config
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,12 +249,16 @@ class Images:
     def source(self, row: int) -> str:
         return key_source(self.keys[row])
 
+    def stored_row(self, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One image's features and (int8) scales, as stored."""
+        return self.features[row], self.scales[row] if self.quantized else None
+
     def row(self, row: int) -> np.ndarray:
         """One image's features as stored (float16/float32), or dequantized to float32 (int8)."""
-        values = self.features[row]
-        if not self.quantized:
+        values, scales = self.stored_row(row)
+        if scales is None:
             return values
-        return dequantize(torch.from_numpy(values), torch.from_numpy(self.scales[row]), self.group_size).numpy()
+        return dequantize(torch.from_numpy(values), torch.from_numpy(scales), self.group_size).numpy()
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Rows start..stop-1 of a shard: shard_size rows, cut at the end of the block that holds them."""
@@ -444,30 +449,37 @@ class Split:
         """One sample's features (float16/float32 as stored, int8 dequantized to float32)."""
         return self.images.row(int(self.rows()[sample]))
 
-    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
+    def checked_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Shard by shard, each checked against its checksum: (the split positions it holds, their features, their
+        int8 scales or None), in split order within a shard."""
         rows = self.rows()
-        features = np.empty((len(rows), *self.row_shape), dtype=self.images.features.dtype)
-        scales = None
-        if self.quantized:
-            scales = np.empty((len(rows), *self.images.scales.shape[1:]), dtype=np.float16)
         for shard in self.shards():
             shard_features, shard_scales, faults = self.images.read_shard(shard)
             if faults:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
             start, _ = self.images.shard_range(shard)
             here = np.flatnonzero(rows // self.images.shard_size == shard)
-            features[here] = shard_features[rows[here] - start]
+            yield (
+                here,
+                shard_features[rows[here] - start],
+                None if shard_scales is None else shard_scales[rows[here] - start],
+            )
+
+    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
+        n = self.num_samples
+        features = np.empty((n, *self.row_shape), dtype=self.images.features.dtype)
+        scales = np.empty((n, *self.images.scales.shape[1:]), dtype=np.float16) if self.quantized else None
+        for here, shard_features, shard_scales in self.checked_shards():
+            features[here] = shard_features
             if scales is not None:
-                scales[here] = shard_scales[rows[here] - start]
+                scales[here] = shard_scales
         return features, scales
 
     def check_shards(self) -> None:
         """Every shard this split reads against its checksum (one sequential read; nothing kept)."""
-        for shard in self.shards():
-            faults = self.images.read_shard(shard)[2]
-            if faults:
-                raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
+        for _ in self.checked_shards():
+            pass
 
     def check_metadata(self) -> None:
         """The split's attributes and arrays agree with each other (cheap: two small arrays read)."""

@@ -24,9 +24,12 @@ from typing import Any
 
 import pydantic
 
+from vqt_cache.backbones import resolve_device
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluate import evaluate, read_evaluation
 from vqt_cache.files import read_json
+from vqt_cache.formats import DEFAULT_PRECISION
+from vqt_cache.query import resolve_precision
 from vqt_cache.run_folder import read_config
 from vqt_cache.store import open_store
 from vqt_cache.train import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
@@ -65,6 +68,7 @@ class Protocol:
     warmup_epochs: int = 10
     batch_size: int = 128
     dropout: float = 0.1
+    precision: str = DEFAULT_PRECISION  # of the query path: float32, bf16, or auto (bf16 where it is fast)
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,7 @@ def _recipe(p: Pipeline) -> dict[str, Any]:
         warmup_epochs=proto.warmup_epochs,
         batch_size=proto.batch_size,
         dropout=proto.dropout,
+        precision=resolve_precision(proto.precision, resolve_device("auto")),
         eval_every=proto.epochs,
         checkpoint_every=max(proto.epochs // 4, 1),
         extra={"sweep": p.name},
@@ -270,9 +275,11 @@ def _recipe(p: Pipeline) -> dict[str, Any]:
 
 
 def recorded_recipe(p: Pipeline) -> dict[str, Any]:
-    """The recipe every run of the pipeline records in its config.json."""
+    """The recipe every run of the pipeline records in its config.json (precision only if the pipeline names one:
+    "auto" may have resolved differently on the machines that trained its shards)."""
     recipe = _recipe(p)
-    return {k: recipe[k] for k in RECIPE_KEYS}
+    auto = p.protocol.precision == "auto"
+    return {k: recipe[k] for k in RECIPE_KEYS if not (auto and k == "precision")}
 
 
 def _train(

@@ -25,13 +25,14 @@ from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile
+from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.model import METHODS, CachedVQT, Run
-from vqt_cache.query import flush_subnormals
+from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
 MAX_SEED = 2**63
-RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every")  # recorded in config.json
+RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")  # recorded in config.json
 # Progress: called with (description, steps done, steps total)
 Progress = Callable[[str, int, int], None]
 
@@ -80,6 +81,7 @@ class TrainConfig:
     dropout: float = 0.1
     memory_budget: int | float | None = None  # bytes for cached features in memory; default half the RAM
     device: str = "auto"
+    precision: str = DEFAULT_PRECISION  # resolved on creation: "auto" becomes float32 or bf16 for the device
     out: str | None = None  # one run: its folder; several: their parent. Default data/runs/<dataset>/<backbone>
     eval_every: int = 1
     checkpoint_every: int = 10
@@ -104,6 +106,7 @@ class TrainConfig:
             raise VQTError("--eval-every and --checkpoint-every must be >= 1")
         if len({r.name for r in self.runs}) != len(self.runs):
             raise VQTError("the same configuration is listed twice")
+        object.__setattr__(self, "precision", resolve_precision(self.precision, resolve_device(self.device)))
 
     def recipe(self) -> dict[str, Any]:
         """The shared hyper-parameters, as recorded in every run's config.json."""
@@ -155,7 +158,7 @@ def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tenso
     labels = []
     with torch.no_grad():
         for batch in data.batches():
-            for i, out in enumerate(model(batch.final, batch.cache)):
+            for i, out in enumerate(model(batch.final, batch.cache, None, batch.means)):
                 logits[i].append(out.cpu())
             labels.append(batch.labels.cpu())
     return [torch.cat(lg) for lg in logits], torch.cat(labels)
@@ -190,7 +193,7 @@ class _Trainer:
             )
             for s in specs
         ]
-        self.model = CachedVQT(backbone.blocks, runs, store.layout).to(device)
+        self.model = CachedVQT(backbone.blocks, runs, store.layout, cfg.precision).to(device)
         self.optimizers = []
         for run, spec in zip(runs, specs, strict=True):
             groups = [
@@ -276,7 +279,8 @@ class _Trainer:
             losses = torch.zeros(len(self.specs), dtype=torch.float64)
             for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
                 per_run = [
-                    F.cross_entropy(out, batch.labels) for out in self.model(batch.final, batch.cache, generators)
+                    F.cross_entropy(out, batch.labels)
+                    for out in self.model(batch.final, batch.cache, generators, batch.means)
                 ]
                 torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
                 for optimizer, diverged in zip(self.optimizers, self.diverged, strict=True):
@@ -287,8 +291,10 @@ class _Trainer:
                 step += 1
                 if progress:
                     progress(label, step, total)
-            timing["train_seconds"] += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            timing["train_seconds"] += seconds
             timing["train_images"] += len(self.train_data)
+            timing["epoch_seconds"][str(epoch + 1)] = seconds  # epoch 1..E: a slowdown late in training shows
             self._check_divergence(epoch, losses)
             last = epoch == cfg.epochs - 1
             evaluated = (
@@ -419,17 +425,18 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
         budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
         budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
         num_classes = store.attrs["dataset"]["num_classes"]
-        train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device=device, num_classes=num_classes)
+        reads = {  # what the runs still to train read: the cache only for queries, the means only for pooled
+            "dtype": CACHE_DTYPES[cfg.precision],
+            "cache": any(s.method == "vqt" and s.queries > 0 for s in todo),
+            "means": any(s.method == "pooled" for s in todo),
+        }
+        train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device, num_classes, **reads)
         eval_data = eval_split and CachedSplit(
-            eval_split,
-            max(budget - train_data.resident_bytes, 0),
-            cfg.batch_size,
-            device=device,
-            num_classes=num_classes,
+            eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device, num_classes, **reads
         )
         for seed in sorted({s.seed for s in todo}):
             specs = [s for s in todo if s.seed == seed]
-            timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory}
+            timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory, "epoch_seconds": {}}
             trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, folders, device)
             trainer.run(progress, timing)
             results += trainer.save(timing)
@@ -463,10 +470,14 @@ def _trained_run(folder: Path) -> tuple[dict, Run]:
 
 
 def load_runs(
-    run_dirs: list[str | Path], store_url: str | None = None
+    run_dirs: list[str | Path], store_url: str | None = None, precision: str | None = None
 ) -> tuple[list[dict], Store, Backbone, CachedVQT]:
     """Finished run folders of one store -> (their configs, the store, the frozen backbone, one model that
-    serves every run in one pass of the query path)."""
+    serves every run in one pass of the query path).
+
+    precision: the query path's ("float32", "bf16", "auto"); default: the one the runs trained with (float32 if
+    they differ).
+    """
     if not run_dirs:
         raise VQTError("no run folders given")
     configs, runs = zip(*(_trained_run(Path(d)) for d in run_dirs), strict=True)
@@ -484,7 +495,11 @@ def load_runs(
     for folder, run in zip(run_dirs, runs, strict=True):
         if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
             raise DamagedFile(Path(folder) / "config.json", "its model does not fit the store's backbone")
-    return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout).eval()
+    if precision is None:
+        recorded = {c["recipe"]["precision"] for c in configs}
+        precision = recorded.pop() if len(recorded) == 1 else "float32"
+    precision = resolve_precision(precision, resolve_device("auto"))
+    return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout, precision).eval()
 
 
 def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
