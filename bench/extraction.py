@@ -1,12 +1,19 @@
-"""Stage one: extraction throughput against a plain forward, and store I/O per layout and codec (issue 4).
+"""Stage one: extraction throughput against a plain forward and against the disk, and store I/O per layout and
+codec (issues 4 and 14).
 
 ViT-B/16 geometry with random weights on CPU. Both timed loops run the same DataLoader over the same in-memory
 images (decoding and preprocessing included in both), so the ratio isolates what extraction adds: capturing
-K/V or LN1 outputs, casting, and writing a real Zarr store on disk.
+K/V or LN1 outputs, casting or quantizing, and writing a real Zarr store on disk.
+
+The disk: its sequential write bandwidth (1 GiB in 64 MiB blocks, fsync'd), measured in the same run, and what
+extraction's writer (`ShardWriter`: chunk writes on WRITERS threads, the checksum on one more) sustains on the same
+disk when fed real hidden int8 rows as fast as it takes them (a GPU's forward is faster than this disk), synced
+at the end, with WRITERS threads and with one.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -17,9 +24,10 @@ from PIL import Image
 
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash
-from vqt_cache.extract import ExtractConfig, extract_shards, store_attrs
+from vqt_cache.extract import WRITERS, ExtractConfig, ShardWriter, extract_shards, store_attrs
 from vqt_cache.formats import CODECS
-from vqt_cache.store import create_store
+from vqt_cache.quantize import quantize
+from vqt_cache.store import create_store, row_checksum
 
 
 def _synthetic(n: int) -> Dataset:
@@ -83,7 +91,7 @@ def run(quick: bool = False) -> list[dict]:
                 backbone.model.forward_features(images)
         plain = n / (time.perf_counter() - start)
         rows.append({"bench": "extract", "what": "plain forward_features", "images_per_s": plain, "ratio": 1.0})
-        for layout, dtype in (("kv", "float16"), ("hidden", "float16")):
+        for layout, dtype in (("kv", "float16"), ("hidden", "float16"), ("hidden", "int8")):
             cfg_l = ExtractConfig(
                 backbone="vit_b16",
                 dataset="synthetic",
@@ -102,9 +110,57 @@ def run(quick: bool = False) -> list[dict]:
                     "ratio": ips / plain,
                 }
             )
+        rows += _disk(tmp, backbone, dataset, quick)
         rows += _store_io(tmp, backbone, dataset)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def disk_write_MB_s(tmp: str, total: int = 2**30, block: int = 64 * 2**20) -> float:
+    """Sequential write bandwidth of the disk under `tmp`: `total` bytes in `block`s, fsync'd, in MB/s."""
+    data = os.urandom(block)
+    path = f"{tmp}/disk-probe"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(total // block):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    os.unlink(path)
+    return total / seconds / 1e6
+
+
+def _disk(tmp: str, backbone, dataset, quick: bool) -> list[dict]:
+    """The disk's bandwidth, and extraction's writer fed real hidden int8 rows as fast as it takes them."""
+    disk = disk_write_MB_s(tmp, 2**29 if quick else 2**30)
+    images = torch.stack([ImageSplit(dataset, dataset.split("train")[:16], _prep(backbone))[i][0] for i in range(16)])
+    values, scales = quantize(backbone.forward_cache(images, layout="hidden")[1], "int8", 64)
+    values, scales = values.numpy(), scales.numpy()
+    n = 256 if quick else 512
+    rows = [{"bench": "extract", "what": "disk: sequential write, fsync'd", "MB_s": disk}]
+    for writers in (WRITERS, 1):
+        cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout="hidden", dtype="int8", shard_size=n)
+        _, split = _new_store(f"{tmp}/writer-{writers}.zarr", backbone, _synthetic(n), cfg)
+        checksum = row_checksum()
+        start = time.perf_counter()
+        with ShardWriter(split.images, writers) as writer:
+            for at in range(0, n, len(values)):
+                writer.submit(at, values, scales, checksum)
+            writer.wait()
+        os.sync()
+        seconds = time.perf_counter() - start
+        written = n * (values[0].nbytes + scales[0].nbytes) / 1e6
+        rows.append(
+            {
+                "bench": "extract",
+                "what": f"extraction's writer alone, hidden int8, {writers} writer thread(s) + hash, synced",
+                "MB_s": written / seconds,
+                "of_disk": written / seconds / disk,
+                "images_per_s": n / seconds,
+            }
+        )
     return rows
 
 

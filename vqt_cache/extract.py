@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,41 @@ def _shard_batches(images: Images, shards: list[int], batch_size: int) -> list[l
     return batches
 
 
+WRITERS = 4  # image chunks written at once: one Python thread cannot keep a fast disk (or an object store) busy
+
+
+class ShardWriter:
+    """Writes rows of the image table on WRITERS threads while one more thread hashes them in row order (hashlib
+    and the chunk writes release the GIL), so the next batch computes meanwhile."""
+
+    def __init__(self, images: Images, writers: int = WRITERS) -> None:
+        self.images, self.writers = images, writers
+        self._stack = ExitStack()
+        self._writers = self._stack.enter_context(ThreadPoolExecutor(max_workers=writers))
+        self._hasher = self._stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        self._pending: list = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def submit(self, start: int, rows: np.ndarray, scales: np.ndarray | None, checksum: Any) -> None:
+        """Write rows start.. (and int8 scales) and feed them to the shard's `checksum`, in the background."""
+        step = max(1, -(-len(rows) // self.writers))
+        for a in range(0, len(rows), step):
+            part = None if scales is None else scales[a : a + step]
+            self._pending.append(self._writers.submit(self.images.write_images, start + a, rows[a : a + step], part))
+        self._pending.append(self._hasher.submit(hash_rows, checksum, rows, scales))
+
+    def wait(self) -> None:
+        """Every write and hash submitted so far has finished (a failed one is re-raised)."""
+        pending, self._pending = self._pending, []
+        for task in pending:
+            task.result()
+
+
 def extract_shards(
     backbone: Backbone,
     images: Images,
@@ -205,8 +240,8 @@ def extract_shards(
 ) -> list[str]:
     """Write the given whole shards of the image table; returns the sources of skipped bad images.
 
-    Image writes and the checksum run on two background threads (the hash in row order) while the next batch
-    computes; a shard's completion flag is written only after all of its writes and hashing have finished.
+    Image writes and the checksum run in the background (`ShardWriter`) while the next batch computes; a
+    shard's completion flag is written only after all of its writes and hashing have finished.
     """
     sources = [images.source(row) for row in range(images.num_rows)]  # a row between blocks is never read
     loader = torch.utils.data.DataLoader(
@@ -217,10 +252,10 @@ def extract_shards(
     batches = iter(loader)
     dtype = torch.float32 if cfg.dtype == "int8" else getattr(torch, cfg.dtype)  # int8: quantized after the forward
     skipped: list[str] = []
-    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as hasher:
+    with ShardWriter(images) as writer:
         for shard in shards:
             start, stop = images.shard_range(shard)
-            finals, valid, writes = [], [], []
+            finals, valid = [], []
             checksum = row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
@@ -237,15 +272,12 @@ def extract_shards(
                 if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
                     scales = scales.cpu().numpy()
-                rows = layers.cpu().numpy()
-                writes.append(writer.submit(images.write_images, position, rows, scales))
-                writes.append(hasher.submit(hash_rows, checksum, rows, scales))
+                writer.submit(position, layers.cpu().numpy(), scales, checksum)
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(batch)
                 if position == stop:
-                    for write in writes:
-                        write.result()  # re-raises a failed write before the shard is marked complete
+                    writer.wait()  # re-raises a failed write before the shard is marked complete
                     images.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
                 advance(len(batch))
     return skipped
