@@ -12,7 +12,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import extraction, live_eval, object_storage, precision, quantization, sizing, stage_two, training
+from bench import (
+    extraction,
+    live_eval,
+    object_storage,
+    precision,
+    protocol,
+    quantization,
+    sizing,
+    stage_two,
+    training,
+)
 
 BENCHES = {
     "stage_two": stage_two.run,
@@ -22,6 +32,7 @@ BENCHES = {
     "object_storage": object_storage.run,
     "quantization": quantization.run,
     "precision": precision.run,
+    "protocol": protocol.run,
     "sizing": sizing.run,
     "live_eval": live_eval.run,
 }
