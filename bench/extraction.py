@@ -137,7 +137,6 @@ def _disk(tmp: str, backbone, dataset, quick: bool) -> list[dict]:
     disk = disk_write_MB_s(tmp, 2**29 if quick else 2**30)
     images = torch.stack([ImageSplit(dataset, dataset.split("train")[:16], _prep(backbone))[i][0] for i in range(16)])
     values, scales = quantize(backbone.forward_cache(images, layout="hidden")[1], "int8", 64)
-    values, scales = values.numpy(), scales.numpy()
     n = 256 if quick else 512
     rows = [{"bench": "extract", "what": "disk: sequential write, fsync'd", "MB_s": disk}]
     for writers in (WRITERS, 1):

@@ -198,7 +198,8 @@ WRITERS = 4  # image chunks written at once: one Python thread cannot keep a fas
 
 class ShardWriter:
     """Writes rows of the image table on WRITERS threads while one more thread hashes them in row order (hashlib
-    and the chunk writes release the GIL), so the next batch computes meanwhile."""
+    and the chunk writes release the GIL), so the next batch computes meanwhile. Rows on a GPU are copied into
+    pinned host memory without waiting; the threads wait for that copy, the caller does not."""
 
     def __init__(self, images: Images, writers: int = WRITERS) -> None:
         self.images, self.writers = images, writers
@@ -213,13 +214,26 @@ class ShardWriter:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def submit(self, start: int, rows: np.ndarray, scales: np.ndarray | None, checksum: Any) -> None:
+    def submit(self, start: int, rows: torch.Tensor, scales: torch.Tensor | None, checksum: Any) -> None:
         """Write rows start.. (and int8 scales) and feed them to the shard's `checksum`, in the background."""
+        copied = None
+        if rows.device.type == "cuda":  # into pinned memory (torch does that for a non-blocking copy to the host)
+            rows, scales = (t if t is None else t.to("cpu", non_blocking=True) for t in (rows, scales))
+            copied = torch.cuda.Event()
+            copied.record()
+
+        def host(tensor: torch.Tensor | None) -> np.ndarray | None:
+            if copied is not None:
+                copied.synchronize()
+            return None if tensor is None else tensor.numpy()
+
+        def write(a: int, b: int) -> None:
+            self.images.write_images(start + a, host(rows[a:b]), host(None if scales is None else scales[a:b]))
+
         step = max(1, -(-len(rows) // self.writers))
         for a in range(0, len(rows), step):
-            part = None if scales is None else scales[a : a + step]
-            self._pending.append(self._writers.submit(self.images.write_images, start + a, rows[a : a + step], part))
-        self._pending.append(self._hasher.submit(hash_rows, checksum, rows, scales))
+            self._pending.append(self._writers.submit(write, a, a + step))
+        self._pending.append(self._hasher.submit(lambda: hash_rows(checksum, host(rows), host(scales))))
 
     def wait(self) -> None:
         """Every write and hash submitted so far has finished (a failed one is re-raised)."""
@@ -271,8 +285,7 @@ def extract_shards(
                 scales = None
                 if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
-                    scales = scales.cpu().numpy()
-                writer.submit(position, layers.cpu().numpy(), scales, checksum)
+                writer.submit(position, layers, scales, checksum)
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(batch)
