@@ -88,8 +88,8 @@ class CachedSplit:
         """Serve `split` on `device`; batches carry the cache in `dtype` if `cache`, the mean tokens if `means`.
 
         The split's features are held on the device if they and two widened batches fit `memory_budget` bytes
-        (and, on a GPU, 80% of its free memory); else they are streamed, with as many staging batches (stored
-        dtype, on the host) as fit, at least two, to read ahead.
+        (and, on a GPU, 80% of its free memory); else they are streamed through two staging batches (stored
+        dtype, on the host), one filled while the other is widened.
         """
         self.split, self.batch_size, self.device, self.dtype = split, batch_size, torch.device(device), dtype
         self.rows = np.flatnonzero(split.valid())  # split positions (not rows of the store's image table)
@@ -134,8 +134,9 @@ class CachedSplit:
             self._load()
         else:  # one sequential read checks every shard (and computes the means); the features are not kept
             self._scan()
-            spare = budget - READERS * self.row_bytes - 2 * self.batch_bytes
-            self.buffers = max(2, spare // self.staging_bytes) if cache else 0
+            # two staging batches overlap reading with compute; more did not train faster (bench training,
+            # memory), and the rest of the budget is left to the readers' transient copies
+            self.buffers = 2 if cache else 0
 
     def _means_shape(self) -> tuple[int, int]:
         """(L, D) of one image's mean tokens."""
@@ -166,6 +167,8 @@ class CachedSplit:
         for here, features, scales in self.split.checked_shards():
             index = self._resident[here]
             keep = index >= 0
+            if keep.all():
+                keep = slice(None)  # no skipped image here: a view, not a copy of the shard
             yield (
                 torch.from_numpy(index[keep]),
                 torch.from_numpy(features[keep]),

@@ -459,11 +459,10 @@ class Split:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
             start, _ = self.images.shard_range(shard)
             here = np.flatnonzero(rows // self.images.shard_size == shard)
-            yield (
-                here,
-                shard_features[rows[here] - start],
-                None if shard_scales is None else shard_scales[rows[here] - start],
-            )
+            at = rows[here] - start
+            if len(at) == len(shard_features) and (at == np.arange(len(at))).all():
+                at = slice(None)  # the whole shard in order (the usual case): a view, not a copy
+            yield here, shard_features[at], None if shard_scales is None else shard_scales[at]
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
