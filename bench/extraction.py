@@ -101,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
                 shard_size=32,
                 workers=0,
             )
-            ips = extract_rate(f"{tmp}/{layout}.zarr", backbone, dataset, cfg_l)
+            ips = extract_rate(f"{tmp}/{layout}-{dtype}.zarr", backbone, dataset, cfg_l)
             rows.append(
                 {
                     "bench": "extract",
