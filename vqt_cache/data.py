@@ -1,12 +1,13 @@
 """Stage-two data: batches from a store split, in the layer-major layout the query path reads.
 
 Features stay in their stored dtype (int8 with float32 copies of their scales, float16 or float32) until a batch
-is made. A split that fits the memory budget lives on the training device, layer-major; a batch is gathered there
-with one index_select and widened (cast, then int8 scaled) to the query path's dtype in place. A split that does
-not fit is streamed: a background thread reads the batch's rows from the store (one Zarr chunk per image, a few
-at once, for object stores) into a host staging buffer (pinned, for a GPU), copies it to the device on a side
-stream while the current batch computes, and the batch is widened there the same way. Both modes widen the same
-stored values with the same ops, so they give bit-identical batches. No image code, no timm.
+is made. A split that fits the memory budget lives on the training device, image-major; a batch is gathered there
+by casting each row straight into its slot of the layer-major batch (then int8 rescaled in place), in the query
+path's dtype. A split that does not fit is streamed: a background thread reads the batch's rows from the store
+(one Zarr chunk per image, a few at once, for object stores) into a host staging buffer (pinned, for a GPU),
+copies it to the device on a side stream while the current batch computes, and the batch is widened there the
+same way. Both modes widen the same stored values with the same ops, so they give bit-identical batches. No image
+code, no timm.
 
 Runs that read no cached tokens read only what they need: f_0 for the linear probe, and each layer's mean token
 for the pooled baseline, computed once per split while its shards are checked.

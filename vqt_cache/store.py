@@ -475,11 +475,6 @@ class Split:
                 scales[here] = shard_scales
         return features, scales
 
-    def check_shards(self) -> None:
-        """Every shard this split reads against its checksum (one sequential read; nothing kept)."""
-        for _ in self.checked_shards():
-            pass
-
     def check_metadata(self) -> None:
         """The split's attributes and arrays agree with each other (cheap: two small arrays read)."""
         where = f"split {self.name!r}"
