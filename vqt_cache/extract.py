@@ -299,9 +299,9 @@ def extract_shards(
 def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources: list[str], dtype: str) -> None:
     """Stop before writing a batch whose features overflow the store's dtype (or are NaN): such a store would read
     as complete, and stage two would refuse it later."""
-    finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
-    if bool(finite.all()):
+    if all(bool(torch.isfinite(bound)) for t in (layers, final) for bound in torch.aminmax(t)):  # NaN propagates
         return
+    finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
     row = start + int((~finite).nonzero()[0])
     hint = "extract with --dtype float32" if dtype == "float16" else "check the backbone's weights"
     raise VQTError(

@@ -38,10 +38,11 @@ def quantize(x: torch.Tensor, kind: str = "int8", group: int = GROUP) -> tuple[t
         raise VQTError(f"unknown 8-bit format {kind!r}: use one of {', '.join(FORMATS)}")
     dtype, largest = FORMATS[kind]
     grouped = _groups(x.float(), group)
-    scale = (grouped.abs().amax(dim=-1) / largest).to(torch.float16)
-    divisor = scale.float().masked_fill(scale == 0, 1.0).unsqueeze(-1)  # an all-zero group stays zero
+    low, high = torch.aminmax(grouped, dim=-1)  # one pass; the absolute maximum without an |x| copy
+    scale = (torch.maximum(high, low.neg_()) / largest).to(torch.float16)
+    divisor = scale.float().masked_fill_(scale == 0, 1.0).unsqueeze(-1)  # an all-zero group stays zero
     scaled = grouped / divisor
-    values = scaled.round().clamp_(-largest, largest).to(dtype) if kind == "int8" else scaled.to(dtype)
+    values = scaled.round_().clamp_(-largest, largest).to(dtype) if kind == "int8" else scaled.to(dtype)
     return values.flatten(-2), scale
 
 
