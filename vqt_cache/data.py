@@ -2,10 +2,10 @@
 
 Features stay in their stored dtype (int8 with float32 copies of their scales, float16 or float32) until a batch
 is made. A split that fits the memory budget lives on the training device, image-major; a batch is gathered there
-by casting each row straight into its slot of the layer-major batch (then int8 rescaled in place), in the query
-path's dtype. A split that does not fit is streamed: a background thread reads the batch's rows from the store
-(one Zarr chunk per image, a few at once, for object stores) into a host staging buffer (pinned, for a GPU),
-copies it to the device on a side stream while the current batch computes, and the batch is widened there the
+by casting each row straight into its slot of the layer-major batch (int8 times its scales in the same pass), in
+the query path's dtype. A split that does not fit is streamed: a background thread reads the batch's rows from
+the store (one Zarr chunk per image, a few at once, for object stores) into a host staging buffer (pinned, for a
+GPU), copies it to the device on a side stream while the current batch computes, and the batch is widened there the
 same way. Both modes widen the same stored values with the same ops, so they give bit-identical batches. No image
 code, no timm.
 
@@ -55,20 +55,15 @@ class Batch:
 
 
 def widen(values: torch.Tensor, scales: torch.Tensor | None, group: int, out: torch.Tensor) -> torch.Tensor:
-    """Stored features -> `out` (float32 or bfloat16, same shape): a cast, and for int8 the product with each
-    channel group's scale (float32, `rescale`)."""
-    out.copy_(values)
-    if scales is not None:
-        rescale(out, scales, group)
-    return out
-
-
-def rescale(out: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """Multiply int8 values already cast into `out` by their scales (..., C // group), in place. Into float32 this
-    is exactly the stored value; into bfloat16 the scale is rounded to bfloat16 first (a relative error of at most
-    2^-8 per value, against 2^-9 for bfloat16 itself)."""
-    channels = out.shape[-1]
-    out.unflatten(-1, (channels // group, group)).mul_(scales.to(out.dtype).unsqueeze(-1))
+    """Stored features -> `out` (float32 or bfloat16, same shape) in one pass: a cast, and for int8 the product with
+    each channel group's scale (..., C // group). Into float32 this is exactly the stored value; into bfloat16 the
+    scale is rounded to bfloat16 first (a relative error of at most 2^-8 per value, against 2^-9 for bfloat16
+    itself)."""
+    if scales is None:
+        return out.copy_(values)
+    channels = values.shape[-1]
+    grouped = (channels // group, group)
+    torch.mul(values.unflatten(-1, grouped), scales.to(out.dtype).unsqueeze(-1), out=out.unflatten(-1, grouped))
     return out
 
 
@@ -271,14 +266,11 @@ class CachedSplit:
 
     def _gathered(self, positions: np.ndarray, slot: int) -> Batch:
         """A batch from the rows held on the device: each row cast straight into its batch position (one pass, and
-        faster than an index_select into a staging batch and a cast), then int8 rescaled."""
+        faster than an index_select into a staging batch and a cast; int8 times its scales in the same pass)."""
         cache = self._widened_buffer(slot).narrow(self.batch_axis, 0, len(positions))
-        resident = self._resident[positions]
-        for b, row in enumerate(resident.tolist()):
-            cache.select(self.batch_axis, b).copy_(self._values[row])
-        if self._scales is not None:
-            scales = self._scales[torch.from_numpy(resident).to(self.device)]
-            rescale(cache, scales.movedim(0, self.batch_axis), self.group)
+        for b, row in enumerate(self._resident[positions].tolist()):
+            scales = None if self._scales is None else self._scales[row]
+            widen(self._values[row], scales, self.group, cache.select(self.batch_axis, b))
         return self._batch(positions, cache)
 
     def _streamed(self, chunks: list[np.ndarray]) -> Iterator[Batch]:
