@@ -1,1 +1,1 @@
-"""Benchmarks: ratios measured side by side in one run (design.md §9). Run with `make bench`."""
+"""Benchmarks: ratios measured side by side in one run (docs/design.md §9). Run with `make bench`."""

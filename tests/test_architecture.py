@@ -1,4 +1,4 @@
-"""design.md §7: one-way data flow. Stage two never imports image code, the store never imports timm,
+"""docs/design.md §7: one-way data flow. Stage two never imports image code, the store never imports timm,
 only the CLI imports typer/rich, and only the query path does attention math."""
 
 import ast

@@ -604,7 +604,7 @@ def compress(
     lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = 1e-4,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
-    """Group-lasso feature selection (method.md §6): keep the top features, retrain the head; writes compressed/.
+    """Group-lasso feature selection (docs/method.md §6): keep the top features, retrain the head; writes compressed/.
 
     Example:
       vqt-cache compress data/runs/digits/demo/vqt-T4-lr0.25-wd0-seed42 --keep 0.7

@@ -1,4 +1,4 @@
-"""Group-lasso feature selection for a trained VQT run (method.md §6): keep fewer features, same queries.
+"""Group-lasso feature selection for a trained VQT run (docs/method.md §6): keep fewer features, same queries.
 
 1. With the run's queries frozen, train a fresh head with loss CE + λ·Σ_j ‖W[:, j]‖₂ (group lasso over input
    features) at half the run's learning rate, same schedule.

@@ -1,4 +1,4 @@
-"""Stage one: run the frozen backbone once over a dataset and write the store (design.md §5, §8).
+"""Stage one: run the frozen backbone once over a dataset and write the store (docs/design.md §5, §8).
 
 Work is done shard by shard of the store's image table (each image once, however many splits list it). Each
 shard is read in the same fixed batches whatever the run, so a resumed or multi-process extraction writes the very

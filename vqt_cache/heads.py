@@ -1,4 +1,4 @@
-"""Feature assembly and the linear head (method.md §3)."""
+"""Feature assembly and the linear head (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A `Run` holds one configuration's trainable parts: its queries (L, T, D) and its linear head. Runs are
 independent token sets, so any number of them share one pass of the frozen query path: their queries are
-concatenated along T, the path runs once, and each run reads back its own outputs (method.md §8). Their
+concatenated along T, the path runs once, and each run reads back its own outputs (docs/method.md §8). Their
 gradients never mix, since each run's loss depends only on its own parameters.
 
 `CachedVQT` feeds the runs from a cache. `LiveVQT` is the reference semantics of the authors' code: one forward

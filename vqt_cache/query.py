@@ -1,11 +1,11 @@
 """The VQT query path: learnable query tokens pushed through frozen timm blocks against cached image tokens.
 
-This is the only module that does attention math (method.md §2). It reuses each frozen block's own modules
+This is the only module that does attention math (docs/method.md §2). It reuses each frozen block's own modules
 (norm1, attn.qkv, attn.q_norm/k_norm, attn.proj, ls1, norm2, mlp, ls2) and never runs the image tokens:
 those come from a cache, in one of two layouts, always layer-major so that a layer's slice is contiguous:
 
     kv:     (L, 2, B, H, N, dh)   keys (after k_norm) and values, head-major: no transposed copy per step
-    hidden: (L, B, N, D)          X̂_l = LN1(Z_{l-1}); half the bytes, K/V folded into the GEMMs (method.md §4)
+    hidden: (L, B, N, D)          X̂_l = LN1(Z_{l-1}); half the bytes, K/V folded into the GEMMs (docs/method.md §4)
 
 Autograd records only the query tokens' activations: the cache carries no gradient.
 """

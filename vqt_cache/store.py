@@ -1,4 +1,4 @@
-"""The feature store: a self-describing Zarr v3 group (design.md §5). No timm, no image code.
+"""The feature store: a self-describing Zarr v3 group (docs/design.md §5). No timm, no image code.
 
     <store>/            attrs: format, format_version, backbone, preprocessing, dataset, layout, dtype, codec,
                         versions

@@ -1,13 +1,13 @@
 """`vqt-cache sweep`: grids × datasets × seeds over existing stores, with the paper's selection protocol.
 
-A pipeline (pipelines/*.toml) names the datasets, the grid and the protocol (method.md §5):
+A pipeline (pipelines/*.toml) names the datasets, the grid and the protocol (docs/method.md §5):
 1. selection: every (method, T, lr, wd) on `select_train`, evaluated on `select_eval`, seed `select_seed`; all
    of it is one pass over the cache (one seed);
 2. per (method, T), the (lr, wd) with the best last-epoch eval top-1 (ties -> smaller lr, then smaller wd);
 3. final: the selected configurations on `final_train` with every seed of `final_seeds`, tested on `final_eval`
    (one pass per seed, all methods together); a `final_eval` the store does not hold is evaluated live after
    training, one forward of the backbone over its images for every final run at once;
-4. optionally group-lasso compression of the final VQT runs (method.md §6).
+4. optionally group-lasso compression of the final VQT runs (docs/method.md §6).
 Run folders are the only state: finished runs are skipped, and `--shard i/n` splits the datasets across
 processes or machines, whose folders `vqt-cache report` merges.
 """

@@ -1,4 +1,4 @@
-"""Stage two: train VQT runs and baselines from a store alone (method.md §5), many configurations per pass.
+"""Stage two: train VQT runs and baselines from a store alone (docs/method.md §5), many configurations per pass.
 
 Runs that share a seed share a pass over the cache (the seed fixes the data order); each keeps its own
 queries, head, Adam optimizer and run folder. Everything random is derived from (seed, epoch): the order of

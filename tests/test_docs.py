@@ -1,0 +1,33 @@
+"""The project's own docs stay true to the code that cites them: every `docs/NAME.md §N` names a file that exists
+and a section it has, and no citation leaves out the docs/ folder."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CITED_IN = ["vqt_cache/*.py", "bench/*.py", "tests/*.py", "pipelines/*.toml", "docs/*.md", "README.md", "Makefile"]
+CITATION = re.compile(r"(\S*?)\b([a-z_]+\.md)(?: §(\d+))?")
+
+
+def citations() -> list[tuple[str, str, str, str | None]]:
+    found = []
+    for pattern in CITED_IN:
+        for path in sorted(REPO.glob(pattern)):
+            if path.name == "test_docs.py":  # this file names the docs in its own checks
+                continue
+            for prefix, name, section in CITATION.findall(path.read_text()):
+                if name in ("method.md", "design.md"):
+                    found.append((path.relative_to(REPO).as_posix(), prefix, name, section or None))
+    return found
+
+
+def test_every_citation_names_a_doc_and_a_section_that_exist():
+    found = citations()
+    assert len(found) >= 20  # the package's modules cite the docs throughout
+    for where, prefix, name, section in found:
+        assert prefix.endswith("docs/"), f"{where} cites {name} without its folder: write docs/{name}"
+        doc = REPO / "docs" / name
+        assert doc.is_file(), f"{where} cites {doc}, which does not exist"
+        if section:
+            headings = re.findall(r"^## (\d+)\. ", doc.read_text(), flags=re.M)
+            assert section in headings, f"{where} cites docs/{name} §{section}, which has no such section"
