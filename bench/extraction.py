@@ -24,7 +24,7 @@ from PIL import Image
 
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash
-from vqt_cache.extract import WRITERS, ExtractConfig, ShardWriter, extract_shards, store_attrs
+from vqt_cache.extraction import WRITERS, ExtractConfig, ShardWriter, extract_shards, store_attrs
 from vqt_cache.formats import CODECS
 from vqt_cache.quantize import quantize
 from vqt_cache.store import create_store, row_checksum
@@ -39,7 +39,7 @@ def _synthetic(n: int) -> Dataset:
         None,
         [str(c) for c in range(10)],
         {"train": items},
-        _loader=lambda s: Image.fromarray(pixels[int(s.split(":")[1])]),
+        loader=lambda s: Image.fromarray(pixels[int(s.split(":")[1])]),
     )
 
 

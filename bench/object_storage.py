@@ -31,9 +31,9 @@ import torch
 from bench.extraction import _new_store, _synthetic, extract_rate
 from bench.training import synthetic_store
 from vqt_cache.backbones import load_backbone
-from vqt_cache.extract import ExtractConfig
+from vqt_cache.extraction import ExtractConfig
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 
 
 @contextmanager

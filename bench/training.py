@@ -29,7 +29,7 @@ import numpy as np
 from bench.extraction import _synthetic
 from bench.stage_two import live_rates, vit_b16
 from vqt_cache.datasets import index_hash
-from vqt_cache.extract import ExtractConfig, store_attrs
+from vqt_cache.extraction import ExtractConfig, store_attrs
 from vqt_cache.store import create_store, hash_rows, row_checksum
 
 GiB = 2**30
@@ -175,7 +175,7 @@ def run_grid(quick: bool = False) -> list[dict]:
 
 MEASURE = """
 import json, sys
-from vqt_cache.train import RunSpec, TrainConfig, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 store, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train(TrainConfig(store=store, runs=(RunSpec("vqt", 1, 0.5, 1e-3, 0),), epochs=1, warmup_epochs=0, batch_size=32,
                   out=out, memory_budget=budget))

@@ -18,15 +18,23 @@ def loaded_after_import(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["vqt_cache.train", "vqt_cache.evaluate", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"]
+    "module",
+    ["vqt_cache.training", "vqt_cache.evaluation", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"],
 )
 def test_stage_two_does_not_import_image_code(module):
     loaded = loaded_after_import(module)
-    assert "vqt_cache.datasets" not in loaded and "vqt_cache.extract" not in loaded
+    assert "vqt_cache.datasets" not in loaded and "vqt_cache.extraction" not in loaded
 
 
 def test_store_does_not_import_timm():
     assert "timm" not in loaded_after_import("vqt_cache.store")
+
+
+@pytest.mark.parametrize("module", ["vqt_cache.recipe", "vqt_cache.formats"])
+def test_the_defaults_import_no_torch(module):
+    """The CLI shows them in --help, and a notebook reads them, without loading torch."""
+    loaded = loaded_after_import(module)
+    assert "torch" not in loaded and "numpy" not in loaded
 
 
 def _imports(path: Path) -> set[str]:

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from vqt_cache import evaluate as evaluate_module
+from vqt_cache import evaluation as evaluate_module
 from vqt_cache.data import CachedSplit
-from vqt_cache.evaluate import evaluate, evaluation_path, live_logits, read_evaluation
-from vqt_cache.extract import ExtractConfig, extract
-from vqt_cache.train import RunSpec, TrainConfig, cached_logits, load_runs, train
+from vqt_cache.evaluation import evaluate, evaluation_path, live_logits, read_evaluation
+from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.training import RunSpec, TrainConfig, cached_logits, load_runs, train
 
 from conftest import TINY_EXTRACT, run_cli
 

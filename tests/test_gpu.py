@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 
 from conftest import TINY_EXTRACT
 

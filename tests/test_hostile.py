@@ -22,7 +22,7 @@ import zarr
 from PIL import Image
 
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 
 from conftest import GOOD_PIPELINE, error_line, make_imagefolder, run_cli, tiny_extract_args
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from vqt_cache.data import CachedSplit
-from vqt_cache.extract import ExtractConfig, extract
-from vqt_cache.predict import predict
-from vqt_cache.train import RunSpec, TrainConfig, load_run, train
+from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.prediction import predict
+from vqt_cache.training import RunSpec, TrainConfig, load_run, train
 
 from conftest import TINY_EXTRACT, make_imagefolder, run_cli
 

@@ -79,7 +79,7 @@ def test_query_path_logits_on_a_dequantized_cache(kind, layout, massive):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, str]:
-    from vqt_cache.extract import ExtractConfig, extract
+    from vqt_cache.extraction import ExtractConfig, extract
 
     from conftest import TINY_EXTRACT
 
@@ -124,8 +124,8 @@ def test_int8_batches_equal_dequantized_float32_within_half_a_step(stores):
 
 
 def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):
-    from vqt_cache.evaluate import evaluate
-    from vqt_cache.train import RunSpec, TrainConfig, train
+    from vqt_cache.evaluation import evaluate
+    from vqt_cache.training import RunSpec, TrainConfig, train
 
     [run] = train(
         TrainConfig(store=stores["float32"], runs=(RunSpec("vqt", 2),), epochs=4, warmup_epochs=1, out=str(tmp_path))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluate import evaluate
+from vqt_cache.evaluation import evaluate
 from vqt_cache.store import open_store
-from vqt_cache.train import RunSpec, TrainConfig, grid, lr_factor, train
+from vqt_cache.training import RunSpec, TrainConfig, grid, lr_factor, train
 
 from conftest import error_line, run_cli
 
@@ -229,7 +229,7 @@ def test_nan_in_the_cache(tiny_store, tmp_path):
 
 
 def test_run_folder_from_another_store(tiny_store, tmp_path):
-    from vqt_cache.extract import ExtractConfig, extract
+    from vqt_cache.extraction import ExtractConfig, extract
 
     from conftest import TINY_EXTRACT
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vqt_cache.errors import VQTError
-from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.store import open_store
 from vqt_cache.verify import verify
 
@@ -153,7 +153,7 @@ def test_full_disk_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     import threading
 
     from vqt_cache import store as store_module
-    from vqt_cache.extract import WRITERS
+    from vqt_cache.extraction import WRITERS
 
     calls, lock = itertools.count(1), threading.Lock()
     original = store_module.Images.write_images

@@ -23,8 +23,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from vqt_cache import recipe
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT, DEFAULT_PRECISION
+from vqt_cache.formats import (
+    DEFAULT_CODEC,
+    DEFAULT_DTYPE,
+    DEFAULT_LAYOUT,
+    DEFAULT_PRECISION,
+    EXTRACT_BATCH_SIZE,
+    ON_BAD_IMAGE,
+    SHARD_SIZE,
+    WORKERS,
+)
 
 app = typer.Typer(
     help="Visual Query Tuning over cached ViT features: extract once, train many cheap experiments.",
@@ -93,17 +103,17 @@ def extract(
         str, typer.Option(help="float16, float32 or int8 (a float16 scale per token and 64 channels)")
     ] = DEFAULT_DTYPE,
     codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = DEFAULT_CODEC,
-    batch_size: Annotated[int, typer.Option(help="images per forward")] = 32,
-    shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="images per forward")] = EXTRACT_BATCH_SIZE,
+    shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = SHARD_SIZE,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
     out: Annotated[
         str | None, typer.Option(help="store path or URL (default <cache-root>/<dataset>/<backbone>.zarr)")
     ] = None,
-    cache_root: Annotated[str, typer.Option(help="root of the default store paths")] = "data/cache",
+    cache_root: Annotated[str, typer.Option(help="root of the default store paths")] = recipe.CACHE_ROOT,
     weights: Annotated[str | None, typer.Option(help="weights FILE, 'random', or none for the timm cache")] = None,
     model_arg: Annotated[list[str] | None, typer.Option(help="timm model argument KEY=VALUE (repeatable)")] = None,
-    on_bad_image: Annotated[str, typer.Option(help="fail or skip (skipped images are recorded)")] = "fail",
-    workers: Annotated[int, typer.Option(help="image decoding processes")] = 2,
+    on_bad_image: Annotated[str, typer.Option(help="fail or skip (skipped images are recorded)")] = ON_BAD_IMAGE[0],
+    workers: Annotated[int, typer.Option(help="image decoding processes")] = WORKERS,
     no_space_check: Annotated[
         bool, typer.Option("--no-space-check", help="start even when `vqt-cache plan` says the store cannot fit")
     ] = False,
@@ -116,8 +126,8 @@ def extract(
       vqt-cache extract --backbone vit_b16 --dataset vtab1k/dtd --root ~/data/vtab-1k --layout hidden
       torchrun --nproc_per_node=4 -m vqt_cache extract --backbone vit_b16 --dataset cub
     """
-    from vqt_cache.extract import ExtractConfig
-    from vqt_cache.extract import extract as run_extract
+    from vqt_cache.extraction import ExtractConfig
+    from vqt_cache.extraction import extract as run_extract
 
     cfg = ExtractConfig(
         backbone=backbone,
@@ -169,14 +179,14 @@ def extract(
 @app.command()
 def plan(
     pipeline: Annotated[str | None, typer.Argument(help="a pipeline file (else: plan one extract command)")] = None,
-    backbone: Annotated[str, typer.Option(help="as for extract (for a pipeline: its backbone)")] = "vit_b16",
+    backbone: Annotated[str, typer.Option(help="as for extract (for a pipeline: its backbone)")] = recipe.BACKBONE,
     dataset: Annotated[str | None, typer.Option(help="as for extract")] = None,
     root: Annotated[str | None, typer.Option(help="as for extract")] = None,
     splits: Annotated[str | None, typer.Option(help="splits to cache, as for extract (default: all)")] = None,
     layout: Annotated[str, typer.Option(help="hidden or kv")] = DEFAULT_LAYOUT,
     dtype: Annotated[str, typer.Option(help="int8, float16 or float32")] = DEFAULT_DTYPE,
     out: Annotated[str | None, typer.Option(help="as for extract")] = None,
-    cache_root: Annotated[str, typer.Option(help="as for extract")] = "data/cache",
+    cache_root: Annotated[str, typer.Option(help="as for extract")] = recipe.CACHE_ROOT,
     model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
@@ -188,7 +198,7 @@ def plan(
       vqt-cache plan pipelines/vtab1k.toml --layout hidden --dtype int8
       vqt-cache plan --backbone vit_b16 --dataset cub --root ~/data/CUB_200_2011 --splits train,val
     """
-    from vqt_cache.extract import ExtractConfig
+    from vqt_cache.extraction import ExtractConfig
     from vqt_cache.plan import plan_extract, plan_pipeline
     from vqt_cache.sweep import load_pipeline
 
@@ -323,29 +333,33 @@ def _find_store(cache_root: str) -> str:
 
 @app.command()
 def train(
-    queries: Annotated[str, typer.Option(help="T, or a list: 1,10")] = "1",
+    queries: Annotated[str, typer.Option(help="T, or a list: 1,10")] = str(recipe.QUERIES),
     store: Annotated[
         str | None, typer.Option(help="store path or URL (default: the only store under --cache-root)")
     ] = None,
-    method: Annotated[str, typer.Option(help="vqt, linear (probe on f_0), pooled (Head2Toe-style); a list")] = "vqt",
-    lr: Annotated[str, typer.Option(help="base learning rate(s), scaled by batch/256")] = "0.5",
-    wd: Annotated[str, typer.Option(help="weight decay(s), coupled L2 as in torch Adam")] = "0.001",
-    seed: Annotated[str, typer.Option(help="seed(s); runs of one seed share a pass")] = "42",
-    epochs: Annotated[int, typer.Option(help="epochs")] = 100,
-    warmup_epochs: Annotated[int, typer.Option(help="linear warm-up epochs before the cosine")] = 10,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 128,
-    dropout: Annotated[float, typer.Option(help="query dropout")] = 0.1,
+    method: Annotated[
+        str, typer.Option(help="vqt, linear (probe on f_0), pooled (Head2Toe-style); a list")
+    ] = recipe.METHOD,
+    lr: Annotated[str, typer.Option(help="base learning rate(s), scaled by batch/256")] = f"{recipe.LR:g}",
+    wd: Annotated[str, typer.Option(help="weight decay(s), coupled L2 as in torch Adam")] = f"{recipe.WD:g}",
+    seed: Annotated[str, typer.Option(help="seed(s); runs of one seed share a pass")] = str(recipe.SEED),
+    epochs: Annotated[int, typer.Option(help="epochs")] = recipe.EPOCHS,
+    warmup_epochs: Annotated[int, typer.Option(help="linear warm-up epochs before the cosine")] = recipe.WARMUP_EPOCHS,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = recipe.BATCH_SIZE,
+    dropout: Annotated[float, typer.Option(help="query dropout")] = recipe.DROPOUT,
     train_split: Annotated[str | None, typer.Option(help="default train800, else train")] = None,
     eval_split: Annotated[str | None, typer.Option(help="default val200, else val, else test")] = None,
     out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
     memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = recipe.DEVICE,
     precision: Annotated[
         str, typer.Option(help="query-path arithmetic: float32, bf16 (bfloat16 matmuls), auto (bf16 where fast)")
     ] = DEFAULT_PRECISION,
-    eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N epochs, for resume")] = 10,
-    cache_root: Annotated[str, typer.Option(help="where to look for the store")] = "data/cache",
+    eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = recipe.EVAL_EVERY,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="checkpoint every N epochs, for resume")
+    ] = recipe.CHECKPOINT_EVERY,
+    cache_root: Annotated[str, typer.Option(help="where to look for the store")] = recipe.CACHE_ROOT,
     json_out: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
 ) -> None:
     """Train VQT queries + linear heads from a store alone; every combination of the lists in one pass per seed.
@@ -355,8 +369,8 @@ def train(
       vqt-cache train --store data/cache/cub/vit_b16.zarr --queries 1,10 --lr 0.5,0.25 --wd 1e-3,0
       vqt-cache train --method vqt,linear,pooled --queries 1 --epochs 50
     """
-    from vqt_cache.train import TrainConfig, grid
-    from vqt_cache.train import train as run_train
+    from vqt_cache.training import TrainConfig, grid
+    from vqt_cache.training import train as run_train
 
     runs = grid(
         [m.strip() for m in method.split(",")],
@@ -420,13 +434,15 @@ def _fail_if_all_diverged(results: list[dict]) -> None:
 @app.command()
 def evaluate(
     run_dirs: Annotated[list[str], typer.Argument(help="finished run folders (of one store)")],
-    split: Annotated[str, typer.Option(help="split to evaluate on: cached if the store holds it, else live")] = "test",
+    split: Annotated[
+        str, typer.Option(help="split to evaluate on: cached if the store holds it, else live")
+    ] = recipe.FINAL_EVAL,
     store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
     root: Annotated[str | None, typer.Option(help="dataset folder, if it moved since extraction (live)")] = None,
     live: Annotated[bool, typer.Option("--live", help="run the backbone even when the split is cached")] = False,
     batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
+    workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = WORKERS,
     precision: Annotated[
         str | None, typer.Option(help="float32, bf16 or auto (default: what the runs trained with)")
     ] = None,
@@ -440,7 +456,7 @@ def evaluate(
     Example:
       vqt-cache evaluate data/runs/digits/tiny/vqt-T4-lr0.25-wd0-seed* --split test
     """
-    from vqt_cache.evaluate import evaluate as run_evaluate
+    from vqt_cache.evaluation import evaluate as run_evaluate
 
     if batch_size is not None and batch_size < 1:
         raise VQTError(f"--batch-size must be >= 1, got {batch_size}")
@@ -482,7 +498,7 @@ def predict(
     Example:
       vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42 bird1.jpg bird2.jpg
     """
-    from vqt_cache.predict import predict as run_predict
+    from vqt_cache.prediction import predict as run_predict
 
     results = run_predict(run_dir, images, store)
     if json_out:
@@ -600,8 +616,8 @@ def report(
 @app.command()
 def compress(
     run_dir: Annotated[str, typer.Argument(help="a finished VQT run folder")],
-    keep: Annotated[float, typer.Option(help="fraction of features kept")] = 0.7,
-    lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = 1e-4,
+    keep: Annotated[float, typer.Option(help="fraction of features kept")] = recipe.KEEP,
+    lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = recipe.LASSO,
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """Group-lasso feature selection (docs/method.md §6): keep the top features, retrain the head; writes compressed/.

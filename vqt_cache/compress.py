@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqt_cache import recipe
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.query import flush_subnormals
 from vqt_cache.run_folder import claimed
-from vqt_cache.train import accuracy, derived_seed, load_run, lr_factor
+from vqt_cache.training import accuracy, derived_seed, load_run, lr_factor
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 
@@ -68,8 +69,8 @@ def train_head(
 
 def compress(
     run_dir: str | Path,
-    keep: float = 0.7,
-    lasso: float = 1e-4,
+    keep: float = recipe.KEEP,
+    lasso: float = recipe.LASSO,
     splits: tuple[str, ...] | None = None,
     memory_budget: int | None = None,
 ) -> dict[str, Any]:

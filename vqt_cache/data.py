@@ -33,6 +33,7 @@ import torch
 
 from vqt_cache.errors import VQTError
 from vqt_cache.heads import token_means
+from vqt_cache.recipe import BATCH_SIZE
 from vqt_cache.store import Split
 
 # Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
@@ -74,7 +75,7 @@ class CachedSplit:
         self,
         split: Split,
         memory_budget: int | None = None,
-        batch_size: int = 128,
+        batch_size: int = BATCH_SIZE,
         device: torch.device | str = "cpu",
         num_classes: int | None = None,
         dtype: torch.dtype = torch.float32,

@@ -107,14 +107,22 @@ class BadImage(Exception):
 
 @dataclass
 class Dataset:
-    """Named splits of (source, label) plus how to turn a source into an RGB image."""
+    """Named splits of (source, label) plus how to turn a source into an RGB image.
+
+    A source is a path relative to `root`, read from disk, or, with a `loader`, any string the loader turns into
+    an image (an index into arrays in memory, a key into a database). Your own data is a Dataset too::
+
+        Dataset("leaves", None, ["healthy", "sick"], {"train": [("0", 0), ...], "val": [...]}, loader=my_loader)
+
+    and `register_dataset` makes it a name that `extract` (and `--dataset` on the command line) accepts.
+    """
 
     name: str
     root: Path | None
     class_names: list[str]
     splits: dict[str, list[tuple[str, int]]]
     resize: str = "timm"  # "timm": the backbone's resize + center crop; "squash": straight to the input size
-    _loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
+    loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -122,8 +130,8 @@ class Dataset:
 
     def load_image(self, source: str) -> Image.Image:
         """Decode one image as RGB (grayscale, palette, CMYK and RGBA are converted); BadImage if unreadable."""
-        if self._loader is not None:
-            return self._loader(source)
+        if self.loader is not None:
+            return self.loader(source)
         path = self.root / source
         if not path.is_file():  # a FIFO would block the decoder forever, a folder or symlink loop fail obscurely
             if path.is_symlink() or path.exists():
@@ -146,9 +154,9 @@ class Dataset:
     def image_key(self, source: str) -> str:
         """An image's identity in a store: its source and a digest of its content (the file's bytes, or the
         decoded pixels of an in-memory dataset); a file that cannot be read is keyed as missing."""
-        if self._loader is not None:
+        if self.loader is not None:
             try:
-                content = np.asarray(self._loader(source)).tobytes()
+                content = np.asarray(self.loader(source)).tobytes()
             except Exception:  # extraction says what is wrong with it
                 content = None
         else:
@@ -316,14 +324,37 @@ def digits() -> Dataset:
     def load(source: str) -> Image.Image:
         return Image.fromarray(pixels[int(source.split(":")[1])], mode="L").convert("RGB")
 
-    return Dataset("digits", None, [str(d) for d in range(10)], splits, resize="squash", _loader=load)
+    return Dataset("digits", None, [str(d) for d in range(10)], splits, resize="squash", loader=load)
+
+
+# datasets a user added by name (`register_dataset`): name -> a function of the root folder (or None)
+_REGISTERED: dict[str, Callable[[Path | None], Dataset]] = {}
+BUILT_IN = ("cub", "fgvc/<task>", "vtab1k/<task>", "imagefolder", "digits")
+
+
+def register_dataset(name: str, make: Callable[[Path | None], Dataset]) -> None:
+    """Make `name` a dataset that `open_dataset` (so `extract`, and live evaluation) opens by calling
+    `make(root)`, root being the folder given to extract (or None). Registration lasts for this process."""
+    if name.partition("/")[0] in ("cub", "fgvc", "vtab1k", "imagefolder", "digits"):
+        raise VQTError(f"dataset name {name!r} is built in; register yours under another name")
+    _REGISTERED[name] = make
+
+
+def list_datasets() -> list[str]:
+    """The dataset names `open_dataset` accepts: the built-in families, then the registered ones."""
+    return [*BUILT_IN, *sorted(_REGISTERED)]
 
 
 def open_dataset(name: str, root: str | Path | None = None) -> Dataset:
-    """`cub`, `fgvc/<task>`, `vtab1k/<task>`, `imagefolder` or `digits` -> Dataset.
+    """`cub`, `fgvc/<task>`, `vtab1k/<task>`, `imagefolder`, `digits` or a registered name -> Dataset.
 
-    root defaults to data/downloads/<name>.
+    root defaults to data/downloads/<name> for the built-in folders.
     """
+    if name in _REGISTERED:
+        dataset = _REGISTERED[name](Path(root) if root is not None else None)
+        if not isinstance(dataset, Dataset):
+            raise VQTError(f"the function registered for dataset {name!r} returned {type(dataset).__name__}")
+        return dataset
     family, _, task = name.partition("/")
     if family == "digits":
         return digits()
@@ -336,7 +367,7 @@ def open_dataset(name: str, root: str | Path | None = None) -> Dataset:
         return vtab1k(task, path)
     if family == "imagefolder":
         return imagefolder(path)
-    raise VQTError(f"unknown dataset {name!r}: use cub, fgvc/<task>, vtab1k/<task>, imagefolder or digits")
+    raise VQTError(f"unknown dataset {name!r}: use {', '.join(list_datasets())}")
 
 
 def preprocessing(data_config: dict[str, Any], resize: str) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from vqt_cache.backbones import load_backbone
 from vqt_cache.datasets import ImageSplit, digits, preprocessing
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluate import evaluate
-from vqt_cache.extract import ExtractConfig, extract
+from vqt_cache.evaluation import evaluate
+from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.files import read_json, save_tensors
 from vqt_cache.store import found_at
-from vqt_cache.train import RunSpec, TrainConfig, grid, train
+from vqt_cache.training import RunSpec, TrainConfig, grid, train
 
 BACKBONE = "vit_tiny_patch16_224"
 MODEL = {"img_size": 32, "patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}

@@ -12,6 +12,13 @@ DEFAULT_LAYOUT = "hidden"
 DEFAULT_DTYPE = "int8"
 DEFAULT_CODEC = "none"
 
+# stage one (extract; the live forward of evaluate and predict): images per forward, images per logical shard
+# (the unit of writing and resuming), image-decoding processes, and what to do with an unreadable image
+EXTRACT_BATCH_SIZE = 32
+SHARD_SIZE = 64
+WORKERS = 2
+ON_BAD_IMAGE = ("fail", "skip")
+
 # stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is
 # bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (README, "Precision")
 PRECISIONS = ("float32", "bf16")

@@ -24,8 +24,7 @@ from vqt_cache.backbones import Backbone
 from vqt_cache.errors import VQTError
 from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features, token_means
 from vqt_cache.query import Queries, QueryPath, query_init_bound
-
-METHODS = ("vqt", "linear", "pooled")  # VQT; linear probe on f_0; Head2Toe-style pooled intermediate features
+from vqt_cache.recipe import DROPOUT, METHOD, METHODS
 
 
 class Run(nn.Module):
@@ -42,7 +41,7 @@ class Run(nn.Module):
         dim: int,
         num_classes: int,
         patch_size: tuple[int, int],
-        dropout: float = 0.1,
+        dropout: float = DROPOUT,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -96,9 +95,9 @@ class CachedVQT(nn.Module):
         num_queries: int,
         num_classes: int,
         layout: str = "kv",
-        dropout: float = 0.1,
+        dropout: float = DROPOUT,
         seed: int = 0,
-        method: str = "vqt",
+        method: str = METHOD,
     ) -> CachedVQT:
         """A single-run model for `backbone`."""
         run = Run(method, num_queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, dropout, seed)

@@ -21,6 +21,7 @@ from torch import nn
 from vqt_cache.backbones import heads_kv
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import LAYOUTS, PRECISIONS
+from vqt_cache.recipe import DROPOUT
 
 # the dtype the query path reads its cache in, per precision (formats.PRECISIONS)
 CACHE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
@@ -71,7 +72,7 @@ class Queries(nn.Module):
         num_queries: int,
         dim: int,
         init_bound: float,
-        dropout: float = 0.1,
+        dropout: float = DROPOUT,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()

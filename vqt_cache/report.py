@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluate import read_evaluation
+from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
 from vqt_cache.sweep import Pipeline, finished_runs, recorded_recipe, run_folders, select
 

@@ -24,15 +24,16 @@ from typing import Any
 
 import pydantic
 
+from vqt_cache import recipe
 from vqt_cache.backbones import resolve_device
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluate import evaluate, read_evaluation
+from vqt_cache.evaluation import evaluate, read_evaluation
 from vqt_cache.files import read_json
 from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.query import resolve_precision
 from vqt_cache.run_folder import read_config
 from vqt_cache.store import open_store
-from vqt_cache.train import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
+from vqt_cache.training import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
 VTAB_GROUPS = {
@@ -58,24 +59,24 @@ _STRICT = pydantic.ConfigDict(strict=True, extra="forbid")
 @dataclass(frozen=True)
 class Protocol:
     __pydantic_config__ = _STRICT
-    select_train: str = "train800"
-    select_eval: str = "val200"
-    select_seed: int = 100
-    final_train: str = "train800val200"
-    final_eval: str = "test"
-    final_seeds: tuple[int, ...] = (42, 44, 82, 100, 800)
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 128
-    dropout: float = 0.1
+    select_train: str = recipe.SELECT_TRAIN
+    select_eval: str = recipe.SELECT_EVAL
+    select_seed: int = recipe.SELECT_SEED
+    final_train: str = recipe.FINAL_TRAIN
+    final_eval: str = recipe.FINAL_EVAL
+    final_seeds: tuple[int, ...] = recipe.FINAL_SEEDS
+    epochs: int = recipe.EPOCHS
+    warmup_epochs: int = recipe.WARMUP_EPOCHS
+    batch_size: int = recipe.BATCH_SIZE
+    dropout: float = recipe.DROPOUT
     precision: str = DEFAULT_PRECISION  # of the query path: float32, bf16, or auto (bf16 where it is fast)
 
 
 @dataclass(frozen=True)
 class Grid:
     __pydantic_config__ = _STRICT
-    lr: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)  # base lrs, scaled by batch/256
-    wd: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 0.0)
+    lr: tuple[float, ...] = recipe.GRID_LRS  # base lrs, scaled by batch/256
+    wd: tuple[float, ...] = recipe.GRID_WDS
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,12 @@ class Pipeline:
     __pydantic_config__ = _STRICT
     name: str
     datasets: tuple[DatasetEntry, ...]
-    backbone: str = "vit_b16"
-    cache_root: str = "data/cache"
-    runs_root: str = "data/runs/sweeps"
-    baselines: tuple[str, ...] = ("linear", "pooled")
+    backbone: str = recipe.BACKBONE
+    cache_root: str = recipe.CACHE_ROOT
+    runs_root: str = recipe.SWEEPS_ROOT
+    baselines: tuple[str, ...] = recipe.BASELINES
     compress: bool = False
-    keep: float = 0.7
+    keep: float = recipe.KEEP
     description: str = ""
     protocol: Protocol = field(default_factory=Protocol)
     grid: Grid = field(default_factory=Grid)
@@ -167,9 +168,9 @@ def _check(p: Pipeline, path: Path) -> None:
         raise VQTError(f"pipeline file {path}: the grid (lr, wd) and final_seeds must not be empty")
     if not 0 < p.keep <= 1:
         raise VQTError(f"pipeline file {path}: keep must be in (0, 1], got {p.keep}")
-    bad = [b for b in p.baselines if b not in ("linear", "pooled")]
+    bad = [b for b in p.baselines if b not in recipe.BASELINES]
     if bad:
-        raise VQTError(f"pipeline file {path}: unknown baseline {bad[0]!r} (use linear, pooled)")
+        raise VQTError(f"pipeline file {path}: unknown baseline {bad[0]!r} (use {', '.join(recipe.BASELINES)})")
     names = [d.name for d in p.datasets]
     if len(set(names)) != len(names):
         raise VQTError(f"pipeline file {path}: a dataset is listed twice")

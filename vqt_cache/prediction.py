@@ -9,12 +9,13 @@ import torch
 
 from vqt_cache.datasets import BadImage, Dataset, build_transform
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.model import LiveVQT
-from vqt_cache.train import load_run
+from vqt_cache.training import load_run
 
 
 def predict(
-    run_dir: str | Path, images: list[str | Path], store_url: str | None = None, batch_size: int = 32
+    run_dir: str | Path, images: list[str | Path], store_url: str | None = None, batch_size: int = EXTRACT_BATCH_SIZE
 ) -> list[dict[str, Any]]:
     """Class, probability and logits for each image file, through `LiveVQT` with the store's preprocessing."""
     config, store, backbone, model = load_run(run_dir, store_url)

@@ -25,10 +25,12 @@ from vqt_cache.backbones import Backbone, resolve_device
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
+from vqt_cache.formats import WORKERS
 from vqt_cache.model import CachedVQT
 from vqt_cache.query import flush_subnormals, resolve_precision
+from vqt_cache.recipe import DEVICE, FINAL_EVAL
 from vqt_cache.store import Store
-from vqt_cache.train import accuracy, cached_logits, load_runs
+from vqt_cache.training import accuracy, cached_logits, load_runs
 
 SAVE_EVERY_S = 60.0
 Progress = Callable[[str, int, int], None]
@@ -48,13 +50,13 @@ def read_evaluation(run_dir: str | Path, split: str) -> dict[str, Any] | None:
 
 def evaluate(
     run_dirs: list[str | Path] | str | Path,
-    split: str = "test",
+    split: str = FINAL_EVAL,
     store_url: str | None = None,
     root: str | None = None,
     memory_budget: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    workers: int = 2,
+    device: str = DEVICE,
+    workers: int = WORKERS,
     progress: Progress | None = None,
     live: bool | None = None,
     precision: str | None = None,

@@ -26,11 +26,21 @@ from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, load_backbone, resolve_device
 from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DEFAULT_LAYOUT, DTYPES, LAYOUTS
+from vqt_cache.formats import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_DTYPE,
+    DEFAULT_LAYOUT,
+    DTYPES,
+    EXTRACT_BATCH_SIZE,
+    LAYOUTS,
+    ON_BAD_IMAGE,
+    SHARD_SIZE,
+    WORKERS,
+)
 from vqt_cache.quantize import group_for, quantize
+from vqt_cache.recipe import CACHE_ROOT, DEVICE
 from vqt_cache.store import Images, Store, create_store, hash_rows, row_checksum
-
-ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -44,15 +54,15 @@ class ExtractConfig:
     layout: str = DEFAULT_LAYOUT
     dtype: str = DEFAULT_DTYPE
     codec: str = DEFAULT_CODEC
-    batch_size: int = 32
-    shard_size: int = 64
-    device: str = "auto"
+    batch_size: int = EXTRACT_BATCH_SIZE
+    shard_size: int = SHARD_SIZE
+    device: str = DEVICE
     out: str | None = None  # default <cache_root>/<dataset>/<backbone>.zarr
-    cache_root: str = "data/cache"
+    cache_root: str = CACHE_ROOT
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    on_bad_image: str = "fail"
-    workers: int = 2
+    on_bad_image: str = ON_BAD_IMAGE[0]
+    workers: int = WORKERS
     check_space: bool = True  # refuse to start a store that the free space at `out` cannot hold
 
     def __post_init__(self) -> None:

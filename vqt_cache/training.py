@@ -21,17 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqt_cache import recipe
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile
 from vqt_cache.formats import DEFAULT_PRECISION
-from vqt_cache.model import METHODS, CachedVQT, Run
+from vqt_cache.model import CachedVQT, Run
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
-MAX_SEED = 2**63
 RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")  # recorded in config.json
 # Progress: called with (description, steps done, steps total)
 Progress = Callable[[str, int, int], None]
@@ -41,23 +41,14 @@ Progress = Callable[[str, int, int], None]
 class RunSpec:
     """One configuration: what a run folder trains."""
 
-    method: str = "vqt"
-    queries: int = 1
-    lr: float = 0.5  # base learning rate; the optimizer uses lr · batch_size / 256
-    wd: float = 1e-3
-    seed: int = 42
+    method: str = recipe.METHOD
+    queries: int = recipe.QUERIES
+    lr: float = recipe.LR  # base learning rate; the optimizer uses lr · batch_size / 256
+    wd: float = recipe.WD
+    seed: int = recipe.SEED
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise VQTError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.queries < 0:
-            raise VQTError(f"the number of queries T must be >= 0, got {self.queries}")
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.wd) and self.wd >= 0):
-            raise VQTError(
-                f"learning rate must be > 0 and weight decay >= 0, both finite, got lr={self.lr}, wd={self.wd}"
-            )
-        if not 0 <= self.seed < MAX_SEED:
-            raise VQTError(f"a seed must be in 0..2**63-1, got {self.seed}")
+        recipe.check_run(self.method, self.queries, self.lr, self.wd, self.seed)
         if self.method != "vqt":
             object.__setattr__(self, "queries", 0)  # the baselines have no queries
 
@@ -75,27 +66,22 @@ class TrainConfig:
     runs: tuple[RunSpec, ...] = (RunSpec(),)
     train_split: str | None = None  # default: train800, else train
     eval_split: str | None = None  # default: val200, else val, else test; NO_EVAL: train without evaluating
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 128
-    dropout: float = 0.1
+    epochs: int = recipe.EPOCHS
+    warmup_epochs: int = recipe.WARMUP_EPOCHS
+    batch_size: int = recipe.BATCH_SIZE
+    dropout: float = recipe.DROPOUT
     memory_budget: int | float | None = None  # bytes for cached features in memory; default half the RAM
-    device: str = "auto"
+    device: str = recipe.DEVICE
     precision: str = DEFAULT_PRECISION  # resolved on creation: "auto" becomes float32 or bf16 for the device
     out: str | None = None  # one run: its folder; several: their parent. Default data/runs/<dataset>/<backbone>
-    eval_every: int = 1
-    checkpoint_every: int = 10
+    eval_every: int = recipe.EVAL_EVERY
+    checkpoint_every: int = recipe.CHECKPOINT_EVERY
     extra: dict[str, Any] = field(default_factory=dict)  # recorded, not interpreted (e.g. the sweep's name)
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise VQTError("nothing to train: no run configurations given")
-        if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
-            raise VQTError(f"need epochs >= 1 and 0 <= warmup < epochs, got {self.epochs} and {self.warmup_epochs}")
-        if self.batch_size < 1:
-            raise VQTError(f"batch size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.dropout < 1:
-            raise VQTError(f"dropout must be in [0, 1), got {self.dropout}")
+        recipe.check_recipe(self.epochs, self.warmup_epochs, self.batch_size, self.dropout)
         if self.memory_budget is not None:
             if not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
                 raise VQTError(
@@ -141,7 +127,7 @@ def run_dirs(cfg: TrainConfig, store: Store) -> dict[RunSpec, Path]:
     if cfg.out and len(cfg.runs) == 1:
         return {cfg.runs[0]: Path(cfg.out)}
     dataset, backbone = store.attrs["dataset"]["name"], store.attrs["backbone"]["name"]
-    parent = Path(cfg.out) if cfg.out else Path("data/runs") / dataset / backbone
+    parent = Path(cfg.out) if cfg.out else Path(recipe.RUNS_ROOT) / dataset / backbone
     return {spec: parent / spec.name for spec in cfg.runs}
 
 
@@ -392,8 +378,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
     store = open_store(cfg.store)
     no_eval = cfg.eval_split == NO_EVAL
     splits = {
-        "train": resolve_split(store, cfg.train_split, ("train800", "train"), "training"),
-        "eval": None if no_eval else resolve_split(store, cfg.eval_split, ("val200", "val", "test"), "evaluation"),
+        "train": resolve_split(store, cfg.train_split, recipe.TRAIN_SPLITS, "training"),
+        "eval": None if no_eval else resolve_split(store, cfg.eval_split, recipe.EVAL_SPLITS, "evaluation"),
     }
     train_split = store.split(splits["train"])
     eval_split = None if no_eval else store.split(splits["eval"])

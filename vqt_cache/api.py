@@ -1,0 +1,241 @@
+"""The Python API: what the command line does, as functions with keyword arguments and typed results.
+
+`import vqt_cache as vqt` gives these names lazily (the package itself imports no torch). Each function calls the
+same library code as its command, so a notebook and the CLI produce the same stores and run folders:
+
+    store = vqt.extract(backbone="vit_b16", dataset="digits", weights="random", splits=["train800", "val200"])
+    runs = vqt.train(store=store.url, queries=[1, 10], lr=[0.5, 0.25], epochs=20)
+    [result] = vqt.evaluate(runs[0].dir, split="test")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqt_cache import recipe
+from vqt_cache.backbones import BACKBONES, Backbone
+from vqt_cache.datasets import Dataset, list_datasets, register_dataset
+from vqt_cache.errors import VQTError
+from vqt_cache.extraction import ExtractConfig, ExtractSummary
+from vqt_cache.extraction import extract as _extract
+from vqt_cache.model import CachedVQT
+from vqt_cache.store import Store, open_store
+
+__all__ = [
+    "Dataset",
+    "Evaluation",
+    "ExtractSummary",
+    "LoadedRun",
+    "Prediction",
+    "SplitTensors",
+    "TrainedRun",
+    "VQTError",
+    "evaluate",
+    "extract",
+    "list_backbones",
+    "list_datasets",
+    "load_run",
+    "open_store",
+    "predict",
+    "read_split",
+    "register_dataset",
+    "train",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainedRun:
+    """One configuration `train` finished (or found finished): its run folder and last-epoch metrics."""
+
+    name: str  # e.g. vqt-T10-lr0.5-wd0.001-seed42
+    dir: str
+    final: dict[str, Any]  # top1, mean_class, loss, ... on the evaluation split (empty without one)
+    skipped: bool  # it was already done: nothing was trained
+    diverged: bool  # the loss became NaN or infinite; the run has no model
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """A run's accuracy on one split; also written to <run>/eval/<split>.json."""
+
+    dir: str
+    split: str
+    top1: float
+    mean_class: float
+    images: int
+    live: bool  # computed by running the backbone on the images (the split was not cached, or live=True)
+    compressed: dict[str, float] | None = None  # the compressed head's accuracy, where the run has one
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    image: str
+    label: int
+    class_name: str
+    probability: float
+    logits: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedRun:
+    """A finished run folder, ready to use: its config, store, frozen backbone and trained model."""
+
+    config: dict[str, Any]
+    store: Store
+    backbone: Backbone
+    model: CachedVQT
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitTensors:
+    """A store split as tensors, in split order: features float32 (int8 dequantized), f_0, labels, valid flags."""
+
+    features: torch.Tensor  # (n, L, N, D) hidden or (n, L, 2, H, N, dh) kv
+    final: torch.Tensor  # (n, D)
+    labels: torch.Tensor  # (n,)
+    valid: torch.Tensor = field(repr=False)  # (n,) bool: False where extraction skipped an unreadable image
+
+
+def _listed(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def extract(
+    *,
+    backbone: str,
+    dataset: str | Dataset,
+    root: str | Path | None = None,
+    splits: Sequence[str] | None = None,
+    out: str | None = None,
+    weights: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    progress=None,
+    **options: Any,
+) -> ExtractSummary:
+    """Stage one: run the frozen backbone once over `dataset` and write (or resume) a store.
+
+    dataset: a name (`list_datasets()`) or your own `Dataset`, which is registered under its name (live
+    evaluation reopens it by that name in this process). options: layout, dtype, codec, batch_size, shard_size,
+    device, cache_root, on_bad_image, workers, check_space (as `ExtractConfig`).
+    """
+    if isinstance(dataset, Dataset):
+        own = dataset
+        register_dataset(own.name, lambda _root: own)
+        dataset = own.name
+    cfg = ExtractConfig(
+        backbone=backbone,
+        dataset=dataset,
+        root=None if root is None else str(root),
+        splits=None if splits is None else tuple(splits),
+        out=out,
+        weights=None if weights is None else str(weights),
+        model_kwargs=dict(model_kwargs or {}),
+        **options,
+    )
+    return _extract(cfg, progress=progress)
+
+
+def train(
+    *,
+    store: str,
+    queries: int | Sequence[int] = recipe.QUERIES,
+    method: str | Sequence[str] = recipe.METHOD,
+    lr: float | Sequence[float] = recipe.LR,
+    wd: float | Sequence[float] = recipe.WD,
+    seed: int | Sequence[int] = recipe.SEED,
+    progress=None,
+    **options: Any,
+) -> list[TrainedRun]:
+    """Stage two: every combination of the given lists, one pass over the cache per seed.
+
+    options: train_split, eval_split, epochs, warmup_epochs, batch_size, dropout, memory_budget (bytes), device,
+    precision, out, eval_every, checkpoint_every (as `TrainConfig`).
+    """
+    from vqt_cache.training import TrainConfig, grid
+    from vqt_cache.training import train as _train
+
+    runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed))
+    results = _train(TrainConfig(store=store, runs=runs, **options), progress=progress)
+    return [TrainedRun(**r) for r in results]
+
+
+def evaluate(
+    runs: str | Path | Sequence[str | Path], *, split: str = recipe.FINAL_EVAL, **options: Any
+) -> list[Evaluation]:
+    """Accuracy of finished runs (of one store) on `split`: from the cache when the store holds it, else live.
+
+    options: store_url, root, memory_budget, batch_size, device, workers, progress, live, precision.
+    """
+    from vqt_cache.evaluation import evaluate as _evaluate
+
+    found = _evaluate(_listed(runs) if not isinstance(runs, str | Path) else runs, split, **options)
+    return [
+        Evaluation(
+            dir=r["dir"],
+            split=r["split"],
+            top1=r["top1"],
+            mean_class=r["mean_class"],
+            images=r["images"],
+            live=r["live"],
+            compressed=r.get("compressed"),
+        )
+        for r in found
+    ]
+
+
+def predict(
+    run: str | Path, images: Sequence[str | Path], *, store: str | None = None, batch_size: int | None = None
+) -> list[Prediction]:
+    """Classify image files with a finished run: the frozen backbone and the trained queries, live."""
+    from vqt_cache.prediction import predict as _predict
+
+    options = {} if batch_size is None else {"batch_size": batch_size}
+    return [
+        Prediction(
+            image=r["image"],
+            label=r["label"],
+            class_name=r["class"],
+            probability=r["probability"],
+            logits=r["logits"],
+        )
+        for r in _predict(run, list(images), store, **options)
+    ]
+
+
+def load_run(run: str | Path, *, store: str | None = None) -> LoadedRun:
+    """A finished run folder -> its config, store, frozen backbone and trained model (`store`: if it moved)."""
+    from vqt_cache.training import load_run as _load_run
+
+    config, opened, backbone, model = _load_run(run, store)
+    return LoadedRun(config=config, store=opened, backbone=backbone, model=model)
+
+
+def read_split(store: str | Store, split: str) -> SplitTensors:
+    """A whole split of a store as tensors, each shard checked against its checksum first. Mind the size: a
+    ViT-B/16 image is 7 MB in float32."""
+    opened = open_store(store) if isinstance(store, str) else store
+    part = opened.split(split)
+    features, scales = part.load()
+    if scales is not None:
+        from vqt_cache.quantize import dequantize
+
+        values = dequantize(torch.from_numpy(features), torch.from_numpy(scales), opened.images.group_size)
+    else:
+        values = torch.from_numpy(features.astype(np.float32, copy=False))
+    return SplitTensors(
+        features=values,
+        final=torch.from_numpy(np.asarray(part.final(), dtype=np.float32)),
+        labels=torch.from_numpy(part.labels().astype(np.int64)),
+        valid=torch.from_numpy(part.valid()),
+    )
+
+
+def list_backbones() -> dict[str, str]:
+    """The short backbone names and the timm models they stand for (any other timm ViT name works as is)."""
+    return {short: timm_name for short, (timm_name, _) in BACKBONES.items()}
