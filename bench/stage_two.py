@@ -17,9 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.memory import saved_activation_bytes
 from vqt_cache.backbones import load_backbone
-from vqt_cache.model import CachedVQT, LiveVQT
+from vqt_cache.model import CachedVQT, LiveVQT, saved_activation_bytes
 from vqt_cache.query import kv_from_hidden
 
 BATCH = 64

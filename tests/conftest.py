@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vqt_cache.backbones import Backbone, load_backbone, weights_fingerprint
+from vqt_cache.datasets import register_dataset
 
 _TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
 
@@ -66,6 +67,26 @@ TINY_EXTRACT = dict(
     weights="random",
     model_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3),
 )
+
+
+def small_digits(root=None):
+    """The digits in splits a tenth of the usual size, named for what they are: train 80, val 20, trainval (their
+    union, 100) and test 60. For tests of mechanics (sweeps, reports) that need several trainings, not accuracy."""
+    from vqt_cache.datasets import digits
+
+    full = digits()
+    train, val, test = full.splits["train800"][:80], full.splits["val200"][:20], full.splits["test"][:60]
+    splits = {"train": train, "val": val, "trainval": train + val, "test": test}
+    return dataclasses.replace(full, name="digits-small", splits=splits)
+
+
+register_dataset("digits-small", small_digits)
+
+# the protocol's splits for a digits-small store
+SMALL_PROTOCOL = """select_train = "train"
+select_eval = "val"
+final_train = "trainval"
+"""
 
 
 # A two-epoch pipeline over a digits store: STORE and RUNS are replaced by the store and the runs root.

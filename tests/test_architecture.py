@@ -17,17 +17,62 @@ def loaded_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
+def _import_time_names(tree: ast.AST, package: str) -> set[str]:
+    """The modules a module imports when it is imported: its statements outside functions (an import inside a
+    function runs only when called) and outside `if TYPE_CHECKING:`."""
+    names: set[str] = set()
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                names |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.add(node.module.split(".")[0])
+            if node.module == package:  # from vqt_cache import recipe: the submodule
+                names |= {f"{package}.{a.name}" for a in node.names if (PACKAGE / f"{a.name}.py").exists()}
+        names |= _import_time_names(node, package)
+    return names
+
+
+def imported_with(module: str) -> set[str]:
+    """Every module name that importing `module` imports: the closure of import-time imports over this package's
+    modules (third-party packages are leaves: none of them imports this package or timm)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = PACKAGE / f"{name.split('.', 1)[1]}.py" if "." in name else PACKAGE / "__init__.py"
+        if name.split(".")[0] == "vqt_cache" and path.exists():
+            todo += sorted(_import_time_names(ast.parse(path.read_text()), "vqt_cache") - seen)
+    return seen
+
+
 @pytest.mark.parametrize(
     "module",
     ["vqt_cache.training", "vqt_cache.evaluation", "vqt_cache.sweep", "vqt_cache.report", "vqt_cache.compress"],
 )
 def test_stage_two_does_not_import_image_code(module):
-    loaded = loaded_after_import(module)
-    assert "vqt_cache.datasets" not in loaded and "vqt_cache.extraction" not in loaded
+    imported = imported_with(module)
+    assert "vqt_cache.store" in imported  # the closure is followed: stage two reads stores
+    assert "vqt_cache.datasets" not in imported and "vqt_cache.extraction" not in imported
 
 
 def test_store_does_not_import_timm():
-    assert "timm" not in loaded_after_import("vqt_cache.store")
+    imported = imported_with("vqt_cache.store")
+    assert "zarr" in imported and "timm" not in imported
+
+
+def test_the_closure_sees_what_python_loads():
+    """The static closure agrees with a real import of the most connected stage-two module."""
+    package = {m for m in loaded_after_import("vqt_cache.sweep") if m.startswith("vqt_cache")}
+    assert package == {m for m in imported_with("vqt_cache.sweep") if m.startswith("vqt_cache")}
 
 
 @pytest.mark.parametrize("module", ["vqt_cache.recipe", "vqt_cache.formats"])
@@ -70,3 +115,9 @@ def test_every_file_outside_a_store_is_written_through_files_py():
         if path.name != "files.py":
             found = [line for line in path.read_text().splitlines() if writes.search(line) and ".lock" not in line]
             assert not found, (path.name, found)
+
+
+def test_the_tests_do_not_import_bench():
+    """bench/ measures the package; the tests prove it. Neither leans on the other (plain `pytest` collects all)."""
+    for path in Path(__file__).parent.glob("*.py"):
+        assert "bench" not in _imports(path), path.name

@@ -222,15 +222,15 @@ def test_the_readme_lists_every_case():
 # root may read and write anything, so as root the command runs without the capabilities that let it.
 
 
-def _without_privileges(*args: str) -> tuple[int, str]:
+def _without_privileges(*args: str) -> subprocess.Popen:
+    """`vqt-cache ARGS` started in a process that the file permissions bind (its output is read later)."""
     prefix = []
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without util-linux setpriv to drop the file-permission override")
         prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
     command = [*prefix, sys.executable, "-m", "vqt_cache", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return done.returncode, done.stdout + done.stderr
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -259,9 +259,19 @@ PERMISSION_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("case", "argv"), PERMISSION_CASES, ids=[c[0] for c in PERMISSION_CASES])
-def test_permission_denied_is_one_sentence(world, locked, case, argv):
-    code, out = _without_privileges(*(a.format(root=locked, store=world.store) for a in argv))
+@pytest.fixture(scope="module")
+def refusals(world, locked) -> dict[str, tuple[int, str]]:
+    """Every permission case's (exit code, output), the processes run side by side (each is mostly start-up)."""
+    started = {
+        case: _without_privileges(*(a.format(root=locked, store=world.store) for a in argv))
+        for case, argv in PERMISSION_CASES
+    }
+    return {case: (proc.communicate(timeout=300)[0], proc.returncode)[::-1] for case, proc in started.items()}
+
+
+@pytest.mark.parametrize("case", [c for c, _ in PERMISSION_CASES])
+def test_permission_denied_is_one_sentence(refusals, locked, case):
+    code, out = refusals[case]
     line = error_line(code, out)
     assert "Permission denied" in line and str(locked) in line, out
 

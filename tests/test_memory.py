@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.memory import saved_activation_bytes
 from vqt_cache.backbones import load_backbone
-from vqt_cache.model import CachedVQT
+from vqt_cache.model import CachedVQT, saved_activation_bytes
 from vqt_cache.query import kv_from_hidden
 
 

@@ -12,7 +12,7 @@ from vqt_cache.report import write_report
 from vqt_cache.sweep import finished_runs, load_pipeline, run_folders, run_sweep, select
 from vqt_cache.training import RunSpec, TrainConfig, train
 
-from conftest import GOOD_PIPELINE, TINY_EXTRACT, run_cli
+from conftest import GOOD_PIPELINE, SMALL_PROTOCOL, TINY_EXTRACT, run_cli
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
 
@@ -86,7 +86,7 @@ def sweep_store(tmp_path_factory) -> str:
     from vqt_cache.extraction import ExtractConfig, extract
 
     out = str(tmp_path_factory.mktemp("sweep") / "digits.zarr")
-    extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", out=out, workers=0))
+    extract(ExtractConfig(**TINY_EXTRACT, dataset="digits-small", out=out, workers=0))
     return out
 
 
@@ -98,7 +98,7 @@ runs_root = "{runs_root}"
 baselines = ["linear"]
 compress = true
 [protocol]
-final_seeds = [1, 2]
+{SMALL_PROTOCOL}final_seeds = [1, 2]
 epochs = 2
 warmup_epochs = 1
 batch_size = 128
@@ -182,7 +182,7 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
         report = compress(run["dir"], keep=keep)
         assert report["features_before"] == F and report["features_kept"] == int(keep * F)
         assert report["head_params_after"] == 10 * int(keep * F) + 10
-        assert set(report["accuracy"]) == {"val200", "test"}
+        assert set(report["accuracy"]) == {"val", "test"}
     from safetensors.torch import load_file
 
     tensors = load_file(Path(run["dir"]) / "compressed" / "model.safetensors")
@@ -198,13 +198,16 @@ def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_pa
     from vqt_cache.extraction import ExtractConfig, extract
 
     reports = {}
-    for name, splits in (("cached", None), ("live", ("train800", "val200", "train800val200"))):
+    for name, splits in (("cached", None), ("live", ("train", "val", "trainval"))):
         store = str(tmp_path / f"{name}.zarr")
-        extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=splits, out=store, dtype="float32", workers=0))
+        extract(
+            ExtractConfig(**TINY_EXTRACT, dataset="digits-small", splits=splits, out=store, dtype="float32", workers=0)
+        )
         path = tmp_path / f"{name}.toml"
         body = GOOD_PIPELINE.replace("STORE", store).replace("RUNS", str(tmp_path / name))
-        body = body.replace('final_train = "train800"', 'final_train = "train800val200"')
-        path.write_text("compress = true\n" + body.replace('final_eval = "val200"', 'final_eval = "test"'))
+        protocol = body[body.index("[protocol]\n") : body.index("final_seeds")]
+        body = body.replace(protocol, "[protocol]\n" + SMALL_PROTOCOL)
+        path.write_text("compress = true\n" + body)
         p = load_pipeline(path)
         assert p.protocol.final_eval == "test"
         run_sweep(p)
@@ -213,7 +216,7 @@ def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_pa
         evaluated = [read_evaluation(f, "test") for f in finals]
         assert len(finals) == 3 and all((e is not None) == (name == "live") for e in evaluated)
         if name == "live":
-            assert all(e["live"] and e["images"] == 797 for e in evaluated)
+            assert all(e["live"] and e["images"] == 60 for e in evaluated)
             assert sum("compressed" in e for e in evaluated) == 1  # the VQT run's compressed head, same pass
     assert any(r["label"].endswith("compressed") for r in reports["live"])
     assert [(r["label"], r["test_top1_mean"]) for r in reports["live"]] == [

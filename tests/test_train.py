@@ -63,10 +63,11 @@ def test_same_seed_same_metrics(tiny_store, tmp_path):
 
 def test_grid_in_one_pass_equals_separate_runs(tiny_store, tmp_path):
     specs = grid(["vqt", "linear"], [1, 3], [0.5, 0.1], [1e-3], [0])
-    together = train(cfg(tiny_store, tmp_path / "grid", specs))
+    small = dict(train_split="val200")  # 200 images prove the equality as well as 800
+    together = train(cfg(tiny_store, tmp_path / "grid", specs, **small))
     assert len(together) == 6
     for spec, result in zip(specs, together, strict=True):
-        alone = train(cfg(tiny_store, tmp_path / "alone" / spec.name, [spec]))[0]
+        alone = train(cfg(tiny_store, tmp_path / "alone" / spec.name, [spec], **small))[0]
         np.testing.assert_allclose(curve(result["dir"]), curve(alone["dir"]), rtol=1e-5, atol=1e-6)
 
 
@@ -78,8 +79,8 @@ def test_vqt_with_no_queries_is_the_linear_probe(tiny_store, tmp_path):
 
 
 def test_in_memory_equals_streaming(tiny_store, tmp_path):
-    memory = train(cfg(tiny_store, tmp_path / "memory"))[0]
-    streamed = train(cfg(tiny_store, tmp_path / "stream", memory_budget=0))[0]
+    memory = train(cfg(tiny_store, tmp_path / "memory", train_split="val200"))[0]
+    streamed = train(cfg(tiny_store, tmp_path / "stream", train_split="val200", memory_budget=0))[0]
     assert json.loads((Path(streamed["dir"]) / "timing.json").read_text())["in_memory"] is False
     assert curve(memory["dir"]) == curve(streamed["dir"])
 
@@ -90,22 +91,23 @@ class Interrupt(Exception):
 
 def test_resume_equals_uninterrupted(tiny_store, tmp_path):
     specs = [RunSpec("vqt", 2, 0.5, 1e-3, 0), RunSpec("pooled", 0, 0.5, 0, 0)]
-    full = train(cfg(tiny_store, tmp_path / "full", specs, epochs=6, checkpoint_every=2))
-    steps_per_epoch = 800 // 64 + 1
+    small = dict(epochs=6, checkpoint_every=2, train_split="val200")
+    full = train(cfg(tiny_store, tmp_path / "full", specs, **small))
+    steps_per_epoch = 200 // 64 + 1
 
     def interrupt(_label, step, _total):
         if step == 5 * steps_per_epoch + 3:  # inside epoch 6, after the checkpoint of epoch 4
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2), progress=interrupt)
+        train(cfg(tiny_store, tmp_path / "resumed", specs, **small), progress=interrupt)
     assert sorted(p.name for p in (tmp_path / "resumed" / specs[0].name).glob("checkpoint-*")) == [
         "checkpoint-2.pt",
         "checkpoint-4.pt",
     ]
     seen = []
     resumed = train(
-        cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2),
+        cfg(tiny_store, tmp_path / "resumed", specs, **small),
         progress=lambda _l, step, _t: seen.append(step),
     )
     assert seen[0] == 4 * steps_per_epoch  # continued from the checkpoint, not from scratch
@@ -113,7 +115,7 @@ def test_resume_equals_uninterrupted(tiny_store, tmp_path):
         assert curve(a["dir"]) == curve(b["dir"])
         assert not list(Path(b["dir"]).glob("checkpoint-*"))
     # a finished run is skipped on a re-run
-    again = train(cfg(tiny_store, tmp_path / "resumed", specs, epochs=6, checkpoint_every=2))
+    again = train(cfg(tiny_store, tmp_path / "resumed", specs, **small))
     assert all(r["skipped"] for r in again)
 
 

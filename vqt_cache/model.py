@@ -13,7 +13,7 @@ never attend to queries, queries attend to image tokens only), computed by timm'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -205,3 +205,21 @@ class LiveVQT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [run.head(f) for run, f in zip(self.vqt.runs, self.features(images), strict=True)]
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes autograd keeps for the backward pass of fn(): the distinct storages it saves (counted with saved-tensor
+    hooks), minus those of `exclude` (weights, inputs). How tests and benchmarks check that training records only
+    the query path (docs/method.md §8)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
