@@ -1,7 +1,9 @@
-"""`python -m bench [--quick]`: run every benchmark, print one table, write bench/results.json."""
+"""`python -m bench [NAME...] [--quick]`: run the benchmarks (all by default), print one table, write
+bench/results.json (rows of benchmarks not run this time are kept)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -38,14 +40,23 @@ BENCHES = {
 }
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """NAME... (default: all) and --quick; anything else is one error line and exit status 2."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)}")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs (a smoke run)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
+    return args
+
+
 def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
-    only = [a for a in argv if not a.startswith("--")] or list(BENCHES)
+    args = parse(argv)
+    quick, only = args.quick, args.names or list(BENCHES)
     console = Console(width=200)
     rows = []
-    unknown = [name for name in only if name not in BENCHES]
-    if unknown:
-        sys.exit(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     for name in only:
         console.print(f"[bold]running {name}[/bold] ...")
         start = time.perf_counter()

@@ -20,42 +20,19 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
+from bench.synthetic import new_store, synthetic_dataset
 from vqt_cache.backbones import load_backbone
-from vqt_cache.datasets import Dataset, ImageSplit, index_hash
-from vqt_cache.extraction import WRITERS, ExtractConfig, ShardWriter, extract_shards, store_attrs
+from vqt_cache.datasets import Dataset, ImageSplit
+from vqt_cache.extraction import WRITERS, ExtractConfig, ShardWriter, extract_shards
 from vqt_cache.formats import CODECS
 from vqt_cache.quantize import quantize
-from vqt_cache.store import create_store, row_checksum
-
-
-def _synthetic(n: int) -> Dataset:
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
-    items = [(f"synthetic:{i}", i % 10) for i in range(n)]
-    return Dataset(
-        "synthetic",
-        None,
-        [str(c) for c in range(10)],
-        {"train": items},
-        loader=lambda s: Image.fromarray(pixels[int(s.split(":")[1])]),
-    )
-
-
-def _new_store(path: str, backbone, dataset, cfg: ExtractConfig, with_weights: bool = False):
-    attrs = store_attrs(backbone, dataset, cfg)
-    weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()} if with_weights else {}
-    store = create_store(path, attrs, weights, shard_size=cfg.shard_size)
-    items = dataset.split("train")
-    keys = [dataset.image_key(source) for source, _ in items]
-    split = store.create_split("train", keys, [label for _, label in items], index_hash(items))
-    return attrs, split
+from vqt_cache.store import row_checksum
 
 
 def extract_rate(url: str, backbone, dataset: Dataset, cfg: ExtractConfig) -> float:
     """images/s of `extract_shards` writing every image of the dataset into a new store at url, on the CPU."""
-    attrs, split = _new_store(url, backbone, dataset, cfg)
+    attrs, split = new_store(url, backbone, dataset, cfg)
     start = time.perf_counter()
     extract_shards(
         backbone,
@@ -74,12 +51,12 @@ def run(quick: bool = False) -> list[dict]:
     n = 32 if quick else 64
     torch.manual_seed(0)
     backbone = load_backbone("vit_b16", weights="random")
-    dataset = _synthetic(n)
+    dataset = synthetic_dataset(n)
     tmp = tempfile.mkdtemp(prefix="vqt-bench-")
     rows = []
     try:
         cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", batch_size=32, shard_size=32, workers=0)
-        attrs, _ = _new_store(f"{tmp}/probe.zarr", backbone, dataset, cfg)
+        attrs, _ = new_store(f"{tmp}/probe.zarr", backbone, dataset, cfg)
         loader = torch.utils.data.DataLoader(
             ImageSplit(dataset, dataset.split("train"), attrs["preprocessing"]),
             batch_size=cfg.batch_size,
@@ -149,7 +126,7 @@ def _disk(tmp: str, backbone, dataset, quick: bool) -> list[dict]:
     rows = [{"bench": "extract", "what": "disk: sequential write, fsync'd", "MB_s": disk}]
     for writers in (WRITERS, 1):
         cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout="hidden", dtype="int8", shard_size=n)
-        _, split = _new_store(f"{tmp}/writer-{writers}.zarr", backbone, _synthetic(n), cfg)
+        _, split = new_store(f"{tmp}/writer-{writers}.zarr", backbone, synthetic_dataset(n), cfg)
         checksum = row_checksum()
         start = time.perf_counter()
         with ShardWriter(split.images, writers) as writer:
@@ -181,7 +158,7 @@ def _store_io(tmp: str, backbone, dataset) -> list[dict]:
     for layout, data in outputs.items():
         for codec in CODECS:
             cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout, codec=codec, shard_size=32)
-            _, split = _new_store(f"{tmp}/{layout}-{codec}.zarr", backbone, dataset, cfg)
+            _, split = new_store(f"{tmp}/{layout}-{codec}.zarr", backbone, dataset, cfg)
             rows_per_image = data.nbytes / len(data)
             start = time.perf_counter()
             for s in range(0, n, len(data)):

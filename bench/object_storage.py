@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.extraction import _new_store, _synthetic, extract_rate
-from bench.training import synthetic_store
+from bench.extraction import extract_rate
+from bench.synthetic import new_store, synthetic_dataset, synthetic_store
 from vqt_cache.backbones import load_backbone
 from vqt_cache.extraction import ExtractConfig
 from vqt_cache.store import open_store
@@ -116,15 +116,15 @@ def _compare(what: str, values: dict[str, float]) -> list[dict]:
 
 def _extract_rate(url: str, backbone, n: int) -> float:
     cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", batch_size=32, shard_size=32, workers=0, out=url)
-    return extract_rate(url, backbone, _synthetic(n), cfg)
+    return extract_rate(url, backbone, synthetic_dataset(n), cfg)
 
 
 def _store_io(url: str, backbone, n: int) -> tuple[float, float, float]:
     """MB/s of the store API alone (kv float16, batches of 32): write, then random batches read image by image
     and read with one call each (which Zarr fetches concurrently)."""
-    dataset = _synthetic(n)
+    dataset = synthetic_dataset(n)
     cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", shard_size=32, out=url)
-    _, split = _new_store(url, backbone, dataset, cfg)
+    _, split = new_store(url, backbone, dataset, cfg)
     rng = np.random.default_rng(0)
     block = rng.standard_normal((16, *split.row_shape), dtype=np.float32).astype(np.float16)
     start = time.perf_counter()

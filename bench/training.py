@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -24,41 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bench.extraction import _synthetic
 from bench.stage_two import live_rates, vit_b16
-from vqt_cache.datasets import index_hash
-from vqt_cache.extraction import ExtractConfig, store_attrs
-from vqt_cache.store import create_store, hash_rows, row_checksum
+from bench.synthetic import synthetic_store
 
 GiB = 2**30
-
-
-def synthetic_store(path: str, backbone, layout: str, n_train: int, n_eval: int = 16) -> str:
-    """A ViT-B/16 store with the real frozen weights and random float16 features (one random image, repeated)."""
-    dataset = _synthetic(1)
-    attrs = store_attrs(
-        backbone, dataset, ExtractConfig(backbone="vit_b16", dataset="synthetic", layout=layout, dtype="float16")
-    )
-    weights = {k: v.numpy() for k, v in backbone.model.state_dict().items()}
-    store = create_store(path, attrs, weights)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("val", n_eval)):
-        items = [(f"synthetic:{name}:{i}", i % 10) for i in range(n)]
-        keys = [f"{source}#random" for source, _ in items]
-        split = store.create_split(name, keys, [c for _, c in items], index_hash(items))
-        block = rng.standard_normal((16, *split.row_shape), dtype=np.float32).astype(np.float16)
-        images = split.images
-        for shard in split.shards():
-            lo, hi = images.shard_range(shard)
-            rows = np.concatenate([block] * math.ceil((hi - lo) / len(block)))[: hi - lo]
-            images.write_images(lo, rows)
-            digest = row_checksum()
-            hash_rows(digest, rows)
-            final = rng.standard_normal((hi - lo, backbone.dim), dtype=np.float32)
-            images.finish_shard(shard, final, np.ones(hi - lo, dtype=np.uint8), digest.digest())
-    return path
 
 
 def cli(*args: str) -> None:
