@@ -11,8 +11,9 @@ import torch
 
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate
+from vqt_cache.schedule import lr_factor
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, grid, lr_factor, train
+from vqt_cache.training import RunSpec, TrainConfig, grid, train
 
 from conftest import error_line, run_cli
 

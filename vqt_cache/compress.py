@@ -12,18 +12,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqt_cache import recipe
+from vqt_cache import recipe, schedule
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.query import flush_subnormals
 from vqt_cache.run_folder import claimed
-from vqt_cache.training import accuracy, derived_seed, load_run, lr_factor
+from vqt_cache.training import accuracy, load_run
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 
@@ -49,13 +48,11 @@ def train_head(
 ) -> torch.nn.Linear:
     """A fresh linear head on fixed features with the run's recipe (Adam, warm-up + cosine per epoch)."""
     head = linear_head(x.shape[1], num_classes, torch.Generator().manual_seed(seed))
-    groups = [{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}]
-    optimizer = torch.optim.Adam(groups, lr=lr)
+    optimizer = schedule.adam([head.weight], [head.bias], wd)
     epochs, warmup, batch = recipe["epochs"], recipe["warmup_epochs"], recipe["batch_size"]
     for epoch in range(epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * batch / 256 * lr_factor(epoch, epochs, warmup)
-        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x)))
+        schedule.set_epoch_lr(optimizer, schedule.epoch_lr(lr, batch, epoch, epochs, warmup))
+        order = torch.from_numpy(schedule.epoch_order(seed, epoch, len(x)))
         for i in range(0, len(x), batch):
             rows = order[i : i + batch]
             loss = F.cross_entropy(head(x[rows]), y[rows])
@@ -90,7 +87,7 @@ def compress(
     train_split = store.split(config["splits"]["train"])
     train_x, train_y = _features(model, CachedSplit(train_split, memory_budget, num_classes=C, **model.reads()))
     lr = 0.5 * spec["lr"]
-    seed = derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
+    seed = schedule.derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
     lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
     F_all = train_x.shape[1]
     k = int(keep * F_all)

@@ -34,6 +34,7 @@ import torch
 from vqt_cache.errors import VQTError
 from vqt_cache.heads import token_means
 from vqt_cache.recipe import BATCH_SIZE
+from vqt_cache.schedule import epoch_order
 from vqt_cache.store import Split
 
 # Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
@@ -339,4 +340,4 @@ class CachedSplit:
 
     def shuffled(self, seed: int, epoch: int) -> np.ndarray:
         """The epoch's order of rows: a permutation fixed by (seed, epoch) alone, so resumes replay it."""
-        return np.random.default_rng([seed, epoch]).permutation(self.rows)
+        return epoch_order(seed, epoch, self.rows)

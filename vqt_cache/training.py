@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqt_cache import recipe
+from vqt_cache import recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
@@ -99,18 +99,6 @@ class TrainConfig:
         return {k: getattr(self, k) for k in RECIPE_KEYS}
 
 
-def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
-    """Linear warm-up then cosine, stepped per epoch: e/W for e < W, else 0.5·(1 + cos(π(e−W)/(E−W)))."""
-    if epoch < warmup:
-        return epoch / warmup
-    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
-
-
-def derived_seed(seed: int, epoch: int) -> int:
-    """A generator seed for (seed, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 NO_EVAL = "none"  # an eval split that means: no evaluation during training (a test set evaluated live later)
 
 
@@ -182,18 +170,14 @@ class _Trainer:
         self.model = CachedVQT(backbone.blocks, runs, store.layout, cfg.precision).to(device)
         self.optimizers = []
         for run, spec in zip(runs, specs, strict=True):
-            groups = [
-                {"params": [run.queries.prompts, run.head.weight], "weight_decay": spec.wd},
-                {"params": [run.head.bias], "weight_decay": 0.0},
-            ]  # no decay on the head bias
-            self.optimizers.append(torch.optim.Adam(groups, lr=self._lr(spec, 0)))
+            self.optimizers.append(schedule.adam([run.queries.prompts, run.head.weight], [run.head.bias], spec.wd))
         self.history: list[list[dict]] = [[] for _ in specs]
         self.diverged: list[str | None] = [None] * len(specs)  # why, once a run has diverged
         self.start_epoch = self._resume()
 
     def _lr(self, spec: RunSpec, epoch: int) -> float:
         cfg = self.cfg
-        return spec.lr * cfg.batch_size / 256 * lr_factor(epoch, cfg.epochs, cfg.warmup_epochs)
+        return schedule.epoch_lr(spec.lr, cfg.batch_size, epoch, cfg.epochs, cfg.warmup_epochs)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _resume(self) -> int:
@@ -258,10 +242,11 @@ class _Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             started = time.perf_counter()
             for spec, optimizer in zip(self.specs, self.optimizers, strict=True):
-                for group in optimizer.param_groups:
-                    group["lr"] = self._lr(spec, epoch)
+                schedule.set_epoch_lr(optimizer, self._lr(spec, epoch))
             self.model.train()
-            generators = [torch.Generator(self.device).manual_seed(derived_seed(s.seed, epoch)) for s in self.specs]
+            generators = [
+                torch.Generator(self.device).manual_seed(schedule.derived_seed(s.seed, epoch)) for s in self.specs
+            ]
             losses = torch.zeros(len(self.specs), dtype=torch.float64)
             for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
                 per_run = [
