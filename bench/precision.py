@@ -15,9 +15,9 @@ import numpy as np
 
 from vqt_cache.data import CachedSplit
 from vqt_cache.demo import extract_config, pretrain_parity
-from vqt_cache.evaluation import evaluate
+from vqt_cache.evaluation import cached_logits, evaluate, load_runs
 from vqt_cache.extraction import extract
-from vqt_cache.training import RunSpec, TrainConfig, cached_logits, load_runs, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 
 SEEDS = (42, 44, 82, 100, 800)
 PRECISIONS = ("float32", "bf16")

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from vqt_cache.data import CachedSplit
+from vqt_cache.evaluation import load_run
 from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.prediction import predict
-from vqt_cache.training import RunSpec, TrainConfig, load_run, train
+from vqt_cache.training import RunSpec, TrainConfig, train
 
 from conftest import TINY_EXTRACT, make_imagefolder, run_cli
 

@@ -210,7 +210,7 @@ def predict(
 
 def load_run(run: str | Path, *, store: str | None = None) -> LoadedRun:
     """A finished run folder -> its config, store, frozen backbone and trained model (`store`: if it moved)."""
-    from vqt_cache.training import load_run as _load_run
+    from vqt_cache.evaluation import load_run as _load_run
 
     config, opened, backbone, model = _load_run(run, store)
     return LoadedRun(config=config, store=opened, backbone=backbone, model=model)

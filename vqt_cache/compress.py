@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from vqt_cache import recipe, schedule
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluation import accuracy, load_run
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.query import flush_subnormals
 from vqt_cache.run_folder import claimed
-from vqt_cache.training import accuracy, load_run
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 

@@ -1,4 +1,5 @@
-"""`vqt-cache evaluate`: accuracy of trained runs on a split, from the cache or live from the images.
+"""Using finished runs: load them from their folders, and measure them (`vqt-cache evaluate`) on a split, from the
+cache or live from the images. Training measures its runs each epoch with the same `accuracy` and `cached_logits`.
 
 A split the store holds is read from the cache. Any other split of the store's dataset (a test set that was never
 cached) is evaluated live: the store's frozen backbone (rebuilt from the store's own weights) runs once over the
@@ -21,19 +22,102 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqt_cache.backbones import Backbone, resolve_device
+from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.formats import WORKERS
-from vqt_cache.model import CachedVQT
+from vqt_cache.model import CachedVQT, Run
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
-from vqt_cache.store import Store
-from vqt_cache.training import accuracy, cached_logits, load_runs
+from vqt_cache.run_folder import load_finished, load_model
+from vqt_cache.store import Store, open_store
 
 SAVE_EVERY_S = 60.0
 Progress = Callable[[str, int, int], None]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1 and mean per-class accuracy (over the classes present)."""
+    correct = (logits.argmax(dim=1) == labels).double()
+    per_class = [correct[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
+    return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
+
+
+def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every run's logits over a whole cached split (in store order, on the CPU), and the labels."""
+    logits: list[list[torch.Tensor]] = [[] for _ in model.runs]
+    labels = []
+    with torch.no_grad():
+        for batch in data.batches():
+            for i, out in enumerate(model(batch.final, batch.cache, None, batch.means)):
+                logits[i].append(out.cpu())
+            labels.append(batch.labels.cpu())
+    return [torch.cat(lg) for lg in logits], torch.cat(labels)
+
+
+def _trained_run(folder: Path) -> tuple[dict, Run]:
+    """A finished run folder -> (its config, its trained Run)."""
+    config, _ = load_finished(folder)
+    try:
+        m = config["model"]
+        run = Run(
+            m["method"],
+            int(m["queries"]),
+            int(m["depth"]),
+            int(m["dim"]),
+            int(m["num_classes"]),
+            tuple(m["patch_size"]),
+            float(config["recipe"]["dropout"]),
+        )
+        _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
+    tensors = load_model(folder, m)
+    with torch.no_grad():
+        run.queries.prompts.copy_(tensors["queries"])
+        run.head.weight.copy_(tensors["head.weight"])
+        run.head.bias.copy_(tensors["head.bias"])
+    return config, run
+
+
+def load_runs(
+    run_dirs: list[str | Path], store_url: str | None = None, precision: str | None = None
+) -> tuple[list[dict], Store, Backbone, CachedVQT]:
+    """Finished run folders of one store -> (their configs, the store, the frozen backbone, one model that
+    serves every run in one pass of the query path).
+
+    precision: the query path's ("float32", "bf16", "auto"); default: the one the runs trained with (float32 if
+    they differ).
+    """
+    if not run_dirs:
+        raise VQTError("no run folders given")
+    configs, runs = zip(*(_trained_run(Path(d)) for d in run_dirs), strict=True)
+    url = store_url or configs[0]["store"]["url"]
+    store = open_store(url)
+    for folder, config in zip(run_dirs, configs, strict=True):
+        if store_url is None and config["store"]["url"] != url:
+            raise VQTError(
+                f"run {folder} was trained on store {config['store']['url']}, not {url}: evaluate the runs of one "
+                "store at a time"
+            )
+        if store.attrs["backbone"]["fingerprint"] != config["store"]["fingerprint"]:
+            raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
+    backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
+    for folder, run in zip(run_dirs, runs, strict=True):
+        if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
+            raise DamagedFile(Path(folder) / "config.json", "its model does not fit the store's backbone")
+    if precision is None:
+        recorded = {c["recipe"]["precision"] for c in configs}
+        precision = recorded.pop() if len(recorded) == 1 else "float32"
+    precision = resolve_precision(precision, resolve_device("auto"))
+    return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout, precision).eval()
+
+
+def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
+    """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
+    [config], store, backbone, model = load_runs([run_dir], store_url)
+    return config, store, backbone, model
 
 
 def evaluation_path(run_dir: str | Path, split: str, partial: bool = False) -> Path:

@@ -9,9 +9,9 @@ import torch
 
 from vqt_cache.datasets import BadImage, Dataset, build_transform
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluation import load_run
 from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.model import LiveVQT
-from vqt_cache.training import load_run
 
 
 def predict(

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,11 +24,12 @@ from vqt_cache import recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.data import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
+from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
 from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.model import CachedVQT, Run
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
-from vqt_cache.run_folder import RunFolder, check_parent, claimed, load_finished, load_model
+from vqt_cache.run_folder import RunFolder, check_parent, claimed
 from vqt_cache.store import Store, open_store
 
 RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")  # recorded in config.json
@@ -117,25 +117,6 @@ def run_dirs(cfg: TrainConfig, store: Store) -> dict[RunSpec, Path]:
     dataset, backbone = store.attrs["dataset"]["name"], store.attrs["backbone"]["name"]
     parent = Path(cfg.out) if cfg.out else Path(recipe.RUNS_ROOT) / dataset / backbone
     return {spec: parent / spec.name for spec in cfg.runs}
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Top-1 and mean per-class accuracy (over the classes present)."""
-    correct = (logits.argmax(dim=1) == labels).double()
-    per_class = [correct[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
-    return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
-
-
-def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every run's logits over a whole cached split (in store order, on the CPU), and the labels."""
-    logits: list[list[torch.Tensor]] = [[] for _ in model.runs]
-    labels = []
-    with torch.no_grad():
-        for batch in data.batches():
-            for i, out in enumerate(model(batch.final, batch.cache, None, batch.means)):
-                logits[i].append(out.cpu())
-            labels.append(batch.labels.cpu())
-    return [torch.cat(lg) for lg in logits], torch.cat(labels)
 
 
 class _Trainer:
@@ -413,70 +394,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
             results += trainer.save(timing)
     order = {spec.name: i for i, spec in enumerate(cfg.runs)}
     return sorted(results, key=lambda r: order[r["name"]])
-
-
-def _trained_run(folder: Path) -> tuple[dict, Run]:
-    """A finished run folder -> (its config, its trained Run)."""
-    config, _ = load_finished(folder)
-    try:
-        m = config["model"]
-        run = Run(
-            m["method"],
-            int(m["queries"]),
-            int(m["depth"]),
-            int(m["dim"]),
-            int(m["num_classes"]),
-            tuple(m["patch_size"]),
-            float(config["recipe"]["dropout"]),
-        )
-        _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
-    tensors = load_model(folder, m)
-    with torch.no_grad():
-        run.queries.prompts.copy_(tensors["queries"])
-        run.head.weight.copy_(tensors["head.weight"])
-        run.head.bias.copy_(tensors["head.bias"])
-    return config, run
-
-
-def load_runs(
-    run_dirs: list[str | Path], store_url: str | None = None, precision: str | None = None
-) -> tuple[list[dict], Store, Backbone, CachedVQT]:
-    """Finished run folders of one store -> (their configs, the store, the frozen backbone, one model that
-    serves every run in one pass of the query path).
-
-    precision: the query path's ("float32", "bf16", "auto"); default: the one the runs trained with (float32 if
-    they differ).
-    """
-    if not run_dirs:
-        raise VQTError("no run folders given")
-    configs, runs = zip(*(_trained_run(Path(d)) for d in run_dirs), strict=True)
-    url = store_url or configs[0]["store"]["url"]
-    store = open_store(url)
-    for folder, config in zip(run_dirs, configs, strict=True):
-        if store_url is None and config["store"]["url"] != url:
-            raise VQTError(
-                f"run {folder} was trained on store {config['store']['url']}, not {url}: evaluate the runs of one "
-                "store at a time"
-            )
-        if store.attrs["backbone"]["fingerprint"] != config["store"]["fingerprint"]:
-            raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
-    backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    for folder, run in zip(run_dirs, runs, strict=True):
-        if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
-            raise DamagedFile(Path(folder) / "config.json", "its model does not fit the store's backbone")
-    if precision is None:
-        recorded = {c["recipe"]["precision"] for c in configs}
-        precision = recorded.pop() if len(recorded) == 1 else "float32"
-    precision = resolve_precision(precision, resolve_device("auto"))
-    return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout, precision).eval()
-
-
-def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
-    """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
-    [config], store, backbone, model = load_runs([run_dir], store_url)
-    return config, store, backbone, model
 
 
 def grid(
