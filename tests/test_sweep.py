@@ -9,7 +9,8 @@ import pytest
 from vqt_cache.compress import compress
 from vqt_cache.errors import VQTError
 from vqt_cache.report import write_report
-from vqt_cache.sweep import finished_runs, load_pipeline, run_folders, run_sweep, select
+from vqt_cache.run_folder import finished_runs, run_folders
+from vqt_cache.sweep import load_pipeline, run_sweep, select
 from vqt_cache.training import RunSpec, TrainConfig, train
 
 from conftest import GOOD_PIPELINE, SMALL_PROTOCOL, TINY_EXTRACT, run_cli

@@ -30,7 +30,7 @@ from vqt_cache.formats import WORKERS
 from vqt_cache.model import CachedVQT, Run
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
-from vqt_cache.run_folder import load_finished, load_model
+from vqt_cache.run_folder import compression_record, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
 SAVE_EVERY_S = 60.0
@@ -190,10 +190,11 @@ def evaluate(
 
 def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear] | None:
     """A compressed run's (kept feature indices, head) from <run>/compressed/, or None if it was not compressed."""
-    out = Path(run_dir) / "compressed"
-    if not (out / "metrics.json").is_file():
+    record = compression_record(run_dir)
+    out = record.parent
+    if not record.is_file():
         return None
-    report = read_json(out / "metrics.json")
+    report = read_json(record)
     try:
         k, F = int(report["features_kept"]), int(report["features_before"])
         C = int(report["head_params_after"]) // (k + 1)

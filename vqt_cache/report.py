@@ -16,7 +16,8 @@ import numpy as np
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
-from vqt_cache.sweep import Pipeline, finished_runs, recorded_recipe, run_folders, select
+from vqt_cache.run_folder import compression_record, finished_runs, run_folders
+from vqt_cache.sweep import Pipeline, recorded_recipe, select
 
 MANIFEST = "report.json"  # what the report in a folder wrote, so a later report replaces only that
 REPORT_FORMAT = "vqt-cache-report"
@@ -83,7 +84,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             live = config["splits"].get("eval") is None
             tested = (read_evaluation(folder, p.protocol.final_eval) or {}) if live else metrics["final"]
             final = {"test": tested.get("top1"), "diverged": bool(metrics.get("diverged"))}
-            compressed = folder / "compressed" / "metrics.json"
+            compressed = compression_record(folder)
             if compressed.exists() and not final["diverged"]:
                 try:
                     report = read_json(compressed)

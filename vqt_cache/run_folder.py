@@ -232,3 +232,33 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
 
 def load_model(path: str | Path, model: dict, name: str = "model.safetensors") -> dict:
     return load_tensors(Path(path) / name, model_shapes(model))
+
+
+def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
+    """(folder, config, metrics) of the complete runs among `folders`; damaged files are one sentence naming them."""
+    runs = []
+    for folder in folders:
+        if not (folder / "metrics.json").exists():
+            continue  # not trained yet, or interrupted
+        config = read_config(folder)
+        metrics = read_json(folder / "metrics.json")
+        if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
+            runs.append((folder, config, metrics))
+    return runs
+
+
+def run_folders(parent: Path) -> list[Path]:
+    """Run folders below `parent` (directly, or one level down for one-at-a-time sweeps), in name order."""
+    return sorted(c.parent for c in parent.glob("**/config.json"))
+
+
+COMPRESSED = "compressed"  # <run>/compressed/: what `vqt-cache compress` adds (model.safetensors, metrics.json)
+
+
+def compression_record(path: str | Path) -> Path:
+    """Where a run's compression report lives; it is written last, so its presence marks the compression done."""
+    return Path(path) / COMPRESSED / "metrics.json"
+
+
+def is_compressed(path: str | Path) -> bool:
+    return compression_record(path).exists()

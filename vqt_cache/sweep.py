@@ -28,10 +28,9 @@ from vqt_cache import recipe
 from vqt_cache.backbones import resolve_device
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate, read_evaluation
-from vqt_cache.files import read_json
 from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.query import resolve_precision
-from vqt_cache.run_folder import read_config
+from vqt_cache.run_folder import finished_runs, is_compressed, run_folders
 from vqt_cache.store import open_store
 from vqt_cache.training import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
@@ -222,19 +221,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
-    """(folder, config, metrics) of the complete runs among `folders`; damaged files are one sentence naming them."""
-    runs = []
-    for folder in folders:
-        if not (folder / "metrics.json").exists():
-            continue  # not trained yet, or interrupted
-        config = read_config(folder)
-        metrics = read_json(folder / "metrics.json")
-        if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
-            runs.append((folder, config, metrics))
-    return runs
-
-
 def select(runs: list[tuple[Path, dict, dict]]) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (method, T): among `finished_runs`, the one with the best last-epoch eval top-1; ties -> smaller lr,
     then smaller wd.
@@ -360,7 +346,7 @@ def run_sweep(
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
                 folder = Path(result["dir"])
-                compressed = (folder / "compressed" / "metrics.json").exists()
+                compressed = is_compressed(folder)
                 if result["name"].startswith("vqt-") and not result["diverged"] and not compressed:
                     compress(folder, keep=p.keep)
         if live:  # one forward of the backbone over the test images serves every final run (and compressed head)
@@ -376,10 +362,5 @@ def run_sweep(
 def _tested(run_dir: str, split: str) -> bool:
     """Whether a final run has its live result on `split` (with its compressed head's, if it was compressed)."""
     result = read_evaluation(run_dir, split)
-    compressed = (Path(run_dir) / "compressed" / "metrics.json").exists()
+    compressed = is_compressed(run_dir)
     return result is not None and (not compressed or "compressed" in result)
-
-
-def run_folders(parent: Path) -> list[Path]:
-    """Run folders below `parent` (directly, or one level down for one-at-a-time sweeps), in name order."""
-    return sorted(c.parent for c in parent.glob("**/config.json"))
