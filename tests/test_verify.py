@@ -185,7 +185,15 @@ def test_ctrl_c_stops_with_a_resume_hint_and_the_same_command_finishes(tmp_path,
         "vqt_cache",
         *tiny_extract_args("train800,test,val200", "--shard-size", "32", "--batch-size", "8", "--out", str(out)),
     ]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as in a terminal: a process started from a background job inherits SIGINT ignored, which Python keeps
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     while not (out / "images" / "shard_done" / "c").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # within the first of three splits
