@@ -1,10 +1,11 @@
 """The Python API: what the command line does, as functions with keyword arguments and typed results.
 
-`import vqt_cache as vqt` gives these names lazily (the package itself imports no torch). Each function calls the
-same library code as its command, so a notebook and the CLI produce the same stores and run folders:
+`import vqt_cache as vqt` gives the names of `vqt_cache.__all__` from here, lazily: the package itself imports no
+torch. Each function calls the same library code as its command, so a notebook and the CLI produce the same stores
+and run folders:
 
-    store = vqt.extract(backbone="vit_b16", dataset="digits", weights="random", splits=["train800", "val200"])
-    runs = vqt.train(store=store.url, queries=[1, 10], lr=[0.5, 0.25], epochs=20)
+    summary = vqt.extract(backbone="vit_b16", dataset="digits", weights="random", splits=["train800", "val200"])
+    runs = vqt.train(store=summary.store, queries=[1, 10], lr=[0.5, 0.25], epochs=20)
     [result] = vqt.evaluate(runs[0].dir, split="test")
 """
 
@@ -20,33 +21,13 @@ import torch
 
 from vqt_cache import recipe
 from vqt_cache.backbones import BACKBONES, Backbone
-from vqt_cache.datasets import Dataset, list_datasets, register_dataset
-from vqt_cache.errors import VQTError
+from vqt_cache.datasets import Dataset, register_dataset
+from vqt_cache.datasets import list_datasets as list_datasets  # re-exported
+from vqt_cache.errors import VQTError as VQTError  # re-exported
 from vqt_cache.extraction import ExtractConfig, ExtractSummary
 from vqt_cache.extraction import extract as _extract
 from vqt_cache.model import CachedVQT
 from vqt_cache.store import Store, open_store
-
-__all__ = [
-    "Dataset",
-    "Evaluation",
-    "ExtractSummary",
-    "LoadedRun",
-    "Prediction",
-    "SplitTensors",
-    "TrainedRun",
-    "VQTError",
-    "evaluate",
-    "extract",
-    "list_backbones",
-    "list_datasets",
-    "load_run",
-    "open_store",
-    "predict",
-    "read_split",
-    "register_dataset",
-    "train",
-]
 
 
 @dataclass(frozen=True, kw_only=True)
