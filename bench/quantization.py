@@ -18,7 +18,7 @@ from vqt_cache.data import CachedSplit
 from vqt_cache.demo import extract_config, pretrain_parity
 from vqt_cache.evaluation import cached_logits, evaluate, load_run
 from vqt_cache.extraction import extract
-from vqt_cache.quantize import bytes_per_value, group_for
+from vqt_cache.formats import bytes_per_value, group_for
 from vqt_cache.store import open_store
 from vqt_cache.training import RunSpec, TrainConfig, train
 

@@ -64,9 +64,10 @@ def test_stage_two_does_not_import_image_code(module):
     assert "vqt_cache.datasets" not in imported and "vqt_cache.extraction" not in imported
 
 
-def test_store_does_not_import_timm():
+def test_store_does_not_import_timm_or_torch():
+    """`vqt-cache info`, `plan` and `verify` start in a second, not the five that importing torch takes."""
     imported = imported_with("vqt_cache.store")
-    assert "zarr" in imported and "timm" not in imported
+    assert "zarr" in imported and "timm" not in imported and "torch" not in imported
 
 
 def test_the_closure_sees_what_python_loads():

@@ -3,6 +3,7 @@ caches against float32, on a backbone with massive-activation channels too."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,16 @@ def test_int8_batches_equal_dequantized_float32_within_half_a_step(stores):
     assert ((a.cache - b.cache).abs().amax(dim=(0, 1, 3, 4, 5)) <= row_max / 254 * 1.01).all()
     streamed = CachedSplit(open_store(stores["int8"]).split("val200"), memory_budget=0, batch_size=200)
     assert torch.equal(next(iter(streamed.batches())).cache, a.cache)  # in memory == streamed, bit for bit
+
+
+def test_the_store_dequantizes_a_row_as_quantize_does(stores):
+    from vqt_cache.store import open_store
+
+    images = open_store(stores["int8"]).images
+    for row in (0, images.num_rows - 1):
+        values, scales = images.stored_row(row)
+        exact = dequantize(torch.from_numpy(values), torch.from_numpy(scales), images.group_size).numpy()
+        assert np.array_equal(images.row(row), exact)  # numpy in the store, torch in stage two: the same bits
 
 
 def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):

@@ -37,8 +37,9 @@ from vqt_cache.formats import (
     ON_BAD_IMAGE,
     SHARD_SIZE,
     WORKERS,
+    group_for,
 )
-from vqt_cache.quantize import group_for, quantize
+from vqt_cache.quantize import quantize
 from vqt_cache.recipe import CACHE_ROOT, DEVICE
 from vqt_cache.store import Images, Store, create_store, hash_rows, row_checksum
 

@@ -5,8 +5,11 @@ per token and 64 channels cost 1.87 MB per ViT-B/16 image, a quarter of keys/val
 within 0.1 point of float32 and stage two as fast at T = 1.
 """
 
+import math
+
 LAYOUTS = ("kv", "hidden")
 DTYPES = ("float16", "float32", "int8")  # int8: quantized with a float16 scale per token and channel group
+GROUP = 64  # int8's channel group (vqt_cache/quantize.py)
 CODECS = ("none", "zstd", "blosc")
 DEFAULT_LAYOUT = "hidden"
 DEFAULT_DTYPE = "int8"
@@ -23,3 +26,15 @@ ON_BAD_IMAGE = ("fail", "skip")
 # bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (README, "Precision")
 PRECISIONS = ("float32", "bf16")
 DEFAULT_PRECISION = "auto"
+
+
+def group_for(channels: int) -> int:
+    """The channel group of a feature axis: 64, or the largest divisor of 64 that divides `channels`."""
+    return math.gcd(channels, GROUP)
+
+
+def bytes_per_value(kind: str, group: int = GROUP) -> float:
+    """Stored bytes per feature value, scales included (float16/float32: 2/4)."""
+    if kind in ("float16", "float32"):
+        return {"float16": 2.0, "float32": 4.0}[kind]
+    return 1.0 + 2.0 / group

@@ -15,13 +15,11 @@ float32) is exact about the value that was rounded. Bytes per value: 1 + 2 / gro
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import GROUP
 
-GROUP = 64
 FORMATS = {"int8": (torch.int8, 127.0), "float8": (torch.float8_e4m3fn, 448.0)}
 
 
@@ -49,15 +47,3 @@ def quantize(x: torch.Tensor, kind: str = "int8", group: int = GROUP) -> tuple[t
 def dequantize(values: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """(values, scales) -> float32 features (..., C)."""
     return (_groups(values.float(), group) * scale.float().unsqueeze(-1)).flatten(-2)
-
-
-def group_for(channels: int) -> int:
-    """The channel group of a feature axis: 64, or the largest divisor of 64 that divides `channels`."""
-    return math.gcd(channels, GROUP)
-
-
-def bytes_per_value(kind: str, group: int = GROUP) -> float:
-    """Stored bytes per feature value, scales included (float16/float32: 2/4)."""
-    if kind in ("float16", "float32"):
-        return {"float16": 2.0, "float32": 4.0}[kind]
-    return 1.0 + 2.0 / group

@@ -43,14 +43,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_names
-from vqt_cache.formats import CODECS, DTYPES, LAYOUTS
-from vqt_cache.quantize import bytes_per_value, dequantize, group_for
+from vqt_cache.formats import CODECS, DTYPES, LAYOUTS, bytes_per_value, group_for
 
 FORMAT = "vqt-cache"
 FORMAT_VERSION = 3  # 2: labels and valid flags inside the shard checksums; 3: each image stored once
@@ -258,7 +256,9 @@ class Images:
         values, scales = self.stored_row(row)
         if scales is None:
             return values
-        return dequantize(torch.from_numpy(values), torch.from_numpy(scales), self.group_size).numpy()
+        group = self.group_size  # as quantize.dequantize, in numpy: the store imports no torch
+        grouped = values.astype(np.float32).reshape(*values.shape[:-1], -1, group)
+        return (grouped * scales.astype(np.float32)[..., None]).reshape(values.shape)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Rows start..stop-1 of a shard: shard_size rows, cut at the end of the block that holds them."""
