@@ -175,8 +175,8 @@ CASES = [
     ("sweep/missing-store", "sweep {tmp}/missing-store.toml", "no store at"),
     ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'nosuch'"),
     ("sweep/duplicate-seed", "sweep {tmp}/duplicate-seed.toml", "final_seeds lists 1 twice"),
-    ("sweep/bad-shard", "sweep {tmp}/good.toml --shard 3/2", "need 0 <= i < n"),
-    ("sweep/wrong-shard", "sweep {tmp}/good.toml --shard half", "--shard takes i/n"),
+    ("sweep/bad-part", "sweep {tmp}/good.toml --part 3/2", "need 0 <= i < n"),
+    ("sweep/wrong-part", "sweep {tmp}/good.toml --part half", "--part takes i/n"),
     # report
     ("report/missing-file", "report {tmp}/nowhere.toml", "nowhere.toml does not exist"),
     ("report/malformed-toml", "report {tmp}/syntax.toml", "is not valid TOML"),

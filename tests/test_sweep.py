@@ -159,12 +159,12 @@ def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
 
 def test_sweep_and_report_commands(tmp_path, sweep_store):
     path = write_pipeline(tmp_path, sweep_store, tmp_path / "cli")
-    code, out = run_cli("sweep", str(path), "--shard", "1/2")
+    code, out = run_cli("sweep", str(path), "--part", "1/2")
     assert code == 0, out
     assert "digits-b" in out and (tmp_path / "cli" / "tiny" / "results.md").exists()
     code, out = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
     assert code == 0 and (tmp_path / "rep" / "results.csv").exists()
-    code, out = run_cli("sweep", str(path), "--shard", "2/2")
+    code, out = run_cli("sweep", str(path), "--part", "2/2")
     assert code == 2 and "need 0 <= i < n" in out
 
 

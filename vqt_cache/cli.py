@@ -544,7 +544,9 @@ def demo(
 @app.command()
 def sweep(
     pipeline: Annotated[str, typer.Argument(help="a pipeline file, e.g. pipelines/demo.toml")],
-    shard: Annotated[str | None, typer.Option(help="i/n: run only this share of the datasets")] = None,
+    part: Annotated[
+        str | None, typer.Option(help="i/n: run only this part of the datasets (every n-th from i)")
+    ] = None,
     one_pass: Annotated[bool, typer.Option(help="train each grid in one pass over the cache")] = True,
     report_only: Annotated[bool, typer.Option(help="skip training; merge the run folders into the report")] = False,
     runs_root: Annotated[str | None, typer.Option(help="override the pipeline's runs_root")] = None,
@@ -553,15 +555,15 @@ def sweep(
 
     Examples:
       vqt-cache sweep pipelines/demo.toml
-      vqt-cache sweep pipelines/vtab1k.toml --shard 0/4     # on four machines, then: vqt-cache report ...
+      vqt-cache sweep pipelines/vtab1k.toml --part 0/4      # on four machines, then: vqt-cache report ...
     """
     from vqt_cache.report import write_report
-    from vqt_cache.sweep import load_pipeline, parse_shard, run_sweep
+    from vqt_cache.sweep import load_pipeline, parse_part, run_sweep
 
     p = load_pipeline(pipeline)
     if runs_root:
         p = dataclasses.replace(p, runs_root=runs_root)
-    part = parse_shard(shard)
+    part = parse_part(part)
     if not report_only:
         with _progress("step") as update:
 
@@ -569,7 +571,7 @@ def sweep(
                 update(f"sweep {p.name}: runs", done, total)
 
             handled = run_sweep(p, part, one_pass=one_pass, progress=update, on_run=on_run)
-        console.print(f"sweep {p.name}: shard {part[0]}/{part[1]} handled {', '.join(handled) or 'no datasets'}")
+        console.print(f"sweep {p.name}: part {part[0]}/{part[1]} handled {', '.join(handled) or 'no datasets'}")
     _print_report(write_report(p))
 
 
@@ -602,7 +604,7 @@ def report(
     pipeline: Annotated[str, typer.Argument(help="the pipeline file the sweep ran")],
     out: Annotated[str | None, typer.Option(help="folder for results.csv/.md and plots")] = None,
 ) -> None:
-    """Merge a sweep's run folders (from any number of shards) into results.csv, results.md and plots.
+    """Merge a sweep's run folders (from any number of parts or machines) into results.csv, results.md and plots.
 
     Example:
       vqt-cache report pipelines/vtab1k.toml

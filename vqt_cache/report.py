@@ -1,7 +1,7 @@
 """`vqt-cache report`: merge a sweep's run folders into results.csv, results.md and plots.
 
 Everything is read back from the run folders (config.json, metrics.json, compressed/metrics.json), so folders
-written by several `--shard`s, processes or machines merge into one report.
+written by several `--part`s, processes or machines merge into one report.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A pipeline (pipelines/*.toml) names the datasets, the grid and the protocol (doc
    (one pass per seed, all methods together); a `final_eval` the store does not hold is evaluated live after
    training, one forward of the backbone over its images for every final run at once;
 4. optionally group-lasso compression of the final VQT runs (docs/method.md §6).
-Run folders are the only state: finished runs are skipped, and `--shard i/n` splits the datasets across
+Run folders are the only state: finished runs are skipped, and `--part i/n` splits the datasets across
 processes or machines, whose folders `vqt-cache report` merges.
 """
 
@@ -190,7 +190,7 @@ def _check(p: Pipeline, path: Path) -> None:
 
 
 def _check_stores(p: Pipeline, entries: list[DatasetEntry]) -> None:
-    """Every store this shard needs exists and holds the protocol's training and validation splits, complete, and
+    """Every store this part needs exists and holds the protocol's training and validation splits, complete, and
     the final test split is cached or is a split of the store's dataset (evaluated live), before any training."""
     proto = p.protocol
     splits = {proto.select_train, proto.select_eval, proto.final_train}
@@ -208,16 +208,16 @@ def _check_stores(p: Pipeline, entries: list[DatasetEntry]) -> None:
             raise VQTError(f"dataset {entry.name}: {exc}") from exc
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
+def parse_part(text: str | None) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     if not text:
         return 0, 1
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError as exc:
-        raise VQTError(f"--shard takes i/n, e.g. 0/2, got {text!r}") from exc
+        raise VQTError(f"--part takes i/n, e.g. 0/2, got {text!r}") from exc
     if not 0 <= i < n:
-        raise VQTError(f"--shard {text}: need 0 <= i < n")
+        raise VQTError(f"--part {text}: need 0 <= i < n")
     return i, n
 
 
@@ -263,7 +263,7 @@ def _recipe(p: Pipeline) -> dict[str, Any]:
 
 def recorded_recipe(p: Pipeline) -> dict[str, Any]:
     """The recipe every run of the pipeline records in its config.json (precision only if the pipeline names one:
-    "auto" may have resolved differently on the machines that trained its shards)."""
+    "auto" may have resolved differently on the machines that trained its parts)."""
     recipe = _recipe(p)
     auto = p.protocol.precision == "auto"
     return {k: recipe[k] for k in RECIPE_KEYS if not (auto and k == "precision")}
@@ -290,15 +290,15 @@ def _train(
 
 def run_sweep(
     p: Pipeline,
-    shard: tuple[int, int] = (0, 1),
+    part: tuple[int, int] = (0, 1),
     one_pass: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     on_run: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Run this shard's datasets through the protocol; returns the datasets it handled."""
+    """Run this part's datasets (every n-th, from the i-th) through the protocol; returns the datasets it handled."""
     from vqt_cache.compress import compress
 
-    mine = [d for i, d in enumerate(p.datasets) if i % shard[1] == shard[0]]
+    mine = [d for i, d in enumerate(p.datasets) if i % part[1] == part[0]]
     _check_stores(p, mine)
     seeds = len(p.protocol.final_seeds)
     total = sum(len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * seeds for d in mine)
