@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqt_cache.data import CachedSplit
+from vqt_cache.batches import CachedSplit
 from vqt_cache.demo import extract_config, pretrain_parity
 from vqt_cache.evaluation import cached_logits, evaluate, load_runs
 from vqt_cache.extraction import extract

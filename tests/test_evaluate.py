@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqt_cache import evaluation as evaluate_module
-from vqt_cache.data import CachedSplit
+from vqt_cache.batches import CachedSplit
 from vqt_cache.evaluation import cached_logits, evaluate, evaluation_path, live_logits, load_runs, read_evaluation
 from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.training import RunSpec, TrainConfig, train

@@ -70,7 +70,7 @@ def test_training_on_cuda_matches_cpu(tiny_store, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batches_on_cuda_held_and_streamed_equal_the_cpu(tiny_store, dtype):
     """Held on the GPU in the stored dtype and widened there, or staged pinned and copied on a side stream."""
-    from vqt_cache.data import CachedSplit
+    from vqt_cache.batches import CachedSplit
 
     split = open_store(tiny_store).split("val200")
     order = np.arange(199, -1, -1)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from vqt_cache.data import CachedSplit
+from vqt_cache.batches import CachedSplit
 from vqt_cache.evaluation import load_run
 from vqt_cache.extraction import ExtractConfig, extract
 from vqt_cache.prediction import predict

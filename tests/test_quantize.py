@@ -113,7 +113,7 @@ def test_an_int8_store_verifies_and_is_a_quarter_of_float32(stores):
 
 
 def test_int8_batches_equal_dequantized_float32_within_half_a_step(stores):
-    from vqt_cache.data import CachedSplit
+    from vqt_cache.batches import CachedSplit
     from vqt_cache.store import open_store
 
     int8, fp32 = (CachedSplit(open_store(stores[k]).split("val200"), batch_size=200) for k in ("int8", "float32"))

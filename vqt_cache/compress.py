@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vqt_cache import recipe, schedule
-from vqt_cache.data import CachedSplit
+from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, load_run
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
-from vqt_cache.data import CachedSplit
+from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.formats import WORKERS

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vqt_cache import recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
-from vqt_cache.data import CachedSplit, default_memory_budget
+from vqt_cache.batches import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile

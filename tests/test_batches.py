@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqt_cache.data import CachedSplit, widen
+from vqt_cache.batches import CachedSplit, widen
 from vqt_cache.heads import token_means
 from vqt_cache.quantize import dequantize, quantize
 from vqt_cache.store import open_store

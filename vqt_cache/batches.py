@@ -1,4 +1,4 @@
-"""Stage-two data: batches from a store split, in the layer-major layout the query path reads.
+"""Stage-two batches: a store split served as query-path batches, in the layer-major layout the query path reads.
 
 Features stay in their stored dtype (int8 with float32 copies of their scales, float16 or float32) until a batch
 is made. A split that fits the memory budget lives on the training device, image-major; a batch is gathered there
