@@ -27,7 +27,7 @@ from vqt_cache.errors import VQTError as VQTError  # re-exported
 from vqt_cache.extraction import ExtractConfig, ExtractSummary
 from vqt_cache.extraction import extract as _extract
 from vqt_cache.model import CachedVQT
-from vqt_cache.store import Store, open_store
+from vqt_cache.store import Store, dequantized, open_store
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +155,7 @@ def evaluate(
     """
     from vqt_cache.evaluation import evaluate as _evaluate
 
-    found = _evaluate(_listed(runs) if not isinstance(runs, str | Path) else runs, split, **options)
+    found = _evaluate(runs, split, **options)
     return [
         Evaluation(
             dir=r["dir"],
@@ -204,13 +204,9 @@ def read_split(store: str | Store, split: str) -> SplitTensors:
     part = opened.split(split)
     features, scales = part.load()
     if scales is not None:
-        from vqt_cache.quantize import dequantize
-
-        values = dequantize(torch.from_numpy(features), torch.from_numpy(scales), opened.images.group_size)
-    else:
-        values = torch.from_numpy(features.astype(np.float32, copy=False))
+        features = dequantized(features, scales, opened.images.group_size)
     return SplitTensors(
-        features=values,
+        features=torch.from_numpy(features.astype(np.float32, copy=False)),
         final=torch.from_numpy(np.asarray(part.final(), dtype=np.float32)),
         labels=torch.from_numpy(part.labels().astype(np.int64)),
         valid=torch.from_numpy(part.valid()),

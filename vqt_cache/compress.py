@@ -22,7 +22,7 @@ from vqt_cache.evaluation import accuracy, load_run
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.query import flush_subnormals
-from vqt_cache.run_folder import claimed, compression_record
+from vqt_cache.run_folder import claimed, compressed_folder, compression_record
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 
@@ -80,7 +80,7 @@ def compress(
     config, store, _, model = load_run(run_dir)
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
-    out = compression_record(run_dir).parent
+    out = compressed_folder(run_dir)
     if any(name not in OUTPUTS and not name.startswith(".") for name in folder_entries(out)):
         raise VQTError(f"{out} holds {describe_entries(out)}, more than compress writes; move them away first")
     spec, recipe, C = config["run"], config["recipe"], config["model"]["num_classes"]
@@ -127,7 +127,8 @@ def compress(
     }
     with claimed(run_dir, config):  # the run folder's lock: concurrent compressions write one pair at a time
         out.mkdir(exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # an earlier compression's record must not describe this model
+        record = compression_record(run_dir)
+        record.unlink(missing_ok=True)  # an earlier compression's record must not describe this model
         save_tensors(out / "model.safetensors", tensors)
-        write_json(out / "metrics.json", report)  # last: its presence marks the compression done
+        write_json(record, report)  # last: its presence marks the compression done
     return report

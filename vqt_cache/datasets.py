@@ -335,7 +335,7 @@ BUILT_IN = ("cub", "fgvc/<task>", "vtab1k/<task>", "imagefolder", "digits")
 def register_dataset(name: str, make: Callable[[Path | None], Dataset]) -> None:
     """Make `name` a dataset that `open_dataset` (so `extract`, and live evaluation) opens by calling
     `make(root)`, root being the folder given to extract (or None). Registration lasts for this process."""
-    if name.partition("/")[0] in ("cub", "fgvc", "vtab1k", "imagefolder", "digits"):
+    if name.partition("/")[0] in {built_in.partition("/")[0] for built_in in BUILT_IN}:
         raise VQTError(f"dataset name {name!r} is built in; register yours under another name")
     _REGISTERED[name] = make
 

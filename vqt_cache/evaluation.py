@@ -30,7 +30,7 @@ from vqt_cache.formats import WORKERS
 from vqt_cache.model import CachedVQT, Run
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
-from vqt_cache.run_folder import compression_record, load_finished, load_model
+from vqt_cache.run_folder import compressed_folder, compression_record, load_finished, load_model
 from vqt_cache.store import Store, open_store
 
 SAVE_EVERY_S = 60.0
@@ -190,8 +190,7 @@ def evaluate(
 
 def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear] | None:
     """A compressed run's (kept feature indices, head) from <run>/compressed/, or None if it was not compressed."""
-    record = compression_record(run_dir)
-    out = record.parent
+    record, out = compression_record(run_dir), compressed_folder(run_dir)
     if not record.is_file():
         return None
     report = read_json(record)
@@ -199,7 +198,7 @@ def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear]
         k, F = int(report["features_kept"]), int(report["features_before"])
         C = int(report["head_params_after"]) // (k + 1)
     except (KeyError, TypeError, ValueError) as exc:
-        raise DamagedFile(out / "metrics.json", f"missing or wrong entry {exc}") from exc
+        raise DamagedFile(record, f"missing or wrong entry {exc}") from exc
     shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
     tensors = load_tensors(out / "model.safetensors", shapes)
     kept = tensors["feature_index"]

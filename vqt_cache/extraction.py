@@ -310,7 +310,8 @@ def extract_shards(
 def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources: list[str], dtype: str) -> None:
     """Stop before writing a batch whose features overflow the store's dtype (or are NaN): such a store would read
     as complete, and stage two would refuse it later."""
-    if all(bool(torch.isfinite(bound)) for t in (layers, final) for bound in torch.aminmax(t)):  # NaN propagates
+    bounds = torch.stack([bound.float() for t in (layers, final) for bound in torch.aminmax(t)])  # NaN propagates
+    if bool(torch.isfinite(bounds).all()):  # one device sync per batch
         return
     finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
     row = start + int((~finite).nonzero()[0])

@@ -255,9 +255,13 @@ def run_folders(parent: Path) -> list[Path]:
 COMPRESSED = "compressed"  # <run>/compressed/: what `vqt-cache compress` adds (model.safetensors, metrics.json)
 
 
+def compressed_folder(path: str | Path) -> Path:
+    return Path(path) / COMPRESSED
+
+
 def compression_record(path: str | Path) -> Path:
     """Where a run's compression report lives; it is written last, so its presence marks the compression done."""
-    return Path(path) / COMPRESSED / "metrics.json"
+    return compressed_folder(path) / "metrics.json"
 
 
 def is_compressed(path: str | Path) -> bool:

@@ -147,6 +147,13 @@ def _check_types(attrs: dict, types: dict[str, type], where: str) -> None:
             raise VQTError(f"{where} is damaged: attribute {key!r} is {found}, not a {kind.__name__}; re-extract it")
 
 
+def dequantized(values: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
+    """int8 rows and their float16 scales (..., C // group) -> float32 features: quantize.dequantize in numpy (the
+    store imports no torch), bit for bit."""
+    grouped = values.astype(np.float32).reshape(*values.shape[:-1], -1, group)
+    return (grouped * scales.astype(np.float32)[..., None]).reshape(values.shape)
+
+
 def array_shapes(n: int, backbone: dict, layout: str, dtype: str) -> tuple[tuple, tuple | None]:
     """The shapes of a split's feature array and (int8 stores) its scale array, for n images."""
     L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
@@ -254,11 +261,7 @@ class Images:
     def row(self, row: int) -> np.ndarray:
         """One image's features as stored (float16/float32), or dequantized to float32 (int8)."""
         values, scales = self.stored_row(row)
-        if scales is None:
-            return values
-        group = self.group_size  # as quantize.dequantize, in numpy: the store imports no torch
-        grouped = values.astype(np.float32).reshape(*values.shape[:-1], -1, group)
-        return (grouped * scales.astype(np.float32)[..., None]).reshape(values.shape)
+        return values if scales is None else dequantized(values, scales, self.group_size)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Rows start..stop-1 of a shard: shard_size rows, cut at the end of the block that holds them."""
