@@ -228,7 +228,8 @@ class _Trainer:
             generators = [
                 torch.Generator(self.device).manual_seed(schedule.derived_seed(s.seed, epoch)) for s in self.specs
             ]
-            losses = torch.zeros(len(self.specs), dtype=torch.float64)
+            # summed on the device and read once per epoch: a per-step read would wait for every step (on a GPU)
+            losses = torch.zeros(len(self.specs), dtype=torch.float64, device=self.device)
             for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
                 per_run = [
                     F.cross_entropy(out, batch.labels)
@@ -239,10 +240,11 @@ class _Trainer:
                     if diverged is None:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                losses += torch.tensor([loss.item() for loss in per_run], dtype=torch.float64) * len(batch.rows)
+                losses += torch.stack(per_run).detach().double() * len(batch.rows)
                 step += 1
                 if progress:
                     progress(label, step, total)
+            losses = losses.cpu()
             seconds = time.perf_counter() - started
             timing["train_seconds"] += seconds
             timing["train_images"] += len(self.train_data)
