@@ -83,7 +83,7 @@ def run(quick: bool = False) -> list[dict]:
                 )
             )
             start = time.perf_counter()
-            evaluate([r["dir"] for r in results], "test", batch_size=BATCH, device="cpu", workers=2)
+            evaluate([r.dir for r in results], "test", batch_size=BATCH, device="cpu", workers=2)
             live = test / (time.perf_counter() - start)
             again = _plain_rate(tmp / "imgs", 2)  # the plain forward again, right after: the two bracket it
             rows.append(

@@ -39,7 +39,7 @@ def run(quick: bool = False) -> list[dict]:
             recipe = dict(epochs=epochs, warmup_epochs=max(epochs // 10, 1), eval_split="test", eval_every=epochs)
             out = str(Path(tmp) / f"runs-{precision}")
             results = train(TrainConfig(store=store, runs=specs, out=out, precision=precision, **recipe))
-            dirs[precision] = [r["dir"] for r in results]
+            dirs[precision] = [r.dir for r in results]
         deviation = 0.0
         for precision in PRECISIONS:
             _, st, _, model = load_runs(dirs["float32"], precision=precision)
@@ -49,7 +49,7 @@ def run(quick: bool = False) -> list[dict]:
             else:
                 deviation = max(((a - e).norm() / e.norm()).item() for a, e in zip(logits, exact, strict=True))
         for precision in PRECISIONS:
-            top1 = 100 * np.array([evaluate(d, "test")[0]["top1"] for d in dirs[precision]])
+            top1 = 100 * np.array([evaluate(d, "test")[0].top1 for d in dirs[precision]])
             rows.append(
                 {
                     "bench": "precision",

@@ -83,10 +83,10 @@ def run(quick: bool = False) -> list[dict]:
                         precision="float32",  # the stores' errors alone (bench/precision.py measures bf16)
                     )
                 )
-                accuracy[dtype] = [evaluate(r["dir"], "test")[0]["top1"] for r in results]
+                accuracy[dtype] = [evaluate(r.dir, "test")[0].top1 for r in results]
                 if dtype == "float32":
                     for result in results:  # the float32 runs' logits on every store
-                        _, _, _, model = load_run(result["dir"])
+                        model = load_run(result.dir).model
                         exact = cached_logits(model, CachedSplit(open_store(stores["float32"]).split("test")))[0][0]
                         for other in DTYPES:
                             split = CachedSplit(open_store(stores[other]).split("test"))

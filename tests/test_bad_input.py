@@ -72,7 +72,7 @@ def world(tmp_path_factory, tiny_store):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     not_image = tmp / "notes.png"
     not_image.write_text("not an image")
-    w = World(tmp, store, newer, Path(run["dir"]), image, not_image)
+    w = World(tmp, store, newer, Path(run.dir), image, not_image)
     for name, body in PIPELINES.items():
         w.pipeline(name, body)
     before = [_listing(p) for p in w.guarded]

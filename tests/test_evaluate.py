@@ -23,7 +23,7 @@ def float32_runs(tmp_path_factory) -> tuple[str, list[str]]:
     store = str(root / "s.zarr")
     extract(ExtractConfig(**TINY_EXTRACT, dataset="digits", splits=("train800", "val200"), out=store, dtype="float32"))
     cfg = TrainConfig(store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(root / "runs"))
-    return store, [r["dir"] for r in train(cfg)]
+    return store, [r.dir for r in train(cfg)]
 
 
 @pytest.mark.parametrize("layout", ["kv", "hidden"])
@@ -34,7 +34,7 @@ def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, lay
     cfg = TrainConfig(
         store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(tmp_path / "runs"), precision="float32"
     )
-    dirs = [r["dir"] for r in train(cfg)]
+    dirs = [r.dir for r in train(cfg)]
     _, st, backbone, model = load_runs(dirs)
     cached, labels = cached_logits(model, CachedSplit(st.split("val200"), batch_size=64))
     live, live_labels = live_logits(model, backbone, st, "val200", dirs, None, 64, torch.device("cpu"), 0, None)
@@ -47,16 +47,16 @@ def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, lay
 def test_a_split_the_store_does_not_hold_is_evaluated_live_into_every_run_folder(float32_runs, tmp_path):
     store, dirs = float32_runs
     cached = evaluate(dirs, "val200")
-    assert not any(r["live"] for r in cached)
+    assert not any(r.live for r in cached)
     live = evaluate(dirs, "val200", live=True)
     for a, b in zip(cached, live, strict=True):
-        assert b["live"] and b["images"] == 200 and b["top1"] == a["top1"] and b["mean_class"] == a["mean_class"]
-        assert read_evaluation(b["dir"], "val200") == {k: v for k, v in b.items() if k != "dir"}
+        assert b.live and b.images == 200 and b.top1 == a.top1 and b.mean_class == a.mean_class
+        assert read_evaluation(b.dir, "val200") == b.record()
     results = evaluate(dirs, "test")  # not in the store: live
-    assert all(r["live"] and r["images"] == 797 for r in results)
+    assert all(r.live and r.images == 797 for r in results)
     assert all(not evaluation_path(d, "test", partial=True).exists() for d in dirs)
     code, out = run_cli("evaluate", *dirs[:2], "--split", "test", "--json")
-    assert code == 0 and [r["top1"] for r in json.loads(out)] == [r["top1"] for r in results[:2]]
+    assert code == 0 and [r["top1"] for r in json.loads(out)] == [r.top1 for r in results[:2]]
 
 
 def test_an_interrupted_live_evaluation_resumes_where_it_stopped(float32_runs, monkeypatch):
@@ -80,7 +80,7 @@ def test_an_interrupted_live_evaluation_resumes_where_it_stopped(float32_runs, m
     resumed_from = []
     results = evaluate(dirs, "test", batch_size=64, workers=0, progress=lambda _l, done, _t: resumed_from.append(done))
     assert resumed_from[0] == 128  # the logits of the first two batches were saved; the third is done again
-    assert [r["top1"] for r in results] == [r["top1"] for r in reference]
+    assert [r.top1 for r in results] == [r.top1 for r in reference]
     assert all(not evaluation_path(d, "test", partial=True).exists() for d in dirs)
 
 

@@ -319,7 +319,7 @@ def test_an_image_two_splits_list_is_stored_once_and_trains_the_same(tmp_path):
             out=str(tmp_path / Path(store.store_url).stem),
         )
         [run] = train(cfg)
-        results[store.store_url] = json.loads(Path(run["dir"], "metrics.json").read_text())["epochs"]
+        results[store.store_url] = json.loads(Path(run.dir, "metrics.json").read_text())["epochs"]
     first, second = results.values()
     assert first == second  # losses and accuracies, epoch by epoch
 

@@ -96,5 +96,5 @@ def test_bf16_training_on_cuda_learns_like_float32(tiny_store, tmp_path):
             device="cuda",
             precision=precision,
         )
-        top1[precision] = train(cfg)[0]["final"]["top1"]
+        top1[precision] = train(cfg)[0].final["top1"]
     assert abs(top1["float32"] - top1["bf16"]) <= 0.03

@@ -59,7 +59,7 @@ def finished(tiny_store, tmp_path_factory) -> Path:
             out=str(tmp_path_factory.mktemp("finished") / "run"),
         )
     )
-    return Path(result["dir"])
+    return Path(result.dir)
 
 
 @pytest.fixture

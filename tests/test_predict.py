@@ -30,17 +30,18 @@ def test_predict_equals_cached_path(tmp_path):
             precision="float32",  # the live path is float32: the cached one must be too, to agree to 1e-4
         )
     )
-    config, st, _, model = load_run(run["dir"])
+    loaded = load_run(run.dir)
+    st, model = loaded.store, loaded.model
     data = CachedSplit(st.split("test"))
     batch = next(data.batches())
     with torch.no_grad():
         cached = model(batch.final, batch.cache)[0]
     files = [str(root / source) for source in st.split("test").sources]
-    live = predict(run["dir"], files)
-    np.testing.assert_allclose([r["logits"] for r in live], cached.numpy(), atol=1e-4, rtol=0)
-    assert [r["label"] for r in live] == cached.argmax(1).tolist()
-    code, out = run_cli("predict", run["dir"], *files[:2], "--json")
-    assert code == 0 and [r["class"] for r in json.loads(out)] == [r["class"] for r in live[:2]]
+    live = predict(run.dir, files)
+    np.testing.assert_allclose([r.logits for r in live], cached.numpy(), atol=1e-4, rtol=0)
+    assert [r.label for r in live] == cached.argmax(1).tolist()
+    code, out = run_cli("predict", run.dir, *files[:2], "--json")
+    assert code == 0 and [r["class"] for r in json.loads(out)] == [r.class_name for r in live[:2]]
 
 
 def test_predict_names_an_unreadable_image(tmp_path, tiny_store):
@@ -55,5 +56,5 @@ def test_predict_names_an_unreadable_image(tmp_path, tiny_store):
     )
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    code, out = run_cli("predict", run["dir"], str(bad))
+    code, out = run_cli("predict", run.dir, str(bad))
     assert code == 2 and "Traceback" not in out and "bad.png" in out

@@ -141,9 +141,9 @@ def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):
     [run] = train(
         TrainConfig(store=stores["float32"], runs=(RunSpec("vqt", 2),), epochs=4, warmup_epochs=1, out=str(tmp_path))
     )
-    [exact] = evaluate(run["dir"], "val200")
-    [approx] = evaluate(run["dir"], "val200", store_url=stores["int8"])
-    assert abs(exact["top1"] - approx["top1"]) <= 0.01
+    [exact] = evaluate(run.dir, "val200")
+    [approx] = evaluate(run.dir, "val200", store_url=stores["int8"])
+    assert abs(exact.top1 - approx.top1) <= 0.01
 
 
 def test_an_altered_scale_is_refused(stores, tmp_path):

@@ -180,18 +180,18 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
     )
     F = 48 * (1 + 2 * 2)
     for keep in (0.7, 0.33):
-        report = compress(run["dir"], keep=keep)
+        report = compress(run.dir, keep=keep)
         assert report["features_before"] == F and report["features_kept"] == int(keep * F)
         assert report["head_params_after"] == 10 * int(keep * F) + 10
         assert set(report["accuracy"]) == {"val", "test"}
     from safetensors.torch import load_file
 
-    tensors = load_file(Path(run["dir"]) / "compressed" / "model.safetensors")
+    tensors = load_file(Path(run.dir) / "compressed" / "model.safetensors")
     assert tensors["feature_index"].shape == (int(0.33 * F),) and tensors["head.weight"].shape == (10, int(0.33 * F))
     assert len(set(tensors["feature_index"].tolist())) == int(0.33 * F)
-    code, out = run_cli("compress", run["dir"], "--keep", "1.5")
+    code, out = run_cli("compress", run.dir, "--keep", "1.5")
     assert code == 2 and "--keep must be in (0, 1]" in out
-    shutil.rmtree(Path(run["dir"]) / "compressed")
+    shutil.rmtree(Path(run.dir) / "compressed")
 
 
 def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_path):

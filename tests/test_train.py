@@ -48,7 +48,7 @@ def test_lr_schedule_matches_the_paper():
 
 def test_golden_loss_curve(tiny_store, tmp_path):
     [result] = train(cfg(tiny_store, tmp_path / "run"))
-    got = curve(result["dir"])
+    got = curve(result.dir)
     if os.environ.get("VQT_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps({"curve": got}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())["curve"]
@@ -57,8 +57,8 @@ def test_golden_loss_curve(tiny_store, tmp_path):
 
 
 def test_same_seed_same_metrics(tiny_store, tmp_path):
-    a = train(cfg(tiny_store, tmp_path / "a"))[0]["dir"]
-    b = train(cfg(tiny_store, tmp_path / "b"))[0]["dir"]
+    a = train(cfg(tiny_store, tmp_path / "a"))[0].dir
+    b = train(cfg(tiny_store, tmp_path / "b"))[0].dir
     assert (Path(a) / "metrics.json").read_bytes() == (Path(b) / "metrics.json").read_bytes()
 
 
@@ -69,21 +69,21 @@ def test_grid_in_one_pass_equals_separate_runs(tiny_store, tmp_path):
     assert len(together) == 6
     for spec, result in zip(specs, together, strict=True):
         alone = train(cfg(tiny_store, tmp_path / "alone" / spec.name, [spec], **small))[0]
-        np.testing.assert_allclose(curve(result["dir"]), curve(alone["dir"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(curve(result.dir), curve(alone.dir), rtol=1e-5, atol=1e-6)
 
 
 def test_vqt_with_no_queries_is_the_linear_probe(tiny_store, tmp_path):
     vqt0, linear = train(
         cfg(tiny_store, tmp_path, [RunSpec("vqt", 0, 0.5, 1e-3, 0), RunSpec("linear", 0, 0.5, 1e-3, 0)])
     )
-    np.testing.assert_allclose(curve(vqt0["dir"]), curve(linear["dir"]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(curve(vqt0.dir), curve(linear.dir), rtol=1e-6, atol=1e-7)
 
 
 def test_in_memory_equals_streaming(tiny_store, tmp_path):
     memory = train(cfg(tiny_store, tmp_path / "memory", train_split="val200"))[0]
     streamed = train(cfg(tiny_store, tmp_path / "stream", train_split="val200", memory_budget=0))[0]
-    assert json.loads((Path(streamed["dir"]) / "timing.json").read_text())["in_memory"] is False
-    assert curve(memory["dir"]) == curve(streamed["dir"])
+    assert json.loads((Path(streamed.dir) / "timing.json").read_text())["in_memory"] is False
+    assert curve(memory.dir) == curve(streamed.dir)
 
 
 class Interrupt(Exception):
@@ -113,20 +113,20 @@ def test_resume_equals_uninterrupted(tiny_store, tmp_path):
     )
     assert seen[0] == 4 * steps_per_epoch  # continued from the checkpoint, not from scratch
     for a, b in zip(full, resumed, strict=True):
-        assert curve(a["dir"]) == curve(b["dir"])
-        assert not list(Path(b["dir"]).glob("checkpoint-*"))
+        assert curve(a.dir) == curve(b.dir)
+        assert not list(Path(b.dir).glob("checkpoint-*"))
     # a finished run is skipped on a re-run
     again = train(cfg(tiny_store, tmp_path / "resumed", specs, **small))
-    assert all(r["skipped"] for r in again)
+    assert all(r.skipped for r in again)
 
 
 def test_evaluate_from_the_cache(tiny_store, tmp_path):
     run = train(cfg(tiny_store, tmp_path))[0]
-    [result] = evaluate(run["dir"], "val200")
-    assert result["images"] == 200
-    assert result["top1"] == pytest.approx(metrics(run["dir"])["final"]["top1"])
-    code, out = run_cli("evaluate", run["dir"], "--split", "val200", "--json")
-    assert code == 0 and json.loads(out)["top1"] == pytest.approx(result["top1"])
+    [result] = evaluate(run.dir, "val200")
+    assert result.images == 200
+    assert result.top1 == pytest.approx(metrics(run.dir)["final"]["top1"])
+    code, out = run_cli("evaluate", run.dir, "--split", "val200", "--json")
+    assert code == 0 and json.loads(out)["top1"] == pytest.approx(result.top1)
 
 
 def test_cli_train_writes_the_run_folder(tiny_store, tmp_path):
@@ -244,7 +244,7 @@ def test_run_folder_from_another_store(tiny_store, tmp_path):
         )
     )
     run = train(cfg(tiny_store, tmp_path / "run", epochs=2))[0]
-    line = error_line(*run_cli("evaluate", run["dir"], "--split", "val200", "--store", other))
+    line = error_line(*run_cli("evaluate", run.dir, "--split", "val200", "--store", other))
     assert "trained on another store" in line
     assert "not a finished run folder" in error_line(*run_cli("evaluate", str(tmp_path)))
 
@@ -276,4 +276,4 @@ def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     assert seen and all(v == 0.0 for v in seen)
     torch.set_flush_denormal(False)
     [result] = evaluate(str(tmp_path / "run"), "val200")
-    assert (tiny * 1.0).item() == 0.0 and result["images"] == 200
+    assert (tiny * 1.0).item() == 0.0 and result.images == 200

@@ -20,57 +20,20 @@ import numpy as np
 import torch
 
 from vqt_cache import recipe
-from vqt_cache.backbones import BACKBONES, Backbone
+from vqt_cache.backbones import BACKBONES
 from vqt_cache.datasets import Dataset, register_dataset
 from vqt_cache.datasets import list_datasets as list_datasets  # re-exported
 from vqt_cache.errors import VQTError as VQTError  # re-exported
+from vqt_cache.evaluation import Evaluation, LoadedRun
+from vqt_cache.evaluation import evaluate as _evaluate
+from vqt_cache.evaluation import load_run as _load_run
 from vqt_cache.extraction import ExtractConfig, ExtractSummary
 from vqt_cache.extraction import extract as _extract
-from vqt_cache.model import CachedVQT
+from vqt_cache.prediction import Prediction
+from vqt_cache.prediction import predict as _predict
 from vqt_cache.store import Store, dequantized, open_store
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainedRun:
-    """One configuration `train` finished (or found finished): its run folder and last-epoch metrics."""
-
-    name: str  # e.g. vqt-T10-lr0.5-wd0.001-seed42
-    dir: str
-    final: dict[str, Any]  # top1, mean_class, loss, ... on the evaluation split (empty without one)
-    skipped: bool  # it was already done: nothing was trained
-    diverged: bool  # the loss became NaN or infinite; the run has no model
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evaluation:
-    """A run's accuracy on one split; also written to <run>/eval/<split>.json."""
-
-    dir: str
-    split: str
-    top1: float
-    mean_class: float
-    images: int
-    live: bool  # computed by running the backbone on the images (the split was not cached, or live=True)
-    compressed: dict[str, float] | None = None  # the compressed head's accuracy, where the run has one
-
-
-@dataclass(frozen=True, kw_only=True)
-class Prediction:
-    image: str
-    label: int
-    class_name: str
-    probability: float
-    logits: list[float]
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadedRun:
-    """A finished run folder, ready to use: its config, store, frozen backbone and trained model."""
-
-    config: dict[str, Any]
-    store: Store
-    backbone: Backbone
-    model: CachedVQT
+from vqt_cache.training import TrainConfig, TrainedRun, grid
+from vqt_cache.training import train as _train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,12 +101,8 @@ def train(
     options: train_split, eval_split, epochs, warmup_epochs, batch_size, dropout, memory_budget (bytes), device,
     precision, out, eval_every, checkpoint_every (as `TrainConfig`).
     """
-    from vqt_cache.training import TrainConfig, grid
-    from vqt_cache.training import train as _train
-
     runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed))
-    results = _train(TrainConfig(store=store, runs=runs, **options), progress=progress)
-    return [TrainedRun(**r) for r in results]
+    return _train(TrainConfig(store=store, runs=runs, **options), progress=progress)
 
 
 def evaluate(
@@ -153,48 +112,20 @@ def evaluate(
 
     options: store_url, root, memory_budget, batch_size, device, workers, progress, live, precision.
     """
-    from vqt_cache.evaluation import evaluate as _evaluate
-
-    found = _evaluate(runs, split, **options)
-    return [
-        Evaluation(
-            dir=r["dir"],
-            split=r["split"],
-            top1=r["top1"],
-            mean_class=r["mean_class"],
-            images=r["images"],
-            live=r["live"],
-            compressed=r.get("compressed"),
-        )
-        for r in found
-    ]
+    return _evaluate(runs, split, **options)
 
 
 def predict(
     run: str | Path, images: Sequence[str | Path], *, store: str | None = None, batch_size: int | None = None
 ) -> list[Prediction]:
     """Classify image files with a finished run: the frozen backbone and the trained queries, live."""
-    from vqt_cache.prediction import predict as _predict
-
     options = {} if batch_size is None else {"batch_size": batch_size}
-    return [
-        Prediction(
-            image=r["image"],
-            label=r["label"],
-            class_name=r["class"],
-            probability=r["probability"],
-            logits=r["logits"],
-        )
-        for r in _predict(run, list(images), store, **options)
-    ]
+    return _predict(run, list(images), store, **options)
 
 
 def load_run(run: str | Path, *, store: str | None = None) -> LoadedRun:
     """A finished run folder -> its config, store, frozen backbone and trained model (`store`: if it moved)."""
-    from vqt_cache.evaluation import load_run as _load_run
-
-    config, opened, backbone, model = _load_run(run, store)
-    return LoadedRun(config=config, store=opened, backbone=backbone, model=model)
+    return _load_run(run, store)
 
 
 def read_split(store: str | Store, split: str) -> SplitTensors:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,9 @@ from vqt_cache.formats import (
     SHARD_SIZE,
     WORKERS,
 )
+
+if TYPE_CHECKING:
+    from vqt_cache.training import TrainedRun
 
 app = typer.Typer(
     help="Visual Query Tuning over cached ViT features: extract once, train many cheap experiments.",
@@ -398,20 +401,18 @@ def train(
     with _progress("step") as update:
         results = run_train(cfg, progress=None if json_out else update)
     if json_out:
-        print(json.dumps(results))
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
         _fail_if_all_diverged(results)
         return
     table = Table(title=f"trained on {cfg.store}")
     for column in ("run", "eval top-1", "eval mean-class", "folder"):
         table.add_column(column, justify="right")
     for r in results:
-        note = " (already done)" if r["skipped"] else ""
+        note = " (already done)" if r.skipped else ""
         scores = (
-            ("[red]diverged[/red]",) * 2
-            if r["diverged"]
-            else (_percent(r["final"], "top1"), _percent(r["final"], "mean_class"))
+            ("[red]diverged[/red]",) * 2 if r.diverged else (_percent(r.final, "top1"), _percent(r.final, "mean_class"))
         )
-        table.add_row(r["name"] + note, *scores, r["dir"])
+        table.add_row(r.name + note, *scores, r.dir)
     console.print(table)
     _fail_if_all_diverged(results)
 
@@ -420,9 +421,9 @@ def _percent(final: dict, key: str) -> str:
     return f"{100 * final[key]:.2f}" if key in final else "-"
 
 
-def _fail_if_all_diverged(results: list[dict]) -> None:
+def _fail_if_all_diverged(results: list[TrainedRun]) -> None:
     """Exit 1 with one sentence when no run of the command gave a result."""
-    if results and all(r["diverged"] for r in results):
+    if results and all(r.diverged for r in results):
         errors.print(
             "[red]error:[/red] every run diverged (non-finite loss); nothing was learned: lower the learning rate "
             "or the weight decay",
@@ -474,13 +475,14 @@ def evaluate(
             precision=precision,
         )
     if json_out:
-        print(json.dumps(results if len(results) > 1 else results[0]))
+        records = [{**r.record(), "dir": r.dir} for r in results]
+        print(json.dumps(records if len(records) > 1 else records[0]))
         return
     for result in results:
-        how = "live" if result["live"] else "cached"
+        how = "live" if result.live else "cached"
         console.print(
-            f"{result['dir']} on {split} ({result['images']} images, {how}): top-1 {100 * result['top1']:.2f}%, "
-            f"mean per-class {100 * result['mean_class']:.2f}%",
+            f"{result.dir} on {split} ({result.images} images, {how}): top-1 {100 * result.top1:.2f}%, "
+            f"mean per-class {100 * result.mean_class:.2f}%",
             soft_wrap=True,
             highlight=False,
         )
@@ -502,13 +504,13 @@ def predict(
 
     results = run_predict(run_dir, images, store)
     if json_out:
-        print(json.dumps(results))
+        print(json.dumps([r.record() for r in results]))
         return
     table = Table()
     for column in ("image", "class", "label", "probability"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["image"], r["class"], str(r["label"]), f"{r['probability']:.3f}")
+        table.add_row(r.image, r.class_name, str(r.label), f"{r.probability:.3f}")
     console.print(table)
 
 

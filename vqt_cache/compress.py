@@ -77,7 +77,8 @@ def compress(
     if not (math.isfinite(lasso) and lasso >= 0):
         raise VQTError(f"--lasso must be a finite number >= 0, got {lasso}")
     flush_subnormals()
-    config, store, _, model = load_run(run_dir)
+    loaded = load_run(run_dir)
+    config, store, model = loaded.config, loaded.store, loaded.model
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
     out = compressed_folder(run_dir)

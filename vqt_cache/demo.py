@@ -105,18 +105,18 @@ def run_demo(
             ),
             progress=progress,
         )
-        converged = [r for r in results if not r["diverged"]]
+        converged = [r for r in results if not r.diverged]
         if not converged:
             raise VQTError(f"every {method} run of the demo diverged; try more --epochs")
-        best = max(converged, key=lambda r: (r["final"]["top1"], -_lr(r["name"], specs)))
-        timing = _timing(best["dir"])
+        best = max(converged, key=lambda r: (r.final["top1"], -_lr(r.name, specs)))
+        timing = _timing(best.dir)
         rows.append(
             {
                 "method": method,
                 "T": queries[0],
-                "run": best["name"],
-                "val": best["final"]["top1"],
-                "test": evaluate(best["dir"], "test")[0]["top1"],
+                "run": best.name,
+                "val": best.final["top1"],
+                "test": evaluate(best.dir, "test")[0].top1,
                 "seconds": timing["train_seconds"],
                 "images_per_s": timing["train_images"] / max(timing["train_seconds"], 1e-9),
             }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,44 @@ from vqt_cache.store import Store, open_store
 
 SAVE_EVERY_S = 60.0
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """A run's accuracy on one split; its `record()` is what <run>/eval/<split>.json holds."""
+
+    dir: str
+    split: str
+    top1: float
+    mean_class: float
+    images: int
+    live: bool  # computed by running the backbone on the images (the split was not cached, or live=True)
+    store: str  # the store's URL
+    run: dict[str, Any]  # the run's configuration (method, queries, lr, wd, seed)
+    compressed: dict[str, float] | None = None  # the compressed head's accuracy, where the run has one
+
+    def record(self) -> dict[str, Any]:
+        """The result as written into the run folder (and printed by `evaluate --json`, with the folder)."""
+        record = {
+            "run": self.run,
+            "split": self.split,
+            "live": self.live,
+            "images": self.images,
+            "store": self.store,
+            "top1": self.top1,
+            "mean_class": self.mean_class,
+        }
+        return record if self.compressed is None else {**record, "compressed": self.compressed}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedRun:
+    """A finished run folder, ready to use: its config, store, frozen backbone and trained model."""
+
+    config: dict[str, Any]
+    store: Store
+    backbone: Backbone
+    model: CachedVQT
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -114,10 +153,10 @@ def load_runs(
     return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout, precision).eval()
 
 
-def load_run(run_dir: str | Path, store_url: str | None = None) -> tuple[dict, Store, Backbone, CachedVQT]:
-    """A finished run folder -> (config, its store, the frozen backbone, the trained single-run model)."""
+def load_run(run_dir: str | Path, store_url: str | None = None) -> LoadedRun:
+    """A finished run folder -> its config, its store, the frozen backbone and the trained single-run model."""
     [config], store, backbone, model = load_runs([run_dir], store_url)
-    return config, store, backbone, model
+    return LoadedRun(config=config, store=store, backbone=backbone, model=model)
 
 
 def evaluation_path(run_dir: str | Path, split: str, partial: bool = False) -> Path:
@@ -144,7 +183,7 @@ def evaluate(
     progress: Progress | None = None,
     live: bool | None = None,
     precision: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Evaluation]:
     """Top-1 and mean per-class accuracy of every run on `split`; each result is also written into its run folder.
 
     live: None evaluates from the cache when the store holds the split and live otherwise; True always live.
@@ -172,19 +211,19 @@ def evaluate(
         logits, labels = cached_logits(model.to(target), data)
     results = []
     for folder, config, run_logits, packed_result in zip(dirs, configs, logits, compressed, strict=True):
-        result = {
-            "run": config["run"],
-            "split": split,
-            "live": live,
-            "images": len(labels),
-            "store": store.url,
+        result = Evaluation(
+            dir=str(folder),
+            split=split,
+            live=live,
+            images=len(labels),
+            store=store.url,
+            run=config["run"],
+            compressed=packed_result,
             **accuracy(run_logits, labels, num_classes),
-        }
-        if packed_result is not None:
-            result["compressed"] = packed_result
-        _save(evaluation_path(folder, split), result)
+        )
+        _save(evaluation_path(folder, split), result.record())
         evaluation_path(folder, split, partial=True).unlink(missing_ok=True)  # ours: the logits of a resumed run
-        results.append({**result, "dir": str(folder)})
+        results.append(result)
     return results
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -14,12 +14,33 @@ from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.model import LiveVQT
 
 
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """One image's predicted class (index and name), its probability and every class's logit."""
+
+    image: str
+    label: int
+    class_name: str
+    probability: float
+    logits: list[float]
+
+    def record(self) -> dict:
+        """As `predict --json` prints it."""
+        return {
+            "image": self.image,
+            "label": self.label,
+            "class": self.class_name,
+            "probability": self.probability,
+            "logits": self.logits,
+        }
+
+
 def predict(
     run_dir: str | Path, images: list[str | Path], store_url: str | None = None, batch_size: int = EXTRACT_BATCH_SIZE
-) -> list[dict[str, Any]]:
+) -> list[Prediction]:
     """Class, probability and logits for each image file, through `LiveVQT` with the store's preprocessing."""
-    config, store, backbone, model = load_run(run_dir, store_url)
-    attrs = store.attrs
+    loaded = load_run(run_dir, store_url)
+    attrs = loaded.store.attrs
     transform = build_transform(attrs["preprocessing"])
     reader = Dataset("files", Path("/"), attrs["dataset"]["class_names"], {})
     tensors = []
@@ -28,7 +49,7 @@ def predict(
             tensors.append(transform(reader.load_image(str(Path(image).absolute()))))
         except BadImage as exc:
             raise VQTError(str(exc)) from exc
-    live = LiveVQT(backbone, model).eval()
+    live = LiveVQT(loaded.backbone, loaded.model).eval()
     results = []
     with torch.no_grad():
         for start in range(0, len(tensors), batch_size):
@@ -37,12 +58,12 @@ def predict(
             for i, row in enumerate(logits):
                 label = int(row.argmax())
                 results.append(
-                    {
-                        "image": str(images[start + i]),
-                        "label": label,
-                        "class": attrs["dataset"]["class_names"][label],
-                        "probability": probs[i, label].item(),
-                        "logits": row.tolist(),
-                    }
+                    Prediction(
+                        image=str(images[start + i]),
+                        label=label,
+                        class_name=attrs["dataset"]["class_names"][label],
+                        probability=probs[i, label].item(),
+                        logits=row.tolist(),
+                    )
                 )
     return results

@@ -345,12 +345,12 @@ def run_sweep(
         )
         if entry.compress if entry.compress is not None else p.compress:
             for result in results:
-                folder = Path(result["dir"])
+                folder = Path(result.dir)
                 compressed = is_compressed(folder)
-                if result["name"].startswith("vqt-") and not result["diverged"] and not compressed:
+                if result.name.startswith("vqt-") and not result.diverged and not compressed:
                     compress(folder, keep=p.keep)
         if live:  # one forward of the backbone over the test images serves every final run (and compressed head)
-            untested = [r["dir"] for r in results if not r["diverged"] and not _tested(r["dir"], p.protocol.final_eval)]
+            untested = [r.dir for r in results if not r.diverged and not _tested(r.dir, p.protocol.final_eval)]
             if untested:
                 evaluate(untested, p.protocol.final_eval, progress=progress)
         done += (len(entry.queries) + len(p.baselines)) * seeds

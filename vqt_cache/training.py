@@ -99,6 +99,17 @@ class TrainConfig:
         return {k: getattr(self, k) for k in RECIPE_KEYS}
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainedRun:
+    """One configuration `train` finished (or found finished): its run folder and last-epoch metrics."""
+
+    name: str  # e.g. vqt-T10-lr0.5-wd0.001-seed42
+    dir: str
+    final: dict[str, Any]  # top1, mean_class, ... on the evaluation split (empty without one, or if it diverged)
+    skipped: bool  # it was already done: nothing was trained
+    diverged: bool  # the loss became NaN or infinite; the run has no model
+
+
 NO_EVAL = "none"  # an eval split that means: no evaluation during training (a test set evaluated live later)
 
 
@@ -269,7 +280,7 @@ class _Trainer:
             if (epoch + 1) % cfg.checkpoint_every == 0 and not last:
                 self._checkpoint(epoch + 1)
 
-    def save(self, timing: dict[str, float]) -> list[dict[str, Any]]:
+    def save(self, timing: dict[str, float]) -> list[TrainedRun]:
         results = []
         for i, (spec, folder) in enumerate(zip(self.specs, self.folders, strict=True)):
             diverged = self.diverged[i]
@@ -293,14 +304,14 @@ class _Trainer:
         return results
 
 
-def _result(spec: RunSpec, folder: Path, metrics: dict, skipped: bool) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "dir": str(folder),
-        "final": metrics["final"],
-        "skipped": skipped,
-        "diverged": bool(metrics.get("diverged")),
-    }
+def _result(spec: RunSpec, folder: Path, metrics: dict, skipped: bool) -> TrainedRun:
+    return TrainedRun(
+        name=spec.name,
+        dir=str(folder),
+        final=metrics["final"],
+        skipped=skipped,
+        diverged=bool(metrics.get("diverged")),
+    )
 
 
 def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str, str], backbone: Backbone) -> dict:
@@ -336,7 +347,7 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
     }
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
+def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun]:
     """Train every run of `cfg` (one pass per seed); complete runs are skipped. Returns one result per run.
 
     A diverged run is a result with `diverged` true and no accuracy. Each run folder is claimed and locked for
@@ -395,7 +406,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[dict[str, 
             trainer.run(progress, timing)
             results += trainer.save(timing)
     order = {spec.name: i for i, spec in enumerate(cfg.runs)}
-    return sorted(results, key=lambda r: order[r["name"]])
+    return sorted(results, key=lambda r: order[r.name])
 
 
 def grid(
