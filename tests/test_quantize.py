@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqt_cache.model import CachedVQT, Run
+from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.quantize import dequantize, quantize
 
 from conftest import images_for, tiny_backbone
@@ -64,7 +64,7 @@ def test_query_path_logits_on_a_dequantized_cache(kind, layout, massive):
         with_massive_activations(backbone)
     final, cache = backbone.forward_cache(images_for(backbone, batch=16), layout=layout, dtype=torch.float32)
     group = cache.shape[-1] if layout == "kv" else 16  # kv: one scale per head and token; hidden: D/16 per token
-    run = Run("vqt", 4, backbone.depth, backbone.dim, 10, backbone.patch_size, 0.0, seed=1)
+    run = RunParameters("vqt", 4, backbone.depth, backbone.dim, 10, backbone.patch_size, 0.0, seed=1)
     with torch.no_grad():
         run.head.weight.normal_(generator=torch.Generator().manual_seed(2))  # a head that reads every feature
     model = CachedVQT(backbone.blocks, [run], layout).eval()

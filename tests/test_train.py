@@ -106,6 +106,11 @@ def test_resume_equals_uninterrupted(tiny_store, tmp_path):
         "checkpoint-2.pt",
         "checkpoint-4.pt",
     ]
+    # checkpoints written before issue 15 named the queries as the module's state_dict does: they resume the same
+    written_before = tmp_path / "resumed" / specs[0].name / "checkpoint-4.pt"
+    state = torch.load(written_before, weights_only=True)
+    state["run"] = {("queries.prompts" if k == "queries" else k): v for k, v in state["run"].items()}
+    torch.save(state, written_before)
     seen = []
     resumed = train(
         cfg(tiny_store, tmp_path / "resumed", specs, **small),

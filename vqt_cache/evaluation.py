@@ -28,7 +28,7 @@ from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
 from vqt_cache.formats import WORKERS
-from vqt_cache.model import CachedVQT, Run
+from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
 from vqt_cache.run_folder import compressed_folder, compression_record, load_finished, load_model
@@ -95,12 +95,12 @@ def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tenso
     return [torch.cat(lg) for lg in logits], torch.cat(labels)
 
 
-def _trained_run(folder: Path) -> tuple[dict, Run]:
+def _trained_run(folder: Path) -> tuple[dict, RunParameters]:
     """A finished run folder -> (its config, its trained Run)."""
     config, _ = load_finished(folder)
     try:
         m = config["model"]
-        run = Run(
+        run = RunParameters(
             m["method"],
             int(m["queries"]),
             int(m["depth"]),
@@ -112,11 +112,7 @@ def _trained_run(folder: Path) -> tuple[dict, Run]:
         _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
-    tensors = load_model(folder, m)
-    with torch.no_grad():
-        run.queries.prompts.copy_(tensors["queries"])
-        run.head.weight.copy_(tensors["head.weight"])
-        run.head.bias.copy_(tensors["head.bias"])
+    run.load_tensors(load_model(folder, m))
     return config, run
 
 

@@ -1,6 +1,7 @@
 """VQT models: the cached one that stage two trains, and the live one that runs on raw images.
 
-A `Run` holds one configuration's trainable parts: its queries (L, T, D) and its linear head. Runs are
+A `RunParameters` holds one configuration's (`training.RunSpec`'s) trainable parts: its queries (L, T, D) and its
+linear head; a run folder (`run_folder.py`) holds them once trained. Runs are
 independent token sets, so any number of them share one pass of the frozen query path: their queries are
 concatenated along T, the path runs once, and each run reads back its own outputs (docs/method.md §8). Their
 gradients never mix, since each run's loss depends only on its own parameters.
@@ -27,7 +28,7 @@ from vqt_cache.query import Queries, QueryPath, query_init_bound
 from vqt_cache.recipe import DROPOUT, METHOD, METHODS
 
 
-class Run(nn.Module):
+class RunParameters(nn.Module):
     """One configuration's trainable parameters: queries (T = 0 unless method is "vqt") and a linear head.
 
     Initialisation draws from a generator seeded with `seed`: queries first, then the head.
@@ -65,15 +66,22 @@ class Run(nn.Module):
         return pooled
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What a run folder stores: queries (L, T, D), head.weight (C, F), head.bias (C,)."""
+        """What a run folder stores (model.safetensors, and each checkpoint): queries (L, T, D), head.weight (C, F),
+        head.bias (C,)."""
         return {"queries": self.queries.prompts, "head.weight": self.head.weight, "head.bias": self.head.bias}
 
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy in what `tensors()` gives (shapes checked by the copy: RuntimeError if they differ)."""
+        with torch.no_grad():
+            for name, target in self.tensors().items():
+                target.copy_(tensors[name])
 
-def _split_outputs(runs: Sequence[Run], outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+
+def _split_outputs(runs: Sequence[RunParameters], outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return outputs.split([run.queries.num_queries for run in runs], dim=2)
 
 
-def _prompts(runs: Sequence[Run], batch_size: int, generators: Sequence[torch.Generator | None] | None):
+def _prompts(runs: Sequence[RunParameters], batch_size: int, generators: Sequence[torch.Generator | None] | None):
     generators = generators or [None] * len(runs)
     return torch.cat([run.queries(batch_size, g) for run, g in zip(runs, generators, strict=True)], dim=2)
 
@@ -82,7 +90,7 @@ class CachedVQT(nn.Module):
     """The frozen query path shared by one or more runs, fed by (final feature, layer-major cache)."""
 
     def __init__(
-        self, blocks: nn.ModuleList, runs: Sequence[Run], layout: str = "kv", precision: str = "float32"
+        self, blocks: nn.ModuleList, runs: Sequence[RunParameters], layout: str = "kv", precision: str = "float32"
     ) -> None:
         super().__init__()
         self.path = QueryPath(blocks, layout, precision)
@@ -100,7 +108,9 @@ class CachedVQT(nn.Module):
         method: str = METHOD,
     ) -> CachedVQT:
         """A single-run model for `backbone`."""
-        run = Run(method, num_queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, dropout, seed)
+        run = RunParameters(
+            method, num_queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, dropout, seed
+        )
         return cls(backbone.blocks, [run], layout)
 
     def reads(self) -> dict:

@@ -27,7 +27,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
 from vqt_cache.formats import DEFAULT_PRECISION
-from vqt_cache.model import CachedVQT, Run
+from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed
 from vqt_cache.store import Store, open_store
@@ -154,7 +154,7 @@ class _Trainer:
         self.seed = specs[0].seed
         num_classes = store.attrs["dataset"]["num_classes"]
         runs = [
-            Run(
+            RunParameters(
                 s.method, s.queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, cfg.dropout, s.seed
             )
             for s in specs
@@ -189,7 +189,7 @@ class _Trainer:
         for i, folder in enumerate(self.folders):
             state = folder.load_checkpoint(epoch, self.device)
             try:
-                self.model.runs[i].load_state_dict(state["run"])
+                self.model.runs[i].load_tensors(_run_tensors(state["run"]))
                 self.optimizers[i].load_state_dict(state["optimizer"])
                 self.history[i] = json.loads(state["history"])
                 self.diverged[i] = state.get("diverged")
@@ -200,7 +200,7 @@ class _Trainer:
     def _checkpoint(self, epochs_done: int) -> None:
         for i, folder in enumerate(self.folders):
             state = {
-                "run": self.model.runs[i].state_dict(),
+                "run": {k: v.detach() for k, v in self.model.runs[i].tensors().items()},
                 "optimizer": self.optimizers[i].state_dict(),
                 "history": json.dumps(self.history[i]),
                 "diverged": self.diverged[i],
@@ -302,6 +302,12 @@ class _Trainer:
             folder.save_result(tensors, metrics, {**timing, "runs_in_pass": len(self.specs)})
             results.append(_result(spec, folder.path, metrics, skipped=False))
         return results
+
+
+def _run_tensors(saved: dict) -> dict:
+    """A checkpoint's run tensors, named as in model.safetensors; checkpoints of vqt-cache 0.1 before issue 15
+    saved the module's state_dict, whose queries are named "queries.prompts"."""
+    return {("queries" if k == "queries.prompts" else k): v for k, v in saved.items()}
 
 
 def _result(spec: RunSpec, folder: Path, metrics: dict, skipped: bool) -> TrainedRun:
