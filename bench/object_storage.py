@@ -13,7 +13,6 @@ ViT-B/16 geometry, random weights, CPU, kv float16 (7.3 MB per image):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -23,7 +22,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +30,7 @@ from bench.extraction import extract_rate
 from bench.synthetic import new_store, synthetic_dataset, synthetic_store
 from vqt_cache.backbones import load_backbone
 from vqt_cache.extraction import ExtractConfig
+from vqt_cache.run_folder import read_timing
 from vqt_cache.store import open_store
 from vqt_cache.training import RunSpec, TrainConfig, train
 
@@ -161,5 +160,5 @@ def _train(store: str, out: str, budget: int | None) -> tuple[float, float]:
         )
     )
     wall = time.perf_counter() - start
-    timing = json.loads(Path(out, "timing.json").read_text())
+    timing = read_timing(out)
     return wall, timing["train_images"] / timing["train_seconds"]

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from bench.stage_two import live_rates, vit_b16
 from bench.synthetic import synthetic_store
+from vqt_cache.run_folder import read_timing
 
 GiB = 2**30
 
@@ -50,7 +50,7 @@ def schedule_rates(store: str, out: str, T: int, precision: str, epochs: int) ->
         *f"--warmup-epochs {epochs // 10} --batch-size 64 --precision {precision} --out {out}".split(),
         *f"--checkpoint-every {epochs}".split(),
     )
-    timing = json.loads(Path(out, "timing.json").read_text())
+    timing = read_timing(out)
     seconds = [timing["epoch_seconds"][str(e)] for e in range(1, epochs + 1)]
     per_epoch = timing["train_images"] / epochs
     return {
@@ -143,11 +143,12 @@ def run_grid(quick: bool = False) -> list[dict]:
 
 MEASURE = """
 import json, sys
+from vqt_cache.run_folder import read_timing
 from vqt_cache.training import RunSpec, TrainConfig, train
 store, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train(TrainConfig(store=store, runs=(RunSpec("vqt", 1, 0.5, 1e-3, 0),), epochs=1, warmup_epochs=0, batch_size=32,
                   out=out, memory_budget=budget))
-timing = json.load(open(out + "/timing.json"))
+timing = read_timing(out)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork/exec from the (larger) parent process
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"peak_rss": peak, **timing}))

@@ -20,7 +20,8 @@ from vqt_cache.datasets import ImageSplit, digits, preprocessing
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate
 from vqt_cache.extraction import ExtractConfig, extract
-from vqt_cache.files import read_json, save_tensors
+from vqt_cache.files import save_tensors
+from vqt_cache.run_folder import read_timing
 from vqt_cache.store import found_at
 from vqt_cache.training import RunSpec, TrainConfig, grid, train
 
@@ -109,7 +110,7 @@ def run_demo(
         if not converged:
             raise VQTError(f"every {method} run of the demo diverged; try more --epochs")
         best = max(converged, key=lambda r: (r.final["top1"], -_lr(r.name, specs)))
-        timing = _timing(best.dir)
+        timing = read_timing(best.dir)
         rows.append(
             {
                 "method": method,
@@ -126,7 +127,3 @@ def run_demo(
 
 def _lr(name: str, specs: tuple[RunSpec, ...]) -> float:
     return next(s.lr for s in specs if s.name == name)
-
-
-def _timing(run_dir: str) -> dict:
-    return read_json(Path(run_dir) / "timing.json")

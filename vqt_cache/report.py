@@ -16,7 +16,7 @@ import numpy as np
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
-from vqt_cache.run_folder import compression_record, finished_runs, run_folders
+from vqt_cache.run_folder import FinishedRun, compression_record, finished_runs, run_folders
 from vqt_cache.sweep import Pipeline, recorded_recipe, select
 
 MANIFEST = "report.json"  # what the report in a folder wrote, so a later report replaces only that
@@ -30,8 +30,9 @@ def _label(method: str, T: int, compressed: bool = False) -> str:
     return name + " compressed" if compressed else name
 
 
-def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
+def _check_recipe(p: Pipeline, run: FinishedRun, phase: str) -> None:
     """A run the report collects must have been trained with the pipeline's recipe and splits."""
+    folder, config = run.folder, run.config
     want = recorded_recipe(p)
     proto = p.protocol
     splits = {"select": (proto.select_train, proto.select_eval), "final": (proto.final_train, proto.final_eval)}[phase]
@@ -49,7 +50,7 @@ def _check_recipe(p: Pipeline, folder: Path, config: dict, phase: str) -> None:
         raise VQTError(f"run folder {folder} was trained on splits {config['splits']}, not the pipeline's {splits}")
 
 
-Runs = dict[str, tuple[list, list]]  # dataset -> (its selection runs, its final runs), as `finished_runs` gives
+Runs = dict[str, tuple[list[FinishedRun], list[FinishedRun]]]  # dataset -> (its selection runs, its final runs)
 
 
 def finished(p: Pipeline) -> Runs:
@@ -72,19 +73,18 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
         select_runs, final_runs = runs[entry.name]
         found += len(select_runs) + len(final_runs)
         for phase, phase_runs in (("select", select_runs), ("final", final_runs)):
-            for folder, config, _ in phase_runs:
-                _check_recipe(p, folder, config, phase)
+            for run in phase_runs:
+                _check_recipe(p, run, phase)
         chosen = select(select_runs)
         finals: dict[tuple[str, int], list[dict]] = {}
-        for folder, config, metrics in final_runs:
-            run = config["run"]
-            if run["seed"] not in p.protocol.final_seeds:
+        for run in final_runs:
+            if run.seed not in p.protocol.final_seeds:
                 continue
             # tested during training, or (trained without an eval split) live afterwards
-            live = config["splits"].get("eval") is None
-            tested = (read_evaluation(folder, p.protocol.final_eval) or {}) if live else metrics["final"]
-            final = {"test": tested.get("top1"), "diverged": bool(metrics.get("diverged"))}
-            compressed = compression_record(folder)
+            live = run.config["splits"].get("eval") is None
+            tested = (read_evaluation(run.folder, p.protocol.final_eval) or {}) if live else run.metrics["final"]
+            final = {"test": tested.get("top1"), "diverged": run.diverged}
+            compressed = compression_record(run.folder)
             if compressed.exists() and not final["diverged"]:
                 try:
                     report = read_json(compressed)
@@ -100,12 +100,8 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                         final["kept"] = report["features_kept"]
                 except (KeyError, TypeError) as exc:
                     raise DamagedFile(compressed, f"no {exc} entry") from exc
-            finals.setdefault((run["method"], run["queries"]), []).append(final)
-        all_diverged = {
-            (c["run"]["method"], c["run"]["queries"])
-            for _, c, _ in select_runs
-            if (c["run"]["method"], c["run"]["queries"]) not in chosen
-        }
+            finals.setdefault((run.method, run.queries), []).append(final)
+        all_diverged = {(r.method, r.queries) for r in select_runs if (r.method, r.queries) not in chosen}
         for method, T in sorted(all_diverged):
             rows.append(
                 {
@@ -296,18 +292,16 @@ def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
 
     written = {}
     for entry in p.datasets:
-        grid_runs = [
-            (config["run"], metrics) for _, config, metrics in runs[entry.name][0] if not metrics.get("diverged")
-        ]
-        Ts = sorted({r["queries"] for r, _ in grid_runs if r["method"] == "vqt"})
+        grid_runs = [r for r in runs[entry.name][0] if r.method == "vqt" and r.eval_top1 is not None]
+        Ts = sorted({r.queries for r in grid_runs})
         if not Ts:
             continue
         fig, axes = plt.subplots(1, len(Ts), figsize=(4 * len(Ts), 3.5), squeeze=False)
         for ax, T in zip(axes[0], Ts, strict=True):
             grid = np.full((len(p.grid.lr), len(p.grid.wd)), np.nan)
-            for run, metrics in grid_runs:
-                if run["method"] == "vqt" and run["queries"] == T and run["lr"] in p.grid.lr and run["wd"] in p.grid.wd:
-                    grid[p.grid.lr.index(run["lr"]), p.grid.wd.index(run["wd"])] = 100 * metrics["final"]["top1"]
+            for run in grid_runs:
+                if run.queries == T and run.lr in p.grid.lr and run.wd in p.grid.wd:
+                    grid[p.grid.lr.index(run.lr), p.grid.wd.index(run.wd)] = 100 * run.eval_top1
             image = ax.imshow(grid, cmap="viridis")
             ax.set_xticks(range(len(p.grid.wd)), [f"{w:g}" for w in p.grid.wd])
             ax.set_yticks(range(len(p.grid.lr)), [f"{lr:g}" for lr in p.grid.lr])

@@ -17,9 +17,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +236,56 @@ def load_model(path: str | Path, model: dict, name: str = "model.safetensors") -
     return load_tensors(Path(path) / name, model_shapes(model))
 
 
-def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
-    """(folder, config, metrics) of the complete runs among `folders`; damaged files are one sentence naming them."""
+@dataclass(frozen=True)
+class FinishedRun:
+    """A complete run folder, as selection and reports read it: its configuration and its last-epoch result."""
+
+    folder: Path
+    config: dict[str, Any]  # config.json, checked by read_config
+    metrics: dict[str, Any]  # metrics.json: complete, with a "final" table
+
+    @property
+    def method(self) -> str:
+        return self.config["run"]["method"]
+
+    @property
+    def queries(self) -> int:
+        return self.config["run"]["queries"]
+
+    @property
+    def lr(self) -> float:
+        return self.config["run"]["lr"]
+
+    @property
+    def wd(self) -> float:
+        return self.config["run"]["wd"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["run"]["seed"]
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.metrics.get("diverged"))
+
+    @property
+    def eval_top1(self) -> float | None:
+        """Top-1 on the eval split after the last epoch; None if the run diverged or trained without one."""
+        top1 = self.metrics["final"].get("top1")
+        finite = isinstance(top1, float | int) and not isinstance(top1, bool) and math.isfinite(top1)
+        return None if self.diverged or not finite else float(top1)
+
+    def timing(self) -> dict[str, Any]:
+        return read_timing(self.folder)
+
+
+def read_timing(path: str | Path) -> dict[str, Any]:
+    """A finished run's timing.json: train_seconds, train_images, in_memory, epoch_seconds, runs_in_pass."""
+    return read_json(Path(path) / "timing.json")
+
+
+def finished_runs(folders: list[Path]) -> list[FinishedRun]:
+    """The complete runs among `folders`; damaged files are one sentence naming them."""
     runs = []
     for folder in folders:
         if not (folder / "metrics.json").exists():
@@ -243,7 +293,7 @@ def finished_runs(folders: list[Path]) -> list[tuple[Path, dict, dict]]:
         config = read_config(folder)
         metrics = read_json(folder / "metrics.json")
         if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
-            runs.append((folder, config, metrics))
+            runs.append(FinishedRun(folder, config, metrics))
     return runs
 
 

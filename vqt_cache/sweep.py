@@ -15,7 +15,6 @@ processes or machines, whose folders `vqt-cache report` merges.
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate, read_evaluation
 from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.query import resolve_precision
-from vqt_cache.run_folder import finished_runs, is_compressed, run_folders
+from vqt_cache.run_folder import FinishedRun, finished_runs, is_compressed, run_folders
 from vqt_cache.store import open_store
 from vqt_cache.training import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
@@ -221,21 +220,21 @@ def parse_part(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def select(runs: list[tuple[Path, dict, dict]]) -> dict[tuple[str, int], dict[str, Any]]:
+def select(runs: list[FinishedRun]) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (method, T): among `finished_runs`, the one with the best last-epoch eval top-1; ties -> smaller lr,
     then smaller wd.
 
     A diverged run is never selected (it has no accuracy); a (method, T) whose every run diverged has no choice.
     """
     best: dict[tuple[str, int], tuple[tuple, dict]] = {}
-    for folder, config, metrics in runs:
-        run, top1 = config["run"], metrics["final"].get("top1")
-        if metrics.get("diverged") or not isinstance(top1, float | int) or not math.isfinite(top1):
+    for run in runs:
+        top1 = run.eval_top1
+        if top1 is None:
             continue
-        key = (run["method"], run["queries"])
-        rank = (-top1, run["lr"], run["wd"])
+        key = (run.method, run.queries)
+        rank = (-top1, run.lr, run.wd)
         if key not in best or rank < best[key][0]:
-            best[key] = (rank, {**run, "val_top1": top1, "folder": str(folder)})
+            best[key] = (rank, {**run.config["run"], "val_top1": top1, "folder": str(run.folder)})
     return {k: v[1] for k, v in best.items()}
 
 
