@@ -416,7 +416,8 @@ VERIFY_CATCHES = set(DAMAGE) - {"labels-beyond-num-classes", "every-row-invalid"
 def test_stage_two_refuses_a_damaged_store(store, tmp_path, damage):
     DAMAGE[damage](store)
     before = listing(store)
-    error_line(*train_cli(store, tmp_path / "run"))
+    line = error_line(*train_cli(store, tmp_path / "run"))
+    assert "re-extract" in line or "no valid images" in line  # refused for the damage, not for something else
     assert not (tmp_path / "run" / "metrics.json").exists()
     if damage in VERIFY_CATCHES:
         code, out = run_cli("verify", str(store))
@@ -535,7 +536,8 @@ def test_a_damaged_run_folder_is_one_sentence(run, tmp_path, damage, command):
     image = tmp_path / "digit.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     extra = {"evaluate": ["--split", "val200"], "predict": [str(image)], "compress": []}[command]
-    error_line(*run_cli(command, str(run), *extra))
+    damaged = {"config": "config.json", "metrics": "metrics.json"}.get(damage.split("-")[0], "model.safetensors")
+    assert damaged in error_line(*run_cli(command, str(run), *extra))  # the sentence names the damaged file
 
 
 @pytest.mark.parametrize(
@@ -558,7 +560,7 @@ def test_a_fifo_given_to_predict_is_refused_without_blocking(finished, tmp_path)
 def test_a_symlink_loop_is_a_bad_image(finished, tmp_path):
     loop = tmp_path / "loop.png"
     loop.symlink_to(loop)
-    error_line(*run_cli("predict", str(finished), str(loop)))
+    assert "loop.png" in error_line(*run_cli("predict", str(finished), str(loop)))
 
 
 def test_a_decompression_bomb_can_be_skipped(tmp_path, monkeypatch):
@@ -602,7 +604,7 @@ def test_fgvc_json_that_is_not_a_mapping(tmp_path, content):
     for split in ("train", "val", "test"):
         (root / f"{split}.json").write_text(content)
     args = tiny_extract_args(None, "--root", str(root), "--out", str(tmp_path / "s.zarr"), dataset="fgvc/cub")
-    error_line(*run_cli(*args))
+    assert "train.json" in error_line(*run_cli(*args))  # names the file that is not a mapping
 
 
 # -- 8. fp16 overflow is caught where it happens ---------------------------------------------------------------------
