@@ -1,5 +1,5 @@
 """`python -m bench [NAME...] [--quick]`: run the benchmarks (all by default), print one table, write
-bench/results.json (rows of benchmarks not run this time are kept)."""
+bench/results.json (rows of benchmarks not run this time are kept), and rebuild the README's tables from it."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ from bench import (
     precision,
     protocol,
     quantization,
+    readme,
     sizing,
     stage_two,
     training,
 )
+from vqt_cache.files import write_bytes
 
 BENCHES = {
     "stage_two": stage_two.run,
@@ -44,7 +46,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """NAME... (default: all) and --quick; anything else is one error line and exit status 2."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)}")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and epochs (a smoke run: writes no results)"
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in BENCHES]
     if unknown:
@@ -72,13 +76,18 @@ def main(argv: list[str]) -> None:
     for r in rows:
         table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
     console.print(table)
+    if quick:  # a smoke run: its figures are not results
+        console.print("--quick: bench/results.json and README.md are left as they are")
+        return
     out = Path(__file__).parent / "results.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
     kept = []  # the rows of the benchmarks not run this time stay
     if out.exists():
         kept = [r for r in json.loads(out.read_text())["rows"] if r.get("suite", r.get("bench")) not in only]
-    out.write_text(json.dumps({"meta": meta, "rows": kept + rows}, indent=2))
+    write_bytes(out, json.dumps({"meta": meta, "rows": kept + rows}, indent=2).encode())
     console.print(f"wrote {out}")
+    changed = readme.update()  # the README's tables are rebuilt from the results just written
+    console.print(f"README.md: {len(changed)} benchmark table(s) rewritten {', '.join(changed)}")
 
 
 if __name__ == "__main__":

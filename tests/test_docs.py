@@ -1,7 +1,11 @@
 """The project's own docs stay true to the code that cites them: every `docs/NAME.md §N` names a file that exists
 and a section it has, and no citation leaves out the docs/ folder."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +35,25 @@ def test_every_citation_names_a_doc_and_a_section_that_exist():
         if section:
             headings = re.findall(r"^## (\d+)\. ", doc.read_text(), flags=re.M)
             assert section in headings, f"{where} cites docs/{name} §{section}, which has no such section"
+
+
+def _check_readme(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.readme", "--check"], cwd=root, env=env, capture_output=True, text=True
+    )
+
+
+def test_the_readme_figures_are_those_of_bench_results(tmp_path):
+    """Every benchmark table of the README is what `python -m bench.readme` makes of bench/results.json."""
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("<!-- bench:") >= 10
+    done = _check_readme(REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # a figure edited by hand is caught
+    shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "README.md").write_text(
+        readme.replace("| **hidden int8 (the default)** | **1.88** |", "| **hidden int8 (the default)** | **1.5** |")
+    )
+    done = _check_readme(tmp_path)
+    assert done.returncode == 1 and "sizing" in done.stdout
