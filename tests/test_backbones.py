@@ -30,6 +30,37 @@ def test_unsupported_blocks_are_refused(name):
         load_backbone(name, weights="random", **tiny)
 
 
+# timm families: the ones whose every block is timm's pre-norm Block with standard Attention are accepted, wherever
+# timm defines them (vision_transformer, deit); the rest are refused by what they lack, before any weights load
+FAMILIES = {
+    "vit_base_patch16_224": None,
+    "deit_tiny_patch16_224": None,
+    "deit3_small_patch16_224": None,
+    "deit_tiny_distilled_patch16_224": None,
+    "flexivit_small": None,
+    "vit_base_patch16_siglip_224": None,
+    "vit_betwixt_patch16_reg4_gap_256": None,
+    "vit_small_patch16_18x2_224": "ParallelThingsBlock",
+    "vit_base_patch16_rpn_224": "ResPostBlock",
+    "vit_relpos_base_patch16_224": "is a VisionTransformerRelPos",
+    "eva02_tiny_patch14_224": "is a Eva",
+    "beit_base_patch16_224": "is a Beit",
+    "swin_tiny_patch4_window7_224": "is a SwinTransformer",
+    "naflexvit_base_patch16_gap": "is a NaFlexVit",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_timm_families_are_accepted_or_refused_by_what_they_lack(name):
+    from vqt_cache.backbones import geometry
+
+    if FAMILIES[name] is None:
+        assert geometry(name)["depth"] >= 1
+    else:
+        with pytest.raises(VQTError, match=FAMILIES[name]):
+            geometry(name)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_weights_file_loads_through_timm_overlay(tmp_path, suffix):
     src = tiny_backbone("cls")
@@ -63,3 +94,19 @@ def test_backbone_is_frozen_and_described(variant):
     assert final.shape == (2, 48)
     assert hidden.shape == (2, 3, b.tokens, 48)
     assert b.data_config["input_size"][1:] == tuple(b.model.patch_embed.img_size)
+
+
+def test_offline_without_cached_weights_is_one_sentence_at_once(tmp_path):
+    """HF_HUB_OFFLINE with an empty cache: the missing weights are named before timm tries the hub."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = ["extract", "--backbone", "vit_b16", "--dataset", "digits", "--out", str(tmp_path / "s.zarr")]
+    done = subprocess.run(
+        [sys.executable, "-m", "vqt_cache", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "not in the local Hugging Face cache" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
+    assert not (tmp_path / "s.zarr").exists()

@@ -90,7 +90,8 @@ PIPELINES = {
     "bad-precision": GOOD_PIPELINE.replace("[protocol]", '[protocol]\nprecision = "fp8"'),
     "no-datasets": "[grid]\nlr = [0.5]\n",
     "missing-store": GOOD_PIPELINE.replace('store = "STORE"', 'store = "STORE-gone"'),
-    "missing-split": GOOD_PIPELINE.replace('final_eval = "val200"', 'final_eval = "nosuch"'),
+    "missing-split": GOOD_PIPELINE.replace('final_eval = "train800"', 'final_eval = "nosuch"'),
+    "selects-on-test": GOOD_PIPELINE.replace('select_eval = "val200"', 'select_eval = "train800"'),
     "duplicate-seed": GOOD_PIPELINE.replace("final_seeds = [1]", "final_seeds = [1, 1]"),
 }
 
@@ -113,6 +114,9 @@ CASES = [
     ("extract/out-is-a-folder-of-files", "EXTRACT --out {tmp}", "not a vqt-cache store"),
     ("extract/unknown-device", "EXTRACT --device tpu", "unknown device 'tpu'"),
     ("extract/unavailable-device", "EXTRACT --device cuda:7", "device 'cuda:7' is not available"),
+    ("extract/val-fraction-out-of-range", "EXTRACT --val-fraction 1.5", "between 0 and 1"),
+    ("extract/val-fraction-beside-a-val-split", "EXTRACT --val-fraction 0.1", "has a validation split (val200)"),
+    ("extract/columns-not-hf", "EXTRACT --image-column img", "apply to --dataset hf only"),
     # info
     ("info/missing-store", "info {tmp}/nowhere.zarr", "no store at"),
     ("info/not-a-store", "info {run}", "no store at"),
@@ -175,6 +179,7 @@ CASES = [
     ("sweep/missing-store", "sweep {tmp}/missing-store.toml", "no store at"),
     ("sweep/missing-split", "sweep {tmp}/missing-split.toml", "no split 'nosuch'"),
     ("sweep/duplicate-seed", "sweep {tmp}/duplicate-seed.toml", "final_seeds lists 1 twice"),
+    ("sweep/selects-on-reported-split", "sweep {tmp}/selects-on-test.toml", "'train800' is also its final_eval"),
     ("sweep/bad-part", "sweep {tmp}/good.toml --part 3/2", "need 0 <= i < n"),
     ("sweep/wrong-part", "sweep {tmp}/good.toml --part half", "--part takes i/n"),
     # report
@@ -187,6 +192,9 @@ CASES = [
     ("compress/wrong-type", "compress {run} --keep most", "Invalid value for '--keep'"),
     ("compress/nan-lasso", "compress {run} --lasso nan", "--lasso must be a finite number >= 0"),
     ("compress/keeps-nothing", "compress {run} --keep 0.0001", "keeps none of the run's"),
+    # export
+    ("export/missing-run", "export {tmp}/nowhere", "not a finished run folder"),
+    ("export/out-not-an-export", "export {run} --out {image}", "not a vqt-cache export"),
     # verify
     ("verify/missing-store", "verify {tmp}/nowhere.zarr", "no store at"),
     ("verify/newer-format", "verify {newer}", "format_version 99"),

@@ -57,3 +57,25 @@ def test_the_readme_figures_are_those_of_bench_results(tmp_path):
     )
     done = _check_readme(tmp_path)
     assert done.returncode == 1 and "sizing" in done.stdout
+
+
+def test_the_pipeline_page_lists_every_key_and_its_example_loads(tmp_path):
+    import dataclasses
+
+    from vqt_cache.sweep import DatasetEntry, Grid, Pipeline, Protocol, load_pipeline
+
+    page = (REPO / "docs" / "pipelines.md").read_text()
+    sections = {
+        "## Top level": Pipeline,
+        "## `[protocol]`": Protocol,
+        "## `[grid]`": Grid,
+        "## `[[datasets]]`": DatasetEntry,
+    }
+    for heading, schema in sections.items():
+        body = page.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+        documented = re.findall(r"^\| `([a-z_]+)` \|", body, re.M)
+        assert sorted(documented) == sorted(f.name for f in dataclasses.fields(schema)), heading
+    example = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "p.toml").write_text(example)
+    loaded = load_pipeline(tmp_path / "p.toml")
+    assert loaded.protocol.select_eval == "val" and loaded.datasets[0].queries == (1, 10)

@@ -1,6 +1,8 @@
 """The live path on raw image files gives the cached path's answers."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +44,21 @@ def test_predict_equals_cached_path(tmp_path):
     assert [r.label for r in live] == cached.argmax(1).tolist()
     code, out = run_cli("predict", run.dir, *files[:2], "--json")
     assert code == 0 and [r["class"] for r in json.loads(out)] == [r.class_name for r in live[:2]]
+    # one exported file predicts exactly what the run does, with the store gone
+    code, out = run_cli("export", run.dir)
+    exported = tmp_path / "run.safetensors"
+    assert code == 0 and exported.is_file(), out
+    shutil.move(store, tmp_path / "gone.zarr")
+    from_file = predict(exported, files)
+    assert [r.logits for r in from_file] == [r.logits for r in live]
+    assert [r.class_name for r in from_file] == [r.class_name for r in live]
+    code, out = run_cli("predict", str(exported), files[0], "--json")
+    assert code == 0 and json.loads(out)[0]["label"] == live[0].label
+    # export replaces only its own file
+    (tmp_path / "mine.safetensors").write_bytes(b"my file")
+    mine = str(tmp_path / "mine.safetensors")
+    code, out = run_cli("export", run.dir, "--store", str(tmp_path / "gone.zarr"), "--out", mine)
+    assert code == 2 and "not a vqt-cache export" in out and Path(mine).read_bytes() == b"my file"
 
 
 def test_predict_names_an_unreadable_image(tmp_path, tiny_store):

@@ -141,10 +141,29 @@ def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
     assert len(csv_lines) == 1 + len(rows)
     markdown = Path(report["markdown"]).read_text()
     assert "mean of group means" in markdown and "mean of tasks" in markdown and "| digits-b | other |" in markdown
+    # the headline: one VQT column, each dataset at its own T (of digits-a's two, the one selected on val)
+    top = report["headline"]
+    assert [(r["dataset"], r["label"]) for r in top] == [
+        ("digits-a", "VQT"),
+        ("digits-a", "linear probe"),
+        ("digits-b", "VQT"),
+        ("digits-b", "linear probe"),
+    ]
+    candidates = [r for r in rows if r["dataset"] == "digits-a" and r["label"] in ("VQT T=1", "VQT T=2")]
+    assert top[0]["T"] == min(candidates, key=lambda r: (-r["val_top1"], r["T"]))["T"] and top[2]["T"] == 1
+    assert "## Headline" in markdown and "| mean of tasks |" in markdown and "sample standard deviation" in markdown
+    assert "weights: random (seed 0)" in markdown and all(r["weights"] == "random (seed 0)" for r in rows)
+    # the std over seeds is the sample's, and every seed's result is listed
+    for r in rows:
+        values = [r["per_seed"][seed] for seed in (1, 2)]
+        assert r["test_top1_mean"] == pytest.approx(sum(values) / 2)
+        assert r["test_top1_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert "| seed 1 | seed 2 |" in markdown
+    assert len((Path(report["csv"]).parent / "per_seed.csv").read_text().splitlines()) == 1 + 2 * len(rows)
     assert sorted(Path(x).name for x in report["plots"]) == [
-        "accuracy_vs_T.png",
-        "heatmap-digits-a.png",
-        "heatmap-digits-b.png",
+        f"{stem}.{kind}"
+        for stem in ("accuracy_vs_T", "heatmap-digits-a", "heatmap-digits-b")
+        for kind in ("pdf", "png")
     ]
     # a re-run trains nothing: every run folder is already complete
     stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "full").glob("**/model.safetensors")}
@@ -191,6 +210,21 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
     assert len(set(tensors["feature_index"].tolist())) == int(0.33 * F)
     code, out = run_cli("compress", run.dir, "--keep", "1.5")
     assert code == 2 and "--keep must be in (0, 1]" in out
+    # <run>/compressed predicts with the compressed head: as many right as the live evaluation of that head
+    from vqt_cache.datasets import open_dataset
+    from vqt_cache.evaluation import evaluate
+    from vqt_cache.prediction import predict
+
+    dataset = open_dataset("digits-small")
+    files = []
+    for source, _ in dataset.split("test"):
+        files.append(tmp_path / f"{source.replace(':', '-')}.png")
+        dataset.load_image(source).save(files[-1])
+    predicted = predict(Path(run.dir) / "compressed", files)
+    labels = [label for _, label in dataset.split("test")]
+    [live] = evaluate(run.dir, "test", live=True)
+    assert len(predicted[0].logits) == 10
+    assert sum(p.label == y for p, y in zip(predicted, labels, strict=True)) / len(labels) == live.compressed["top1"]
     shutil.rmtree(Path(run.dir) / "compressed")
 
 

@@ -164,6 +164,18 @@ def test_cli_train_writes_the_run_folder(tiny_store, tmp_path):
 
     tensors = load_file(folder / "model.safetensors")
     assert tensors["queries"].shape == (2, 2, 48) and tensors["head.weight"].shape == (10, 240)
+    # the per-epoch metrics as CSV, the same numbers as metrics.json
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,lr,train_loss,eval_top1,eval_mean_class" and len(rows) == 3
+    last = metrics(folder)["epochs"][-1]
+    assert rows[2].split(",")[0] == "2" and float(rows[2].split(",")[3]) == last["eval_top1"]
+
+
+def test_cli_train_summarises_a_grid(tiny_store, tmp_path):
+    args = ["--store", tiny_store, "--train-split", "val200", "--lr", "0.5,0.1", "--wd", "0.001,0"]
+    code, out = run_cli("train", *args, "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path))
+    assert code == 0, out
+    assert "vqt T=1, seed 42: val200 top-1 (%)" in out and "lr ↓  wd →" in out and "val200 top-1" in out
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

@@ -116,11 +116,16 @@ def evaluate(
 
 
 def predict(
-    run: str | Path, images: Sequence[str | Path], *, store: str | None = None, batch_size: int | None = None
+    run: str | Path,
+    images: Sequence[str | Path],
+    *,
+    store: str | None = None,
+    batch_size: int | None = None,
+    device: str = recipe.DEVICE,
 ) -> list[Prediction]:
     """Classify image files with a finished run: the frozen backbone and the trained queries, live."""
     options = {} if batch_size is None else {"batch_size": batch_size}
-    return _predict(run, list(images), store, **options)
+    return _predict(run, list(images), store, device=device, **options)
 
 
 def load_run(run: str | Path, *, store: str | None = None) -> LoadedRun:

@@ -49,6 +49,7 @@ class Backbone:
     kwargs: dict[str, Any]
     model: VisionTransformer
     fingerprint: str = field(repr=False)
+    weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from (`weights_source`)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -101,6 +102,7 @@ class Backbone:
             "timm_name": self.timm_name,
             "kwargs": self.kwargs,
             "fingerprint": self.fingerprint,
+            "weights": self.weights,
             "depth": self.depth,
             "dim": self.dim,
             "heads": self.heads,
@@ -190,9 +192,6 @@ def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
     if not timm.is_model(timm_name.split(".")[0]):
         known = ", ".join(sorted(BACKBONES))
         raise VQTError(f"unknown backbone {name!r}: use one of {known} or a timm ViT model name")
-    entrypoint = timm.models.model_entrypoint(timm_name.split(".")[0])
-    if entrypoint.__module__ != "timm.models.vision_transformer":
-        raise VQTError(f"backbone {name!r} is not a timm VisionTransformer, which VQT needs")
     return timm_name, dict(kwargs)
 
 
@@ -220,8 +219,66 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+RANDOM_SEED = 0  # "random" weights are drawn with this seed: the same on every run, so such stores resume
+
+
+def weights_source(weights: str | Path | None, model: nn.Module) -> dict[str, Any]:
+    """Where a backbone's weights came from, as stores and run folders record it: random with its seed, a file
+    with its absolute path and sha256, or timm's pretrained tag with its hub id and, when the local cache holds
+    it, the snapshot revision."""
+    if weights == "random":
+        return {"source": "random", "seed": RANDOM_SEED}
+    if weights is not None:
+        path = Path(weights).resolve()
+        with open(path, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        return {"source": "file", "path": str(path), "sha256": sha256}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    found = {"source": "pretrained", "tag": f"{cfg.get('architecture')}.{cfg.get('tag')}"}
+    if cfg.get("hf_hub_id"):
+        found["hf_hub_id"] = cfg["hf_hub_id"]
+        found["revision"] = _cached_revision(cfg["hf_hub_id"])
+    return found
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    """The snapshot (commit) of a hub repository in the local Hugging Face cache, if there is one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+            path = try_to_load_from_cache(repo_id, filename)
+            if isinstance(path, str):
+                return Path(path).parent.name  # .../snapshots/<revision>/<file>
+    except Exception:  # provenance is best effort: no cache, another layout
+        return None
+    return None
+
+
+HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
+
+
+def _check_offline_cache(timm_name: str) -> None:
+    """With HF_HUB_OFFLINE set, pretrained weights missing from the local cache are one sentence at once, not a
+    minute of retries against a hub that cannot answer."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not constants.HF_HUB_OFFLINE or not repo:
+        return
+    if not any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_FILES):
+        raise VQTError(
+            f"the pretrained weights of {timm_name!r} ({repo}) are not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: fetch them where there is a network (or point "
+            "HF_HOME at a cache that holds them), or pass --weights FILE or --weights random"
+        )
+
+
 def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) -> nn.Module:
     args = {**_NO_DROP, **kwargs, "num_classes": 0}
+    if weights is None:
+        _check_offline_cache(timm_name)
     if weights is None or weights == "random":
         overlay = None
     else:
@@ -232,7 +289,7 @@ def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) 
         overlay = {"file": str(path), "source": "", "hf_hub_id": None, "custom_load": path.suffix == ".npz"}
     try:
         with torch.random.fork_rng():
-            torch.manual_seed(0)  # "random" weights are the same on every run, so such stores resume
+            torch.manual_seed(RANDOM_SEED)
             return timm.create_model(timm_name, pretrained=weights != "random", pretrained_cfg_overlay=overlay, **args)
     except (TypeError, AssertionError) as exc:  # timm's model constructors reject bad arguments this way
         raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
@@ -263,10 +320,12 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     """
     timm_name, defaults = resolve_name(name)
     kwargs = {**defaults, **kwargs}
+    geometry(name, **kwargs)  # any timm VisionTransformer of supported blocks (ViT, DeiT, ...): checked before loading
     model = _create(timm_name, weights, kwargs)
     check_supported(model, name)
     model.eval().requires_grad_(False)
-    return Backbone(name, timm_name, dict(kwargs), model, fingerprint=weights_fingerprint(model))
+    source = weights_source(weights, model)
+    return Backbone(name, timm_name, dict(kwargs), model, weights_fingerprint(model), source)
 
 
 def geometry(name: str, **kwargs: Any) -> dict[str, int]:
@@ -274,9 +333,7 @@ def geometry(name: str, **kwargs: Any) -> dict[str, int]:
     timm_name, defaults = resolve_name(name)
     try:
         with torch.device("meta"):
-            model = timm.create_model(
-                timm_name, pretrained=False, **{**_NO_DROP, **defaults, **kwargs, "num_classes": 0}
-            )
+            model = timm.create_model(timm_name, pretrained=False, **{**defaults, **kwargs, "num_classes": 0})
     except (TypeError, AssertionError) as exc:
         raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
     check_supported(model, name)
@@ -306,4 +363,5 @@ def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.nda
     found = weights_fingerprint(model)
     if found != description["fingerprint"]:
         raise VQTError("the stored backbone weights do not match the store's recorded fingerprint; re-extract it")
-    return Backbone(description["name"], description["timm_name"], dict(description["kwargs"]), model, found)
+    recorded = dict(description.get("weights") or {})
+    return Backbone(description["name"], description["timm_name"], dict(description["kwargs"]), model, found, recorded)

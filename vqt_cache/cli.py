@@ -31,6 +31,7 @@ from vqt_cache.formats import (
     DEFAULT_LAYOUT,
     DEFAULT_PRECISION,
     EXTRACT_BATCH_SIZE,
+    HF_COLUMNS,
     ON_BAD_IMAGE,
     SHARD_SIZE,
     WORKERS,
@@ -47,6 +48,28 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from vqt_cache import __version__
+
+        console.print(f"vqt-cache {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="print the version", callback=_print_version, is_eager=True, metavar=" ")
+    ] = False,
+) -> None:
+    """Visual Query Tuning over cached ViT features: extract once, train many cheap experiments."""
+
+
+def _flag(*names: str, help: str) -> Any:
+    """A boolean option, shown without the `<bool>` value typer would print for it (it takes none)."""
+    return typer.Option(*names, help=help, metavar=" ")
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -110,17 +133,27 @@ def extract(
     shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = SHARD_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
     out: Annotated[
-        str | None, typer.Option(help="store path or URL (default <cache-root>/<dataset>/<backbone>.zarr)")
+        str | None,
+        typer.Option(help="store path or URL (default <cache-root>/<dataset>/<backbone>[-...].zarr)"),
     ] = None,
     cache_root: Annotated[str, typer.Option(help="root of the default store paths")] = recipe.CACHE_ROOT,
     weights: Annotated[str | None, typer.Option(help="weights FILE, 'random', or none for the timm cache")] = None,
     model_arg: Annotated[list[str] | None, typer.Option(help="timm model argument KEY=VALUE (repeatable)")] = None,
     on_bad_image: Annotated[str, typer.Option(help="fail or skip (skipped images are recorded)")] = ON_BAD_IMAGE[0],
     workers: Annotated[int, typer.Option(help="image decoding processes")] = WORKERS,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="for a dataset without a validation split: carve this share of train into val (seeded, "
+            "stratified; train becomes the rest, trainval the whole)"
+        ),
+    ] = None,
+    image_column: Annotated[str, typer.Option(help="--dataset hf: the image column")] = HF_COLUMNS["image"],
+    label_column: Annotated[str, typer.Option(help="--dataset hf: the label column")] = HF_COLUMNS["label"],
     no_space_check: Annotated[
-        bool, typer.Option("--no-space-check", help="start even when `vqt-cache plan` says the store cannot fit")
+        bool, _flag("--no-space-check", help="start even when `vqt-cache plan` says the store cannot fit")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run the frozen backbone once over a dataset and write a resumable Zarr store.
 
@@ -150,6 +183,9 @@ def extract(
         on_bad_image=on_bad_image,
         workers=workers,
         check_space=not no_space_check,
+        val_fraction=val_fraction,
+        image_column=image_column,
+        label_column=label_column,
     )
     with _progress("img") as update:
         summary = run_extract(cfg, progress=None if json_out else update)
@@ -191,7 +227,7 @@ def plan(
     out: Annotated[str | None, typer.Option(help="as for extract")] = None,
     cache_root: Annotated[str, typer.Option(help="as for extract")] = recipe.CACHE_ROOT,
     model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """How many images each split holds, which are cached or evaluated live, and what the store costs on disk.
 
@@ -252,14 +288,14 @@ def plan(
 @app.command()
 def info(
     path: Annotated[str, typer.Argument(help="a store (path or URL)")],
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Show what a store holds: backbone, preprocessing, splits, completeness, bytes.
 
     Example:
       vqt-cache info data/cache/digits/vit_tiny.zarr
     """
-    from vqt_cache.store import open_store
+    from vqt_cache.store import describe_weights, open_store
 
     data = open_store(path).describe()
     if json_out:
@@ -272,6 +308,7 @@ def info(
         f"           L={b['depth']} D={b['dim']} H={b['heads']} N={b['tokens']} feature={b['feature_kind']}"
         f"  weights sha256 {b['fingerprint'][:16]}…"
     )
+    console.print(f"weights    {describe_weights(b.get('weights') or {})}", highlight=False, soft_wrap=True)
     console.print(
         f"dataset    {data['dataset']['name']} ({data['dataset']['num_classes']} classes) "
         f"from {data['dataset']['root']}"
@@ -351,7 +388,9 @@ def train(
     batch_size: Annotated[int, typer.Option(help="images per step")] = recipe.BATCH_SIZE,
     dropout: Annotated[float, typer.Option(help="query dropout")] = recipe.DROPOUT,
     train_split: Annotated[str | None, typer.Option(help="default train800, else train")] = None,
-    eval_split: Annotated[str | None, typer.Option(help="default val200, else val, else test")] = None,
+    eval_split: Annotated[
+        str | None, typer.Option(help="default val200, else val (never test); none: no evaluation")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
     memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = recipe.DEVICE,
@@ -363,7 +402,7 @@ def train(
         int, typer.Option(help="checkpoint every N epochs, for resume")
     ] = recipe.CHECKPOINT_EVERY,
     cache_root: Annotated[str, typer.Option(help="where to look for the store")] = recipe.CACHE_ROOT,
-    json_out: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print results as JSON")] = False,
 ) -> None:
     """Train VQT queries + linear heads from a store alone; every combination of the lists in one pass per seed.
 
@@ -404,8 +443,9 @@ def train(
         print(json.dumps([dataclasses.asdict(r) for r in results]))
         _fail_if_all_diverged(results)
         return
-    table = Table(title=f"trained on {cfg.store}")
-    for column in ("run", "eval top-1", "eval mean-class", "folder"):
+    evaluated_on = next((r.eval_split for r in results if r.eval_split), None)
+    table = Table(title=f"trained on {cfg.store}" + (f", evaluated on {evaluated_on}" if evaluated_on else ""))
+    for column in ("run", f"{evaluated_on or 'eval'} top-1", f"{evaluated_on or 'eval'} mean-class", "folder"):
         table.add_column(column, justify="right")
     for r in results:
         note = " (already done)" if r.skipped else ""
@@ -414,7 +454,36 @@ def train(
         )
         table.add_row(r.name + note, *scores, r.dir)
     console.print(table)
+    _print_grids(cfg.runs, results, evaluated_on)
     _fail_if_all_diverged(results)
+
+
+def _print_grids(specs, results: list[TrainedRun], evaluated_on: str | None) -> None:
+    """For a grid (several lrs or wds): per method, T and seed, its eval top-1 over lr × wd, the best in bold."""
+    if not evaluated_on or len({(s.lr, s.wd) for s in specs}) < 2:
+        return
+    found = {r.name: r for r in results}
+    for method, T, seed in dict.fromkeys((s.method, s.queries, s.seed) for s in specs):
+        at = {(s.lr, s.wd): found[s.name] for s in specs if (s.method, s.queries, s.seed) == (method, T, seed)}
+        scores = [r.final["top1"] for r in at.values() if not r.diverged and "top1" in r.final]
+        console.print(f"{method}{f' T={T}' if method == 'vqt' else ''}, seed {seed}: {evaluated_on} top-1 (%)")
+        table = Table()
+        wds = sorted({wd for _, wd in at}, reverse=True)
+        for column in ("lr ↓  wd →", *(f"{wd:g}" for wd in wds)):
+            table.add_column(column, justify="right")
+        for lr in sorted({lr for lr, _ in at}, reverse=True):
+            cells = []
+            for wd in wds:
+                run = at.get((lr, wd))
+                if run is None or (not run.diverged and "top1" not in run.final):
+                    cells.append("-")
+                elif run.diverged:
+                    cells.append("[red]diverged[/red]")
+                else:
+                    text = f"{100 * run.final['top1']:.2f}"
+                    cells.append(f"[bold]{text}[/bold]" if run.final["top1"] == max(scores) else text)
+            table.add_row(f"{lr:g}", *cells)
+        console.print(table)
 
 
 def _percent(final: dict, key: str) -> str:
@@ -440,14 +509,14 @@ def evaluate(
     ] = recipe.FINAL_EVAL,
     store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
     root: Annotated[str | None, typer.Option(help="dataset folder, if it moved since extraction (live)")] = None,
-    live: Annotated[bool, typer.Option("--live", help="run the backbone even when the split is cached")] = False,
+    live: Annotated[bool, _flag("--live", help="run the backbone even when the split is cached")] = False,
     batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
     workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = WORKERS,
     precision: Annotated[
         str | None, typer.Option(help="float32, bf16 or auto (default: what the runs trained with)")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Top-1 and mean per-class accuracy of trained runs on a split; each result goes into its run folder.
 
@@ -490,10 +559,11 @@ def evaluate(
 
 @app.command()
 def predict(
-    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder, or the file `vqt-cache export` wrote")],
     images: Annotated[list[str], typer.Argument(help="image files")],
     store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Classify raw images through the live path (frozen backbone + the run's queries and head).
 
@@ -502,7 +572,7 @@ def predict(
     """
     from vqt_cache.prediction import predict as run_predict
 
-    results = run_predict(run_dir, images, store)
+    results = run_predict(run_dir, images, store, device=device)
     if json_out:
         print(json.dumps([r.record() for r in results]))
         return
@@ -512,6 +582,24 @@ def predict(
     for r in results:
         table.add_row(r.image, r.class_name, str(r.label), f"{r.probability:.3f}")
     console.print(table)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    out: Annotated[str | None, typer.Option(help="the file to write (default: <run folder>.safetensors)")] = None,
+    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+) -> None:
+    """Write one standalone file (frozen backbone + queries + head + preprocessing) that `predict` takes.
+
+    Example:
+      vqt-cache export data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42
+      vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42.safetensors bird.jpg
+    """
+    from vqt_cache.export import export_run
+
+    path = export_run(run_dir, out, store)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
 
 
 @app.command()
@@ -549,8 +637,8 @@ def sweep(
     part: Annotated[
         str | None, typer.Option(help="i/n: run only this part of the datasets (every n-th from i)")
     ] = None,
-    one_pass: Annotated[bool, typer.Option(help="train each grid in one pass over the cache")] = True,
-    report_only: Annotated[bool, typer.Option(help="skip training; merge the run folders into the report")] = False,
+    one_pass: Annotated[bool, _flag(help="train each grid in one pass over the cache")] = True,
+    report_only: Annotated[bool, _flag(help="skip training; merge the run folders into the report")] = False,
     runs_root: Annotated[str | None, typer.Option(help="override the pipeline's runs_root")] = None,
 ) -> None:
     """Grids × datasets × seeds over cached features with the paper's selection protocol, then the report.
@@ -578,19 +666,23 @@ def sweep(
 
 
 def _print_report(report: dict) -> None:
-    table = Table(title="test top-1 (%), mean ± std over seeds")
-    for column in ("dataset", "method", "lr", "wd", "val top-1", "test top-1", "seeds"):
+    """The headline (VQT at each dataset's T, beside the baselines); results.md has every T and each seed."""
+    selected_on, tested_on = report["select_eval"], report["final_eval"]
+    table = Table(title=f"{tested_on} top-1 (%), mean ± sample std over seeds; (lr, wd) selected on {selected_on}")
+    for column in ("dataset", "method", "T", "lr", "wd", f"{selected_on} top-1", f"{tested_on} top-1", "seeds"):
         table.add_column(column, justify="right")
-    for r in report["rows"]:
+    for r in report["headline"]:
         if r["diverged"]:
             test = "[red]diverged[/red]" + (f" ({r['diverged']} of {r['seeds']} seeds)" if r["seeds"] else "")
         elif r["test_top1_mean"] is None:
             test = "-"
         else:
-            test = f"{100 * r['test_top1_mean']:.2f} ± {100 * r['test_top1_std']:.2f}"
+            std = r["test_top1_std"]
+            test = f"{100 * r['test_top1_mean']:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
         table.add_row(
             r["dataset"],
             r["label"],
+            str(r["T"]) if r["method"] == "vqt" else "-",
             "-" if r["lr"] is None else f"{r['lr']:g}",
             "-" if r["wd"] is None else f"{r['wd']:g}",
             "-" if r["val_top1"] is None else f"{100 * r['val_top1']:.2f}",
@@ -622,7 +714,8 @@ def compress(
     run_dir: Annotated[str, typer.Argument(help="a finished VQT run folder")],
     keep: Annotated[float, typer.Option(help="fraction of features kept")] = recipe.KEEP,
     lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = recipe.LASSO,
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Group-lasso feature selection (docs/method.md §6): keep the top features, retrain the head; writes compressed/.
 
@@ -631,7 +724,7 @@ def compress(
     """
     from vqt_cache.compress import compress as run_compress
 
-    result = run_compress(run_dir, keep=keep, lasso=lasso)
+    result = run_compress(run_dir, keep=keep, lasso=lasso, store_url=store)
     if json_out:
         print(json.dumps(result))
         return
@@ -647,7 +740,7 @@ def compress(
 def verify(
     path: Annotated[str, typer.Argument(help="a store (path or URL)")],
     recompute: Annotated[int, typer.Option(help="also re-run the backbone on N images per split and compare")] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Re-read every shard: completion records, checksums, shapes, NaN/Inf; optionally recompute a sample.
 

@@ -70,14 +70,15 @@ def compress(
     lasso: float = recipe.LASSO,
     splits: tuple[str, ...] | None = None,
     memory_budget: int | None = None,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
-    """Compress a finished VQT run into <run_dir>/compressed/; returns what it reports."""
+    """Compress a finished VQT run into <run_dir>/compressed/; returns what it reports (`store_url`: if it moved)."""
     if not 0 < keep <= 1:
         raise VQTError(f"--keep must be in (0, 1], got {keep}")
     if not (math.isfinite(lasso) and lasso >= 0):
         raise VQTError(f"--lasso must be a finite number >= 0, got {lasso}")
     flush_subnormals()
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, store_url)
     config, store, model = loaded.config, loaded.store, loaded.model
     if config["model"]["method"] != "vqt":
         raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")

@@ -7,6 +7,7 @@ stage one runs is `ImageSplit` with the backbone's preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import HF_COLUMNS
+from vqt_cache.recipe import EVAL_SPLITS
 
 # VTAB-1k: task -> (folder names used by the common image-folder releases, number of classes, group)
 VTAB_TASKS: dict[str, tuple[tuple[str, ...], int, str]] = {
@@ -123,6 +126,8 @@ class Dataset:
     splits: dict[str, list[tuple[str, int]]]
     resize: str = "timm"  # "timm": the backbone's resize + center crop; "squash": straight to the input size
     loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
+    validation: dict[str, Any] | None = None  # how `with_validation` carved the val split, if it did
+    columns: dict[str, str] | None = None  # a Hugging Face dataset's image and label columns
 
     @property
     def num_classes(self) -> int:
@@ -169,13 +174,16 @@ class Dataset:
         return f"{source}#{digest}"
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "name": self.name,
             "root": str(self.root) if self.root else None,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "resize": self.resize,
         }
+        if self.columns is not None:
+            described["columns"] = self.columns
+        return described if self.validation is None else {**described, "validation": self.validation}
 
     def split(self, name: str) -> list[tuple[str, int]]:
         if name not in self.splits:
@@ -184,6 +192,57 @@ class Dataset:
         if not items:
             raise VQTError(f"split {name!r} of dataset {self.name!r} is empty")
         return items
+
+
+CARVE_SEED = 0
+
+
+def with_validation(dataset: Dataset, fraction: float, seed: int = CARVE_SEED, source: str = "train") -> Dataset:
+    """The dataset with a validation split carved out of its `source` split, for a dataset that has none: a seeded,
+    class-stratified share `fraction` of it (scikit-learn's train_test_split). The splits become `train` (the
+    rest), `val` (the carved images) and `trainval` (all of `source`, for the final runs); the others stay. The
+    description records how (`validation`), so stage two and live evaluation carve the very same split again."""
+    if not 0 < fraction < 1:
+        raise VQTError(f"--val-fraction must be between 0 and 1, got {fraction:g}")
+    have = [name for name in EVAL_SPLITS if name in dataset.splits]  # the validation splits stage two looks for
+    if have:
+        raise VQTError(f"dataset {dataset.name!r} has a validation split ({have[0]}) already: leave out --val-fraction")
+    if source not in dataset.splits or "trainval" in dataset.splits:
+        raise VQTError(
+            f"--val-fraction carves the validation split out of a {source!r} split (into train, val and trainval); "
+            f"dataset {dataset.name!r} has {', '.join(dataset.splits)}"
+        )
+    items = dataset.split(source)
+    rest, carved = _stratified(items, fraction, seed, f"a validation split from {dataset.name!r} {source}")
+    splits = {name: split for name, split in dataset.splits.items() if name != source}
+    splits |= {"train": rest, "val": carved, "trainval": items}
+    carving = {"from": source, "fraction": fraction, "seed": seed}
+    return dataclasses.replace(dataset, splits=splits, validation=carving)
+
+
+def _stratified(items: list[tuple[str, int]], fraction: float, seed: int, what: str) -> tuple[list, list]:
+    """(the rest, a seeded class-stratified share `fraction`) of items, each in the items' order."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        rest, share = train_test_split(
+            np.arange(len(items)), test_size=fraction, random_state=seed, stratify=[label for _, label in items]
+        )
+    except ValueError as exc:
+        raise VQTError(
+            f"cannot carve {fraction:g} of {len(items)} images as {what}, stratified by class: {exc}"
+        ) from None
+    return [items[i] for i in sorted(rest)], [items[i] for i in sorted(share)]
+
+
+def reopen_dataset(recorded: dict[str, Any], root: str | Path | None = None) -> Dataset:
+    """The dataset a store was extracted from, from its recorded description (`Dataset.describe`): opened by name
+    (at `root` if given, else the recorded root), with its validation split carved again if it was carved."""
+    dataset = open_dataset(recorded["name"], root if root is not None else recorded["root"], recorded.get("columns"))
+    carving = recorded.get("validation")
+    if carving:
+        dataset = with_validation(dataset, carving["fraction"], carving["seed"], carving["from"])
+    return dataset
 
 
 def index_hash(items: list[tuple[str, int]]) -> str:
@@ -270,7 +329,7 @@ def fgvc(task: str, root: Path) -> Dataset:
     num_classes = 1 + max(label for items in splits.values() for _, label in items)
     for name, items in splits.items():
         _check_labels(items, num_classes, f"FGVC split {name}")
-    return Dataset(f"fgvc/{task}", root, [str(i) for i in range(num_classes)], splits)
+    return Dataset(f"fgvc/{task}", root, _folder_names(splits, num_classes), splits)
 
 
 def vtab1k(task: str, root: Path) -> Dataset:
@@ -286,7 +345,7 @@ def vtab1k(task: str, root: Path) -> Dataset:
         path = task_root / f"{split}.txt"
         splits[split] = [(rel, _int(label, path)) for rel, label in _read_rows(path, 2)]
         _check_labels(splits[split], num_classes, str(path))
-    return Dataset(f"vtab1k/{task}", task_root, [str(i) for i in range(num_classes)], splits, resize="squash")
+    return Dataset(f"vtab1k/{task}", task_root, _folder_names(splits, num_classes), splits, resize="squash")
 
 
 def imagefolder(root: Path) -> Dataset:
@@ -306,6 +365,109 @@ def imagefolder(root: Path) -> Dataset:
             if f.suffix.lower() in IMAGE_SUFFIXES
         ]
     return Dataset("imagefolder", root, classes, splits)
+
+
+CLASSFOLDER_TEST_FRACTION = 0.2
+
+
+def classfolder(root: Path) -> Dataset:
+    """A flat <root>/<class>/<image> folder: its images split into train and test (a seeded, class-stratified
+    fifth, CARVE_SEED), the same on every run; `extract --val-fraction` carves a validation split out of train."""
+    _require(root, "dataset root")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise VQTError(f"class folder {root} has no class folders (expected <root>/<class>/<image>)")
+    items = [
+        (str(f.relative_to(root)), label)
+        for label, name in enumerate(classes)
+        for f in sorted((root / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    train, test = _stratified(items, CLASSFOLDER_TEST_FRACTION, CARVE_SEED, f"the test split of {root}")
+    return Dataset("classfolder", root, classes, {"train": train, "test": test})
+
+
+def _folder_names(splits: dict[str, list[tuple[str, int]]], num_classes: int) -> list[str]:
+    """Class names from the release's own folders, where every class's images share one folder of their own
+    (CUB's 001.Black_footed_Albatross, Stanford Dogs' n02085620-Chihuahua); else the class numbers."""
+    folders: dict[int, set[str]] = {}
+    for items in splits.values():
+        for source, label in items:
+            folders.setdefault(label, set()).add(Path(source).parent.name)
+    names = [next(iter(folders.get(c, {""}))) if len(folders.get(c, ())) == 1 else "" for c in range(num_classes)]
+    if all(names) and len(set(names)) == num_classes:
+        return names
+    return [str(c) for c in range(num_classes)]
+
+
+class _HFImages:
+    """The image of row `index` of split `split` ("split:index" sources) of a Hugging Face dataset (picklable, so
+    DataLoader workers get it)."""
+
+    def __init__(self, splits: dict, column: str) -> None:
+        self.splits, self.column = splits, column
+
+    def __call__(self, source: str) -> Image.Image:
+        split, _, index = source.rpartition(":")
+        value = self.splits[split][int(index)][self.column]
+        if isinstance(value, dict) and value.get("bytes") is not None:  # an Image feature left undecoded
+            import io
+
+            value = Image.open(io.BytesIO(value["bytes"]))
+        if not isinstance(value, Image.Image):
+            raise BadImage(f"row {source} of column {self.column!r} is a {type(value).__name__}, not an image")
+        return value.convert("RGB")
+
+
+def hf_dataset(root: Path, image_column: str = "image", label_column: str = "label") -> Dataset:
+    """A Hugging Face `datasets` dataset on local disk: a `save_to_disk` folder, or parquet/arrow files (a folder of
+    them, split by file name as the hub lays them out, or one file: split "train"). Needs `pip install
+    vqt-cache[hf]`. Class names come from a ClassLabel label column, else the labels are numbered."""
+    try:
+        import datasets as hf
+    except ImportError:
+        raise VQTError("--dataset hf needs the Hugging Face datasets package: pip install 'vqt-cache[hf]'") from None
+    hf.disable_progress_bars()
+    _require(root, "dataset root")
+    try:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            loaded = hf.load_from_disk(str(root))
+        else:
+            suffix = (
+                root.suffix
+                if root.is_file()
+                else next((f.suffix for f in sorted(root.rglob("*.*")) if f.suffix in (".parquet", ".arrow")), None)
+            )
+            if suffix not in (".parquet", ".arrow"):
+                raise VQTError(f"{root} is neither a saved Hugging Face dataset nor parquet or arrow files")
+            builder = {".parquet": "parquet", ".arrow": "arrow"}[suffix]
+            loaded = hf.load_dataset(builder, data_files=str(root)) if root.is_file() else hf.load_dataset(str(root))
+    except VQTError:
+        raise
+    except Exception as exc:  # datasets raises many types for a folder it cannot read
+        raise VQTError(f"cannot read the Hugging Face dataset at {root}: {str(exc).splitlines()[0]}") from exc
+    splits = dict(loaded) if isinstance(loaded, hf.DatasetDict) else {"train": loaded}
+    for name, split in splits.items():
+        missing = [c for c in (image_column, label_column) if c not in split.column_names]
+        if missing:
+            raise VQTError(
+                f"split {name!r} of {root} has no column {missing[0]!r} (it has {', '.join(split.column_names)}); "
+                "name the columns with --image-column and --label-column"
+            )
+    feature = next(iter(splits.values())).features[label_column]
+    items = {
+        name: [(f"{name}:{i}", int(label)) for i, label in enumerate(split[label_column])]
+        for name, split in splits.items()
+    }
+    if isinstance(feature, hf.ClassLabel):
+        classes = list(feature.names)
+    else:
+        classes = [str(c) for c in range(1 + max(label for split in items.values() for _, label in split))]
+    for name, split in items.items():
+        _check_labels(split, len(classes), f"split {name} of {root}")
+    loader = _HFImages(splits, image_column)
+    columns = {"image": image_column, "label": label_column}
+    return Dataset("hf", root, classes, items, loader=loader, columns=columns)
 
 
 def digits() -> Dataset:
@@ -329,7 +491,7 @@ def digits() -> Dataset:
 
 # datasets a user added by name (`register_dataset`): name -> a function of the root folder (or None)
 _REGISTERED: dict[str, Callable[[Path | None], Dataset]] = {}
-BUILT_IN = ("cub", "fgvc/<task>", "vtab1k/<task>", "imagefolder", "digits")
+BUILT_IN = ("cub", "fgvc/<task>", "vtab1k/<task>", "imagefolder", "classfolder", "hf", "digits")
 
 
 def register_dataset(name: str, make: Callable[[Path | None], Dataset]) -> None:
@@ -345,11 +507,14 @@ def list_datasets() -> list[str]:
     return [*BUILT_IN, *sorted(_REGISTERED)]
 
 
-def open_dataset(name: str, root: str | Path | None = None) -> Dataset:
-    """`cub`, `fgvc/<task>`, `vtab1k/<task>`, `imagefolder`, `digits` or a registered name -> Dataset.
+def open_dataset(name: str, root: str | Path | None = None, columns: dict[str, str] | None = None) -> Dataset:
+    """`cub`, `fgvc/<task>`, `vtab1k/<task>`, `imagefolder`, `classfolder`, `digits` or a registered name -> Dataset.
 
-    root defaults to data/downloads/<name> for the built-in folders.
+    root defaults to data/downloads/<name> for the built-in folders. columns: a Hugging Face dataset's image and
+    label columns (`HF_COLUMNS` by default; for `hf` only).
     """
+    if columns is not None and columns != HF_COLUMNS and name != "hf":
+        raise VQTError("--image-column and --label-column apply to --dataset hf only")
     if name in _REGISTERED:
         dataset = _REGISTERED[name](Path(root) if root is not None else None)
         if not isinstance(dataset, Dataset):
@@ -367,6 +532,11 @@ def open_dataset(name: str, root: str | Path | None = None) -> Dataset:
         return vtab1k(task, path)
     if family == "imagefolder":
         return imagefolder(path)
+    if family == "classfolder":
+        return classfolder(path)
+    if family == "hf":
+        chosen = {**HF_COLUMNS, **(columns or {})}
+        return hf_dataset(path, chosen["image"], chosen["label"])
     raise VQTError(f"unknown dataset {name!r}: use {', '.join(list_datasets())}")
 
 

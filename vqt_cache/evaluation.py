@@ -294,11 +294,11 @@ def live_logits(
     """Every run's logits (on the CPU) and the labels over a split of the store's dataset, from one frozen forward
     per batch of images; then, for each run with a `compressed` (kept features, head), that head's logits."""
     extra = [(i, kept.to(device), head.to(device)) for i, c in enumerate(compressed or []) if c for kept, head in [c]]
-    from vqt_cache.datasets import ImageSplit, index_hash, open_dataset
+    from vqt_cache.datasets import ImageSplit, index_hash, reopen_dataset
 
     attrs = store.attrs
     recorded = attrs["dataset"]
-    dataset = open_dataset(recorded["name"], root if root is not None else recorded["root"])
+    dataset = reopen_dataset(recorded, root)
     items = dataset.split(split)
     labels = torch.tensor([label for _, label in items])
     if ((labels < 0) | (labels >= recorded["num_classes"])).any():

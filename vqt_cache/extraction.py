@@ -24,7 +24,14 @@ import torch.distributed as dist
 
 from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, load_backbone, resolve_device
-from vqt_cache.datasets import Dataset, ImageSplit, index_hash, open_dataset, preprocessing
+from vqt_cache.datasets import (
+    Dataset,
+    ImageSplit,
+    index_hash,
+    open_dataset,
+    preprocessing,
+    with_validation,
+)
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
     CODECS,
@@ -33,6 +40,7 @@ from vqt_cache.formats import (
     DEFAULT_LAYOUT,
     DTYPES,
     EXTRACT_BATCH_SIZE,
+    HF_COLUMNS,
     LAYOUTS,
     ON_BAD_IMAGE,
     SHARD_SIZE,
@@ -41,7 +49,7 @@ from vqt_cache.formats import (
 )
 from vqt_cache.quantize import quantize
 from vqt_cache.recipe import CACHE_ROOT, DEVICE
-from vqt_cache.store import Images, Store, create_store, hash_rows, row_checksum
+from vqt_cache.store import Images, Store, create_store, default_store_path, hash_rows, row_checksum
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,16 @@ class ExtractConfig:
     batch_size: int = EXTRACT_BATCH_SIZE
     shard_size: int = SHARD_SIZE
     device: str = DEVICE
-    out: str | None = None  # default <cache_root>/<dataset>/<backbone>.zarr
+    out: str | None = None  # default: store.default_store_path
     cache_root: str = CACHE_ROOT
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     on_bad_image: str = ON_BAD_IMAGE[0]
     workers: int = WORKERS
     check_space: bool = True  # refuse to start a store that the free space at `out` cannot hold
+    val_fraction: float | None = None  # carve a validation split of this share out of train (datasets without one)
+    image_column: str = HF_COLUMNS["image"]  # --dataset hf: the image and label columns
+    label_column: str = HF_COLUMNS["label"]
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -82,7 +93,9 @@ class ExtractConfig:
 
     @property
     def store_url(self) -> str:
-        return self.out or str(Path(self.cache_root) / self.dataset / f"{self.backbone}.zarr")
+        return self.out or default_store_path(
+            self.cache_root, self.dataset, self.backbone, self.weights, self.model_kwargs, self.root
+        )
 
 
 @dataclass
@@ -325,7 +338,9 @@ def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     """Run stage one; resumable, idempotent and torchrun-aware. Returns what this process did."""
     rank, world = _distributed()
-    dataset = open_dataset(cfg.dataset, cfg.root)
+    dataset = open_dataset(cfg.dataset, cfg.root, {"image": cfg.image_column, "label": cfg.label_column})
+    if cfg.val_fraction is not None:
+        dataset = with_validation(dataset, cfg.val_fraction)
     split_names = list(cfg.splits) if cfg.splits else list(dataset.splits)
     for name in split_names:
         dataset.split(name)  # unknown or empty splits fail before anything is written

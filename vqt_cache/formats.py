@@ -38,3 +38,6 @@ def bytes_per_value(kind: str, group: int = GROUP) -> float:
     if kind in ("float16", "float32"):
         return {"float16": 2.0, "float32": 4.0}[kind]
     return 1.0 + 2.0 / group
+
+
+HF_COLUMNS = {"image": "image", "label": "label"}  # --dataset hf: the default image and label columns

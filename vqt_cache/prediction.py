@@ -7,11 +7,15 @@ from pathlib import Path
 
 import torch
 
+from vqt_cache.backbones import resolve_device
 from vqt_cache.datasets import BadImage, Dataset, build_transform
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluation import load_run
+from vqt_cache.evaluation import compressed_head, load_run
+from vqt_cache.export import is_export, load_exported
 from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.model import LiveVQT
+from vqt_cache.recipe import DEVICE
+from vqt_cache.run_folder import COMPRESSED, is_compressed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,24 +40,47 @@ class Prediction:
 
 
 def predict(
-    run_dir: str | Path, images: list[str | Path], store_url: str | None = None, batch_size: int = EXTRACT_BATCH_SIZE
+    run_dir: str | Path,
+    images: list[str | Path],
+    store_url: str | None = None,
+    batch_size: int = EXTRACT_BATCH_SIZE,
+    device: str = DEVICE,
 ) -> list[Prediction]:
-    """Class, probability and logits for each image file, through `LiveVQT` with the store's preprocessing."""
-    loaded = load_run(run_dir, store_url)
-    attrs = loaded.store.attrs
-    transform = build_transform(attrs["preprocessing"])
-    reader = Dataset("files", Path("/"), attrs["dataset"]["class_names"], {})
+    """Class, probability and logits for each image file, through `LiveVQT` with the store's preprocessing.
+    `run_dir`: a finished run folder, its `compressed/` folder (the compressed head on the kept features), or the
+    file `vqt-cache export` wrote."""
+    head = None
+    if Path(run_dir).name == COMPRESSED and is_compressed(Path(run_dir).parent):
+        run_dir = Path(run_dir).parent
+        head = compressed_head(run_dir)
+    if is_export(run_dir):  # `vqt-cache export`: everything in one file, no store
+        exported = load_exported(run_dir)
+        backbone, model = exported.backbone, exported.model
+        preprocessing, class_names = exported.preprocessing, exported.class_names
+    else:
+        loaded = load_run(run_dir, store_url)
+        backbone, model = loaded.backbone, loaded.model
+        preprocessing = loaded.store.attrs["preprocessing"]
+        class_names = loaded.store.attrs["dataset"]["class_names"]
+    transform = build_transform(preprocessing)
+    reader = Dataset("files", Path("/"), class_names, {})
     tensors = []
     for image in images:
         try:
             tensors.append(transform(reader.load_image(str(Path(image).absolute()))))
         except BadImage as exc:
             raise VQTError(str(exc)) from exc
-    live = LiveVQT(loaded.backbone, loaded.model).eval()
+    target = resolve_device(device)
+    live = LiveVQT(backbone, model).eval().to(target)
     results = []
     with torch.no_grad():
         for start in range(0, len(tensors), batch_size):
-            logits = live(torch.stack(tensors[start : start + batch_size]))[0]
+            batch = torch.stack(tensors[start : start + batch_size]).to(target)
+            if head is None:
+                logits = live(batch)[0].float().cpu()
+            else:
+                kept, linear = head
+                logits = linear.to(target)(live.features(batch)[0][:, kept.to(target)]).float().cpu()
             probs = logits.softmax(dim=1)
             for i, row in enumerate(logits):
                 label = int(row.argmax())
@@ -61,7 +88,7 @@ def predict(
                     Prediction(
                         image=str(images[start + i]),
                         label=label,
-                        class_name=attrs["dataset"]["class_names"][label],
+                        class_name=class_names[label],
                         probability=probs[i, label].item(),
                         logits=row.tolist(),
                     )

@@ -31,9 +31,10 @@ DROPOUT = 0.1
 EVAL_EVERY = 1
 CHECKPOINT_EVERY = 10
 
-# the splits `train` reads when none is named: the first of each list that the store holds
+# the splits `train` reads when none is named: the first of each list that the store holds. The eval splits are
+# validation splits only: a store without one (extract --val-fraction carves one) is refused, never evaluated on test
 TRAIN_SPLITS = ("train800", "train")
-EVAL_SPLITS = ("val200", "val", "test")
+EVAL_SPLITS = ("val200", "val")
 
 # the paper's grid and selection protocol (a pipeline's [grid] and [protocol])
 GRID_LRS = (1.0, 0.5, 0.25, 0.1, 0.05)

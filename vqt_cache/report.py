@@ -17,6 +17,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
 from vqt_cache.run_folder import FinishedRun, compression_record, finished_runs, run_folders
+from vqt_cache.store import describe_weights
 from vqt_cache.sweep import Pipeline, recorded_recipe, select
 
 MANIFEST = "report.json"  # what the report in a folder wrote, so a later report replaces only that
@@ -76,6 +77,8 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             for run in phase_runs:
                 _check_recipe(p, run, phase)
         chosen = select(select_runs)
+        recorded = [r.config["store"].get("weights") or {} for r in [*select_runs, *final_runs]]
+        weights = "; ".join(sorted({describe_weights(w) for w in recorded}))
         finals: dict[tuple[str, int], list[dict]] = {}
         for run in final_runs:
             if run.seed not in p.protocol.final_seeds:
@@ -83,7 +86,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             # tested during training, or (trained without an eval split) live afterwards
             live = run.config["splits"].get("eval") is None
             tested = (read_evaluation(run.folder, p.protocol.final_eval) or {}) if live else run.metrics["final"]
-            final = {"test": tested.get("top1"), "diverged": run.diverged}
+            final = {"test": tested.get("top1"), "diverged": run.diverged, "seed": run.seed}
             compressed = compression_record(run.folder)
             if compressed.exists() and not final["diverged"]:
                 try:
@@ -116,6 +119,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                     "diverged": "selection",
                     "test_top1_mean": None,
                     "test_top1_std": None,
+                    "weights": weights,
                     "label": _label(method, T),
                 }
             )
@@ -123,6 +127,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             results = finals.get((method, T), [])
             diverged = sum(f["diverged"] for f in results)
             tests = [f["test"] for f in results if not f["diverged"]]
+            per_seed = {f["seed"]: f["test"] for f in results if not f["diverged"]}
             base = {
                 "dataset": entry.name,
                 "group": p.group_of(entry),
@@ -134,7 +139,9 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                 "seeds": len(results),
                 "diverged": diverged,
                 "test_top1_mean": float(np.mean(tests)) if tests and not diverged else None,
-                "test_top1_std": float(np.std(tests)) if tests and not diverged else None,
+                "test_top1_std": sample_std(tests) if tests and not diverged else None,
+                "per_seed": per_seed,
+                "weights": weights,
             }
             rows.append({**base, "label": _label(method, T)})
             packed = [f["compressed"] for f in results if "compressed" in f]
@@ -145,12 +152,38 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                         "label": _label(method, T, compressed=True),
                         "seeds": len(packed),
                         "test_top1_mean": float(np.mean(packed)),
-                        "test_top1_std": float(np.std(packed)),
+                        "test_top1_std": sample_std(packed),
+                        "per_seed": {f["seed"]: f["compressed"] for f in results if "compressed" in f},
                     }
                 )
     if not found:
         raise VQTError(f"pipeline {p.name} has no finished runs under {p.root}; run `vqt-cache sweep` on it first")
     return rows
+
+
+def sample_std(values: list[float]) -> float | None:
+    """The standard deviation over seeds as papers report it: the sample's (n - 1); None for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+HEADLINE = "VQT"  # the headline table's VQT column: each dataset's VQT at its own T
+
+
+def headline(p: Pipeline, rows: list[dict]) -> list[dict]:
+    """The paper's table: per dataset, VQT at the pipeline's T for that task (of several Ts listed, the one whose
+    selected configuration scored best on the selection split, ties -> smaller T: never chosen on the test set),
+    under one label, beside the baselines' rows."""
+    out = []
+    for entry in p.datasets:
+        mine = [r for r in rows if r["dataset"] == entry.name]
+        vqt = [r for r in mine if r["label"] == _label("vqt", r["T"]) and r["val_top1"] is not None]
+        if vqt:
+            best = min(vqt, key=lambda r: (-r["val_top1"], r["T"]))
+            out.append({**best, "label": HEADLINE})
+        else:  # every VQT selection run diverged: the headline says so
+            out += [{**r, "label": HEADLINE} for r in mine if r["method"] == "vqt"][:1]
+        out += [r for r in mine if r["method"] != "vqt" and r["label"] == _label(r["method"], r["T"])]
+    return out
 
 
 def _means(rows: list[dict], p: Pipeline) -> dict[str, dict[str, float]]:
@@ -197,6 +230,7 @@ def _csv(rows: list[dict]) -> str:
         "test_top1_std",
         "seeds",
         "diverged",
+        "weights",
     ]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, extrasaction="ignore")
@@ -205,18 +239,9 @@ def _csv(rows: list[dict]) -> str:
     return text.getvalue()
 
 
-def _markdown(p: Pipeline, rows: list[dict]) -> str:
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    lines = [
-        f"# {p.name}: test top-1 (%), mean ± std over {len(p.protocol.final_seeds)} seeds",
-        "",
-        f"Backbone `{p.backbone}`; (lr, wd) selected on `{p.protocol.select_eval}` (seed "
-        f"{p.protocol.select_seed}, last epoch, ties → smaller lr); final runs on `{p.protocol.final_train}`, "
-        f"tested on `{p.protocol.final_eval}`. A diverged run (non-finite loss) is never selected nor averaged.",
-        "",
-        "| dataset | group | " + " | ".join(labels) + " |",
-        "|---|---|" + "---|" * len(labels),
-    ]
+def _table(p: Pipeline, rows: list[dict], labels: list[str]) -> list[str]:
+    """One row per dataset, one column per label, then the group means and both overall means."""
+    lines = ["| dataset | group | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for entry in p.datasets:
         cells = []
         for label in labels:
@@ -225,20 +250,69 @@ def _markdown(p: Pipeline, rows: list[dict]) -> str:
         lines.append(f"| {entry.name} | {p.group_of(entry)} | " + " | ".join(cells) + " |")
     means = _means(rows, p)
     groups = list(dict.fromkeys(p.group_of(e) for e in p.datasets)) + ["mean of group means", "mean of tasks"]
-    lines += ["", "## Means", "", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += ["", "| mean | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_pct(means[label].get(g)) for label in labels) + " |")
+    return lines
+
+
+def _markdown(p: Pipeline, rows: list[dict]) -> str:
+    proto = p.protocol
+    top = headline(p, rows)
+    with_T = {r["dataset"]: r["T"] for r in top if r["label"] == HEADLINE}
+    weights = "; ".join(sorted({r["weights"] for r in rows}))
+    lines = [
+        f"# {p.name}: {proto.final_eval} top-1 (%)",
+        "",
+        f"Backbone `{p.backbone}`, weights: {weights}. Each cell: mean ± sample standard deviation (n − 1) over the "
+        f"{len(proto.final_seeds)} seeds {', '.join(map(str, proto.final_seeds))}. (lr, wd) selected on "
+        f"`{proto.select_eval}` (trained on `{proto.select_train}`, seed {proto.select_seed}, last epoch, ties → "
+        f"smaller lr); final runs trained on `{proto.final_train}` and tested on `{proto.final_eval}`. A diverged "
+        "run (non-finite loss) is never selected nor averaged. Means over datasets in two conventions: the mean "
+        "of the group means, and the mean of tasks.",
+        "",
+        "## Headline",
+        "",
+        f"VQT at each dataset's T ({', '.join(f'{d}: {T}' for d, T in with_T.items())}; of several Ts, the one "
+        f"selected on `{proto.select_eval}`).",
+        "",
+    ]
+    lines += _table(p, top, list(dict.fromkeys(r["label"] for r in top)))
+    lines += ["", "## Every configuration", ""]
+    lines += _table(p, rows, list(dict.fromkeys(r["label"] for r in rows)))
+    seeds = list(proto.final_seeds)
+    lines += [
+        "",
+        f"## Per seed ({proto.final_eval} top-1, %)",
+        "",
+        "| dataset | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    for r in rows:
+        if r.get("per_seed") is not None:
+            values = [_pct(r["per_seed"][s]) if s in r["per_seed"] else "–" for s in seeds]
+            lines.append(f"| {r['dataset']} | {r['label']} | " + " | ".join(values) + " |")
     lines += [
         "",
         "## Selected hyper-parameters",
         "",
-        "| dataset | method | lr | wd | val top-1 |",
+        f"| dataset | method | lr | wd | {proto.select_eval} top-1 |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         if not r["label"].endswith("compressed") and r["lr"] is not None:
             lines.append(f"| {r['dataset']} | {r['label']} | {r['lr']:g} | {r['wd']:g} | {_pct(r['val_top1'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _per_seed_csv(rows: list[dict]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["dataset", "label", "seed", "test_top1"])
+    for r in rows:
+        for seed, value in sorted((r.get("per_seed") or {}).items()):
+            writer.writerow([r["dataset"], r["label"], seed, value])
+    return text.getvalue()
 
 
 def _claim(out: Path, names: list[str]) -> list[str]:
@@ -266,7 +340,13 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
     out = Path(out_dir) if out_dir else p.root
     runs = finished(p)
     rows = collect(p, runs)
-    files = {"results.csv": _csv(rows).encode(), "results.md": _markdown(p, rows).encode(), **_plots(p, rows, runs)}
+    files = {
+        "results.csv": _csv(rows).encode(),
+        "headline.csv": _csv(headline(p, rows)).encode(),
+        "per_seed.csv": _per_seed_csv(rows).encode(),
+        "results.md": _markdown(p, rows).encode(),
+        **_plots(p, rows, runs),
+    }
     previous = _claim(out, list(files))
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -274,14 +354,107 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
     for name in set(previous) - set(files):  # a previous report's plot that this one does not make
         (out / name).unlink(missing_ok=True)
     write_json(out / MANIFEST, {"format": REPORT_FORMAT, "files": sorted(files)})
-    plots = [str(out / name) for name in files if name.endswith(".png")]
-    return {"rows": rows, "csv": str(out / "results.csv"), "markdown": str(out / "results.md"), "plots": plots}
+    plots = [str(out / name) for name in files if name.endswith((".png", ".pdf"))]
+    return {
+        "rows": rows,
+        "headline": headline(p, rows),
+        "select_eval": p.protocol.select_eval,
+        "final_eval": p.protocol.final_eval,
+        "csv": str(out / "results.csv"),
+        "markdown": str(out / "results.md"),
+        "plots": plots,
+    }
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+def _saved(figure, stem: str) -> dict[str, bytes]:
+    """The figure as PNG (for a quick look) and PDF (vector, for a paper), each in memory."""
+    out = {}
+    for kind, options in (("png", {"dpi": 150}), ("pdf", {})):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=kind, bbox_inches="tight", **options)
+        out[f"{stem}.{kind}"] = buffer.getvalue()
+    return out
+
+
+def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], chosen: dict) -> dict[str, bytes]:
+    """Selection accuracy over lr × wd, one panel per T, one colour scale for the figure (a labelled colourbar),
+    the selected cell outlined, each cell's value in a colour that reads on it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    Ts = sorted({r.queries for r in grid_runs})
+    grids = {T: np.full((len(p.grid.lr), len(p.grid.wd)), np.nan) for T in Ts}
+    for run in grid_runs:
+        if run.lr in p.grid.lr and run.wd in p.grid.wd:
+            grids[run.queries][p.grid.lr.index(run.lr), p.grid.wd.index(run.wd)] = 100 * run.eval_top1
+    values = np.concatenate([g[~np.isnan(g)] for g in grids.values()])
+    low, high = float(values.min()), float(values.max())
+    high = high if high > low else low + 1  # one value: any scale shows it
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, len(Ts), figsize=(0.9 + 2.9 * len(Ts), 3.2), squeeze=False, layout="constrained")
+    for ax, T in zip(axes[0], Ts, strict=True):
+        grid = grids[T]
+        image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high)
+        ax.set_xticks(range(len(p.grid.wd)), [f"{w:g}" for w in p.grid.wd])
+        ax.set_yticks(range(len(p.grid.lr)), [f"{lr:g}" for lr in p.grid.lr])
+        ax.set_xlabel("weight decay")
+        ax.set_ylabel("base learning rate")
+        ax.set_title(f"VQT T={T}")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                r, g, b, _ = cmap((value - low) / (high - low))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=8)
+        choice = chosen.get(("vqt", T))
+        if choice and choice["lr"] in p.grid.lr and choice["wd"] in p.grid.wd:
+            i, j = p.grid.lr.index(choice["lr"]), p.grid.wd.index(choice["wd"])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
+    bar.set_label(f"{p.protocol.select_eval} top-1 (%)")
+    fig.suptitle(f"{entry.name}: selection on {p.protocol.select_eval} (red: selected)", fontsize=10)
+    return _saved(fig, f"heatmap-{entry.name.replace('/', '-')}")
+
+
+def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
+    """Test accuracy against T for each dataset with several T, with its baselines as dashed lines."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    curves = {}
+    for entry in p.datasets:
+        points = sorted(
+            (r["T"], r["test_top1_mean"], r["test_top1_std"] or 0.0)
+            for r in rows
+            if r["dataset"] == entry.name and r["label"] == _label("vqt", r["T"]) and r["test_top1_mean"] is not None
+        )
+        if len(points) > 1:
+            curves[entry.name] = points
+    if not curves:
+        return {}
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    all_T = sorted({T for points in curves.values() for T, _, _ in points})
+    for k, (name, points) in enumerate(curves.items()):
+        colour = f"C{k}"
+        T, mean, std = zip(*points, strict=True)
+        ax.errorbar(T, 100 * np.array(mean), yerr=100 * np.array(std), marker="o", capsize=3, color=colour, label=name)
+        for r in rows:
+            if r["dataset"] == name and r["method"] != "vqt" and r["test_top1_mean"] is not None:
+                style = {"linear": "--", "pooled": ":"}[r["method"]]
+                ax.axhline(100 * r["test_top1_mean"], color=colour, linestyle=style, linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(all_T))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("queries per layer T")
+    ax.set_ylabel(f"{p.protocol.final_eval} top-1 (%)")
+    handles, labels = ax.get_legend_handles_labels()
+    baselines = sorted({r["method"] for r in rows if r["method"] != "vqt" and r["test_top1_mean"] is not None})
+    for method in baselines:
+        handles.append(plt.Line2D([], [], color="grey", linestyle={"linear": "--", "pooled": ":"}[method]))
+        labels.append(LABELS[method])
+    ax.legend(handles, labels, fontsize=8)
+    ax.set_title(f"VQT against T (mean ± sample std over {len(p.protocol.final_seeds)} seeds)", fontsize=10)
+    return _saved(fig, "accuracy_vs_T")
 
 
 def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
@@ -293,47 +466,8 @@ def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
     written = {}
     for entry in p.datasets:
         grid_runs = [r for r in runs[entry.name][0] if r.method == "vqt" and r.eval_top1 is not None]
-        Ts = sorted({r.queries for r in grid_runs})
-        if not Ts:
-            continue
-        fig, axes = plt.subplots(1, len(Ts), figsize=(4 * len(Ts), 3.5), squeeze=False)
-        for ax, T in zip(axes[0], Ts, strict=True):
-            grid = np.full((len(p.grid.lr), len(p.grid.wd)), np.nan)
-            for run in grid_runs:
-                if run.queries == T and run.lr in p.grid.lr and run.wd in p.grid.wd:
-                    grid[p.grid.lr.index(run.lr), p.grid.wd.index(run.wd)] = 100 * run.eval_top1
-            image = ax.imshow(grid, cmap="viridis")
-            ax.set_xticks(range(len(p.grid.wd)), [f"{w:g}" for w in p.grid.wd])
-            ax.set_yticks(range(len(p.grid.lr)), [f"{lr:g}" for lr in p.grid.lr])
-            ax.set_xlabel("weight decay")
-            ax.set_ylabel("base lr")
-            ax.set_title(f"{entry.name} VQT T={T}: val top-1")
-            for (i, j), value in np.ndenumerate(grid):
-                if not np.isnan(value):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=8)
-            fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        written[f"heatmap-{entry.name.replace('/', '-')}.png"] = _png(fig)
-        plt.close(fig)
-    curves = {}
-    for entry in p.datasets:
-        points = sorted(
-            (r["T"], r["test_top1_mean"], r["test_top1_std"])
-            for r in rows
-            if r["dataset"] == entry.name and r["label"] == _label("vqt", r["T"]) and r["test_top1_mean"]
-        )
-        if len(points) > 1:
-            curves[entry.name] = points
-    if curves:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, points in curves.items():
-            T, mean, std = zip(*points, strict=True)
-            ax.errorbar(T, 100 * np.array(mean), yerr=100 * np.array(std), marker="o", capsize=3, label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("queries per layer T")
-        ax.set_ylabel("test top-1 (%)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written["accuracy_vs_T.png"] = _png(fig)
-        plt.close(fig)
+        if grid_runs:
+            written |= _heatmap(p, entry, grid_runs, select(runs[entry.name][0]))
+    written |= _accuracy_vs_T(p, rows)
+    plt.close("all")
     return written

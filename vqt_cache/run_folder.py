@@ -4,6 +4,7 @@
           checkpoint-<E>.pt  after E epochs: the run's state, stamped with the run's identity (at most two kept)
           model.safetensors  queries (L, T, D), head.weight (C, F), head.bias (C,)   [not written for a diverged run]
           timing.json
+          metrics.csv        one row per epoch: epoch, lr, train_loss, eval_top1, eval_mean_class
           metrics.json       written last: {"complete": true, "diverged": ..., "epochs": [...], "final": {...}}
           .lock              held (flock) by the one process training the folder
 
@@ -35,6 +36,7 @@ from vqt_cache.files import (
     read_json,
     save_tensors,
     save_torch,
+    write_bytes,
     write_json,
 )
 
@@ -46,9 +48,10 @@ KEEP_CHECKPOINTS = 2  # two, so the runs of a pass can meet at a common epoch ag
 
 
 def identity(config: dict) -> dict:
-    """What must match for a run folder to be resumed or skipped (not versions, nor where the store lives)."""
+    """What must match for a run folder to be resumed or skipped: not versions, nor where the store lives, nor where
+    its weights came from (the fingerprint is their identity)."""
     kept = {k: v for k, v in config.items() if k not in ("versions", "git_sha")}
-    return {**kept, "store": {k: v for k, v in config["store"].items() if k != "url"}}
+    return {**kept, "store": {k: v for k, v in config["store"].items() if k not in ("url", "weights")}}
 
 
 def identity_hash(config: dict) -> str:
@@ -100,6 +103,7 @@ class RunFolder:
         else:
             (self.path / "model.safetensors").unlink(missing_ok=True)  # a diverged run has no model
         write_json(self.path / "timing.json", timing)
+        write_bytes(self.path / "metrics.csv", _epochs_csv(metrics["epochs"]).encode())
         write_json(self.path / "metrics.json", metrics)
         for checkpoint in self.checkpoints().values():
             checkpoint.unlink()
@@ -126,6 +130,21 @@ class RunFolder:
                 "delete it to train this run from the start"
             )
         return state
+
+
+EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "eval_top1", "eval_mean_class")
+
+
+def _epochs_csv(epochs: list[dict]) -> str:
+    """metrics.json's per-epoch entries as CSV (epochs numbered from 1; empty where not evaluated)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, EPOCH_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**entry, "epoch": entry["epoch"] + 1} for entry in epochs)
+    return text.getvalue()
 
 
 @contextmanager

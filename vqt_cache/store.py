@@ -40,6 +40,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -778,6 +779,44 @@ def found_at(url: str, storage_options: dict | None = None) -> str:
     if attrs.get("format_version") != FORMAT_VERSION:
         _check_format(attrs, url)  # the version sentence
     return "creating" if attrs.get("creating") else "store"
+
+
+def absolute_url(url: str) -> str:
+    """A store's URL as run folders record it: a local path made absolute; a URL with a scheme as it is."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def default_store_path(
+    cache_root: str | Path,
+    dataset: str,
+    backbone: str,
+    weights: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    root: str | Path | None = None,
+) -> str:
+    """Where a store goes when no --out is given: <cache_root>/<dataset>/<backbone>.zarr, with what makes two
+    stores of one dataset and backbone differ in the names: the weights when they are not the pretrained ones
+    (`-random`, or the weights file's name), the model arguments (`-img_size=384`), and the folder of an image
+    folder dataset (`imagefolder-<its name>`)."""
+    folder = f"{dataset}-{Path(root).resolve().name}" if dataset in ("imagefolder", "classfolder") and root else dataset
+    name = backbone
+    if weights:
+        name += "-random" if weights == "random" else f"-{Path(weights).stem}"
+    name += "".join(f"-{key}={value}" for key, value in sorted((model_kwargs or {}).items()))
+    return str(Path(cache_root) / folder / f"{name}.zarr")
+
+
+def describe_weights(weights: dict[str, Any]) -> str:
+    """One phrase for `info`, summaries and reports: e.g. "random (seed 0)"."""
+    source = weights.get("source")
+    if source == "random":
+        return f"random (seed {weights.get('seed')})"
+    if source == "file":
+        return f"file {weights.get('path')} (sha256 {str(weights.get('sha256'))[:12]})"
+    if source == "pretrained":
+        revision = weights.get("revision")
+        return f"pretrained {weights.get('tag')}" + (f" (revision {revision[:12]})" if revision else "")
+    return "not recorded (a store from before vqt-cache recorded where weights came from)"
 
 
 def _check_same(have: dict, want: dict, url: str) -> None:

@@ -30,7 +30,7 @@ from vqt_cache.evaluation import evaluate, read_evaluation
 from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.query import resolve_precision
 from vqt_cache.run_folder import FinishedRun, finished_runs, is_compressed, run_folders
-from vqt_cache.store import open_store
+from vqt_cache.store import default_store_path, open_store
 from vqt_cache.training import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
@@ -68,6 +68,15 @@ class Protocol:
     batch_size: int = recipe.BATCH_SIZE
     dropout: float = recipe.DROPOUT
     precision: str = DEFAULT_PRECISION  # of the query path: float32, bf16, or auto (bf16 where it is fast)
+
+    def __post_init__(self) -> None:
+        """Selection never sees the split results are reported on, nor the one it trains on."""
+        if self.select_eval in (self.final_eval, self.select_train):
+            which = "final_eval" if self.select_eval == self.final_eval else "select_train"
+            raise VQTError(
+                f"[protocol] select_eval {self.select_eval!r} is also its {which} split: selection must evaluate on "
+                "a validation split of its own (extract --val-fraction carves one out of train)"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class Pipeline:
         return Path(self.runs_root) / self.name
 
     def store_for(self, entry: DatasetEntry) -> str:
-        return entry.store or str(Path(self.cache_root) / entry.name / f"{self.backbone}.zarr")
+        return entry.store or default_store_path(self.cache_root, entry.name, self.backbone)
 
     def group_of(self, entry: DatasetEntry) -> str:
         if entry.group:
@@ -156,6 +165,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         pipeline = _PIPELINE.validate_json(json.dumps(data, default=str))
     except pydantic.ValidationError as exc:
         raise VQTError(f"pipeline file {path}: {_first_problem(exc)}") from exc
+    except VQTError as exc:  # a check of the schema's own (`Protocol.__post_init__`)
+        raise VQTError(f"pipeline file {path}: {exc}") from exc
     _check(pipeline, path)
     return pipeline
 
@@ -199,10 +210,9 @@ def _check_stores(p: Pipeline, entries: list[DatasetEntry]) -> None:
             for name in sorted(splits):
                 store.split(name)
             if not store.has_split(proto.final_eval):
-                from vqt_cache.datasets import open_dataset  # image code, for a live test set only
+                from vqt_cache.datasets import reopen_dataset  # image code, for a live test set only
 
-                dataset = store.attrs["dataset"]
-                open_dataset(dataset["name"], dataset["root"]).split(proto.final_eval)
+                reopen_dataset(store.attrs["dataset"]).split(proto.final_eval)
         except VQTError as exc:
             raise VQTError(f"dataset {entry.name}: {exc}") from exc
 

@@ -30,7 +30,7 @@ from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed
-from vqt_cache.store import Store, open_store
+from vqt_cache.store import Store, absolute_url, open_store
 
 RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")  # recorded in config.json
 # Progress: called with (description, steps done, steps total)
@@ -65,7 +65,7 @@ class TrainConfig:
     store: str
     runs: tuple[RunSpec, ...] = (RunSpec(),)
     train_split: str | None = None  # default: train800, else train
-    eval_split: str | None = None  # default: val200, else val, else test; NO_EVAL: train without evaluating
+    eval_split: str | None = None  # default: val200, else val (never test); NO_EVAL: train without evaluating
     epochs: int = recipe.EPOCHS
     warmup_epochs: int = recipe.WARMUP_EPOCHS
     batch_size: int = recipe.BATCH_SIZE
@@ -105,7 +105,8 @@ class TrainedRun:
 
     name: str  # e.g. vqt-T10-lr0.5-wd0.001-seed42
     dir: str
-    final: dict[str, Any]  # top1, mean_class, ... on the evaluation split (empty without one, or if it diverged)
+    final: dict[str, Any]  # top1, mean_class, ... on eval_split (empty without one, or if it diverged)
+    eval_split: str | None  # the split `final` was measured on (None: trained without evaluating)
     skipped: bool  # it was already done: nothing was trained
     diverged: bool  # the loss became NaN or infinite; the run has no model
 
@@ -120,6 +121,21 @@ def resolve_split(store: Store, requested: str | None, preferences: tuple[str, .
         if name in store.split_names():
             return name
     raise VQTError(f"store {store.url} has none of the {what} splits {', '.join(preferences)}; pass one explicitly")
+
+
+def resolve_eval_split(store: Store, requested: str | None) -> str:
+    """The split runs are evaluated on each epoch (and selected by): the one named, else the store's validation
+    split. A store without one is refused: a default never falls back on the test set."""
+    if requested:
+        return requested
+    found = [name for name in recipe.EVAL_SPLITS if name in store.split_names()]
+    if not found:
+        raise VQTError(
+            f"store {store.url} has no validation split ({' or '.join(recipe.EVAL_SPLITS)}), and training never "
+            "selects on the test set: extract with --val-fraction F to carve one out of train, or name a split with "
+            "--eval-split (none: train without evaluating)"
+        )
+    return found[0]
 
 
 def run_dirs(cfg: TrainConfig, store: Store) -> dict[RunSpec, Path]:
@@ -300,7 +316,7 @@ class _Trainer:
                 metrics["diverged_reason"] = diverged
             tensors = None if diverged else self.model.runs[i].tensors()
             folder.save_result(tensors, metrics, {**timing, "runs_in_pass": len(self.specs)})
-            results.append(_result(spec, folder.path, metrics, skipped=False))
+            results.append(_result(spec, folder, metrics, skipped=False))
         return results
 
 
@@ -310,11 +326,12 @@ def _run_tensors(saved: dict) -> dict:
     return {("queries" if k == "queries.prompts" else k): v for k, v in saved.items()}
 
 
-def _result(spec: RunSpec, folder: Path, metrics: dict, skipped: bool) -> TrainedRun:
+def _result(spec: RunSpec, folder: RunFolder, metrics: dict, skipped: bool) -> TrainedRun:
     return TrainedRun(
         name=spec.name,
-        dir=str(folder),
+        dir=str(folder.path),
         final=metrics["final"],
+        eval_split=folder.config["splits"]["eval"],
         skipped=skipped,
         diverged=bool(metrics.get("diverged")),
     )
@@ -330,8 +347,9 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
         "recipe": cfg.recipe(),
         "splits": splits,
         "store": {
-            "url": store.url,
+            "url": absolute_url(store.url),  # evaluate and predict find it from any working directory
             "fingerprint": attrs["backbone"]["fingerprint"],
+            "weights": attrs["backbone"].get("weights") or {},  # where they came from (provenance, not identity)
             "layout": store.layout,
             "dtype": attrs["dtype"],
             "dataset": attrs["dataset"]["name"],
@@ -364,7 +382,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
     no_eval = cfg.eval_split == NO_EVAL
     splits = {
         "train": resolve_split(store, cfg.train_split, recipe.TRAIN_SPLITS, "training"),
-        "eval": None if no_eval else resolve_split(store, cfg.eval_split, recipe.EVAL_SPLITS, "evaluation"),
+        "eval": None if no_eval else resolve_eval_split(store, cfg.eval_split),
     }
     train_split = store.split(splits["train"])
     eval_split = None if no_eval else store.split(splits["eval"])
@@ -387,7 +405,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
         for spec in cfg.runs:
             metrics = folders[spec].result()
             if metrics is not None:
-                results.append(_result(spec, folders[spec].path, metrics, skipped=True))
+                results.append(_result(spec, folders[spec], metrics, skipped=True))
             else:
                 todo.append(spec)
         if not todo:

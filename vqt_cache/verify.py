@@ -62,10 +62,10 @@ def verify(url: str, recompute: int = 0, seed: int = 0, progress=None) -> dict[s
 
 def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
     """Run the store's backbone again on n images per complete split and compare with the stored features."""
-    from vqt_cache.datasets import ImageSplit, open_dataset
+    from vqt_cache.datasets import ImageSplit, reopen_dataset
 
     attrs = store.attrs
-    dataset = open_dataset(attrs["dataset"]["name"], attrs["dataset"]["root"])
+    dataset = reopen_dataset(attrs["dataset"])
     # fp16 keeps ~3 significant digits; int8 is within half a step, 1/254 of a row's largest value
     tolerance = {"float32": 1e-4, "float16": 2e-3, "int8": 5e-3}[attrs["dtype"]]
     dtype = torch.float32 if attrs["dtype"] == "int8" else getattr(torch, attrs["dtype"])

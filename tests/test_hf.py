@@ -1,0 +1,59 @@
+"""Hugging Face `datasets` from local disk (issue 16): a saved dataset or parquet files extract like any folder."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vqt_cache.store import open_store
+
+from conftest import error_line, run_cli, tiny_extract_args
+
+hf = pytest.importorskip("datasets")
+
+
+def saved(root: Path) -> hf.DatasetDict:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = hf.Features({"img": hf.Image(), "fine": hf.ClassLabel(names=["ant", "bee", "cat"])})
+
+    def split(n: int) -> hf.Dataset:
+        images = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(n)]
+        return hf.Dataset.from_dict({"img": images, "fine": [i % 3 for i in range(n)]}, features=features)
+
+    data = hf.DatasetDict({"train": split(12), "test": split(6)})
+    data.save_to_disk(str(root / "saved"))
+    (root / "parquet" / "data").mkdir(parents=True)
+    for name, part in data.items():
+        part.to_parquet(str(root / "parquet" / "data" / f"{name}-00000-of-00001.parquet"))
+    return data
+
+
+@pytest.mark.parametrize("layout", ["saved", "parquet"])
+def test_a_hugging_face_dataset_on_disk_extracts_with_its_class_names(tmp_path, layout):
+    data = saved(tmp_path)
+    out = tmp_path / "s.zarr"
+    options = ("--root", str(tmp_path / layout), "--out", str(out), "--image-column", "img", "--label-column", "fine")
+    code, text = run_cli(*tiny_extract_args(None, *options, "--val-fraction", "0.25", dataset="hf"))
+    assert code == 0, text
+    store = open_store(str(out))
+    assert store.attrs["dataset"]["class_names"] == ["ant", "bee", "cat"]
+    assert store.attrs["dataset"]["columns"] == {"image": "img", "label": "fine"}
+    assert sorted(store.split_names()) == ["test", "train", "trainval", "val"]
+    assert store.split("test").labels().tolist() == data["test"]["fine"]
+    assert len(store.split("val").labels()) == 3  # a quarter of 12, one per class
+    # live evaluation opens the dataset again, with the recorded columns and the carved validation split
+    run = tmp_path / "run"
+    code, text = run_cli("train", "--store", str(out), "--epochs", "2", "--warmup-epochs", "1", "--out", str(run))
+    assert code == 0, text
+    code, cached = run_cli("evaluate", str(run), "--split", "test", "--json")
+    code_live, live = run_cli("evaluate", str(run), "--split", "test", "--live", "--json")
+    assert code == code_live == 0 and '"images": 6' in live
+
+
+def test_missing_columns_are_named(tmp_path):
+    saved(tmp_path)
+    args = tiny_extract_args(None, "--root", str(tmp_path / "saved"), "--out", str(tmp_path / "s.zarr"), dataset="hf")
+    line = error_line(*run_cli(*args))
+    assert "no column 'image'" in line and "img, fine" in line and "--image-column" in line
