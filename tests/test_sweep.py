@@ -152,7 +152,8 @@ def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
     candidates = [r for r in rows if r["dataset"] == "digits-a" and r["label"] in ("VQT T=1", "VQT T=2")]
     assert top[0]["T"] == min(candidates, key=lambda r: (-r["val_top1"], r["T"]))["T"] and top[2]["T"] == 1
     assert "## Headline" in markdown and "| mean of tasks |" in markdown and "sample standard deviation" in markdown
-    assert "weights: random (seed 0)" in markdown and all(r["weights"] == "random (seed 0)" for r in rows)
+    backbone = f"{TINY_EXTRACT['backbone']}, weights random (seed 0)"
+    assert f"Backbone: {backbone}." in markdown and all(r["weights"] == backbone for r in rows)
     # the std over seeds is the sample's, and every seed's result is listed
     for r in rows:
         values = [r["per_seed"][seed] for seed in (1, 2)]

@@ -77,8 +77,12 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
             for run in phase_runs:
                 _check_recipe(p, run, phase)
         chosen = select(select_runs)
-        recorded = [r.config["store"].get("weights") or {} for r in [*select_runs, *final_runs]]
-        weights = "; ".join(sorted({describe_weights(w) for w in recorded}))
+        # the backbone the runs were trained on, and where its weights came from
+        stores = [r.config["store"] for r in [*select_runs, *final_runs]]
+        described = {
+            f"{s.get('backbone', p.backbone)}, weights {describe_weights(s.get('weights') or {})}" for s in stores
+        }
+        weights = "; ".join(sorted(described))
         finals: dict[tuple[str, int], list[dict]] = {}
         for run in final_runs:
             if run.seed not in p.protocol.final_seeds:
@@ -264,7 +268,7 @@ def _markdown(p: Pipeline, rows: list[dict]) -> str:
     lines = [
         f"# {p.name}: {proto.final_eval} top-1 (%)",
         "",
-        f"Backbone `{p.backbone}`, weights: {weights}. Each cell: mean ± sample standard deviation (n − 1) over the "
+        f"Backbone: {weights}. Each cell: mean ± sample standard deviation (n − 1) over the "
         f"{len(proto.final_seeds)} seeds {', '.join(map(str, proto.final_seeds))}. (lr, wd) selected on "
         f"`{proto.select_eval}` (trained on `{proto.select_train}`, seed {proto.select_seed}, last epoch, ties → "
         f"smaller lr); final runs trained on `{proto.final_train}` and tested on `{proto.final_eval}`. A diverged "
@@ -408,7 +412,7 @@ def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], chosen: dict) -> 
         choice = chosen.get(("vqt", T))
         if choice and choice["lr"] in p.grid.lr and choice["wd"] in p.grid.wd:
             i, j = p.grid.lr.index(choice["lr"]), p.grid.wd.index(choice["wd"])
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+            ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5))
     bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
     bar.set_label(f"{p.protocol.select_eval} top-1 (%)")
     fig.suptitle(f"{entry.name}: selection on {p.protocol.select_eval} (red: selected)", fontsize=10)
