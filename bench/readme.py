@@ -117,6 +117,11 @@ def sizing(results: list[dict]) -> str:
     return table(["layout, dtype", "MB per image", "VTAB-1k (19 tasks)", "FGVC (5 sets)"], [before, *rows])
 
 
+def sizing_backbones(results: list[dict]) -> str:
+    rows = [[f"`{r['what']}`", str(r["tokens"]), number(r["MB"])] for r in rows_of(results, "sizing_backbones")]
+    return table(["backbone (model arguments)", "tokens", "MB per image, hidden int8"], rows)
+
+
 def quantization(results: list[dict]) -> str:
     rows = []
     for r in rows_of(results, "quantization"):
@@ -199,6 +204,7 @@ TABLES: dict[str, Callable[[list[dict]], str]] = {
     "protocol": protocol,
     "precision": precision,
     "sizing": sizing,
+    "sizing_backbones": sizing_backbones,
     "quantization": quantization,
     "extraction": extraction,
     "store_io": store_io,

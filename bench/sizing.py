@@ -11,11 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vqt_cache.backbones import geometry
 from vqt_cache.plan import per_image_bytes, plan_pipeline
 from vqt_cache.sweep import load_pipeline
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 KINDS = [(layout, dtype) for layout in ("kv", "hidden") for dtype in ("float32", "float16", "int8")]
+# other backbones at the default (hidden int8), with their default input size and the arguments users pass
+BACKBONES = [
+    ("vit_s16", {}),
+    ("vit_l16", {}),
+    ("vit_b14_dinov2", {}),
+    ("vit_b14_dinov2", {"img_size": 224}),
+    ("vit_b14_dinov2_reg", {"img_size": 224}),
+]
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -26,6 +35,16 @@ def run(quick: bool = False) -> list[dict]:
                 "bench": "sizing",
                 "what": f"ViT-B/16 bytes per image, {layout} {dtype}",
                 "MB": per_image_bytes("vit_b16", {}, layout, dtype) / 1e6,
+            }
+        )
+    for backbone, kwargs in BACKBONES:
+        arguments = "".join(f" {k}={v}" for k, v in kwargs.items())
+        rows.append(
+            {
+                "bench": "sizing_backbones",
+                "what": f"{backbone}{arguments}",
+                "tokens": geometry(backbone, **kwargs)["tokens"],
+                "MB": per_image_bytes(backbone, kwargs, "hidden", "int8") / 1e6,
             }
         )
     for name in ("vtab1k", "fgvc"):

@@ -1,5 +1,6 @@
 """Hugging Face `datasets` from local disk (issue 16): a saved dataset or parquet files extract like any folder."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,15 @@ def saved(root: Path) -> hf.DatasetDict:
     data = hf.DatasetDict({"train": split(12), "test": split(6)})
     data.save_to_disk(str(root / "saved"))
     (root / "parquet" / "data").mkdir(parents=True)
+    (root / "arrow" / "data").mkdir(parents=True)
     for name, part in data.items():
         part.to_parquet(str(root / "parquet" / "data" / f"{name}-00000-of-00001.parquet"))
+        [arrow] = (root / "saved" / name).glob("*.arrow")  # the raw arrow file, without save_to_disk's json
+        shutil.copy(arrow, root / "arrow" / "data" / f"{name}-00000-of-00001.arrow")
     return data
 
 
-@pytest.mark.parametrize("layout", ["saved", "parquet"])
+@pytest.mark.parametrize("layout", ["saved", "parquet", "arrow"])
 def test_a_hugging_face_dataset_on_disk_extracts_with_its_class_names(tmp_path, layout):
     data = saved(tmp_path)
     out = tmp_path / "s.zarr"

@@ -204,6 +204,10 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
         assert report["features_before"] == F and report["features_kept"] == int(keep * F)
         assert report["head_params_after"] == 10 * int(keep * F) + 10
         assert set(report["accuracy"]) == {"val", "test"}
+    from vqt_cache.evaluation import evaluate
+
+    [cached] = evaluate(run.dir, "val")  # the compressed head is evaluated from the cache as compress tested it
+    assert cached.compressed == report["accuracy"]["val"]["after"]
     from safetensors.torch import load_file
 
     tensors = load_file(Path(run.dir) / "compressed" / "model.safetensors")
@@ -213,7 +217,6 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
     assert code == 2 and "--keep must be in (0, 1]" in out
     # <run>/compressed predicts with the compressed head: as many right as the live evaluation of that head
     from vqt_cache.datasets import open_dataset
-    from vqt_cache.evaluation import evaluate
     from vqt_cache.prediction import predict
 
     dataset = open_dataset("digits-small")

@@ -258,27 +258,37 @@ def _cached_revision(repo_id: str) -> str | None:
 HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
 
 
-def _check_offline_cache(timm_name: str) -> None:
-    """With HF_HUB_OFFLINE set, pretrained weights missing from the local cache are one sentence at once, not a
-    minute of retries against a hub that cannot answer."""
+def _check_fetchable(timm_name: str) -> None:
+    """Pretrained weights missing from the local cache, with HF_HUB_OFFLINE set or a hub whose name does not
+    resolve (no network), are one sentence at once, not a minute of retries and warnings."""
+    import socket
+    from urllib.parse import urlparse
+
     from huggingface_hub import constants, try_to_load_from_cache
 
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    repo = getattr(cfg, "hf_hub_id", None)
-    if not constants.HF_HUB_OFFLINE or not repo:
+    repo = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
+    if not repo or any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_FILES):
         return
-    if not any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_FILES):
-        raise VQTError(
-            f"the pretrained weights of {timm_name!r} ({repo}) are not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: fetch them where there is a network (or point "
-            "HF_HOME at a cache that holds them), or pass --weights FILE or --weights random"
-        )
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.getaddrinfo(host, 443)
+            return  # a network: timm downloads them into the cache
+        except OSError:
+            why = f"{host} cannot be reached (no network)"
+    raise VQTError(
+        f"the pretrained weights of {timm_name!r} ({repo}) are not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and {why}: fetch them where there is a network (or point HF_HOME at a cache "
+        "that holds them), or pass --weights FILE or --weights random"
+    )
 
 
 def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) -> nn.Module:
     args = {**_NO_DROP, **kwargs, "num_classes": 0}
     if weights is None:
-        _check_offline_cache(timm_name)
+        _check_fetchable(timm_name)
     if weights is None or weights == "random":
         overlay = None
     else:

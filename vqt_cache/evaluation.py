@@ -83,14 +83,21 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
 
 
-def cached_logits(model: CachedVQT, data: CachedSplit) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every run's logits over a whole cached split (in store order, on the CPU), and the labels."""
-    logits: list[list[torch.Tensor]] = [[] for _ in model.runs]
+def cached_logits(
+    model: CachedVQT, data: CachedSplit, compressed: list[tuple[torch.Tensor, torch.nn.Linear] | None] | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every run's logits over a whole cached split (in store order, on the CPU), and the labels; then, for each run
+    with a `compressed` (kept features, head), that head's logits, from the same features."""
+    extra = [(i, kept, head) for i, c in enumerate(compressed or []) if c for kept, head in [c]]
+    logits: list[list[torch.Tensor]] = [[] for _ in range(len(model.runs) + len(extra))]
     labels = []
     with torch.no_grad():
         for batch in data.batches():
-            for i, out in enumerate(model(batch.final, batch.cache, None, batch.means)):
-                logits[i].append(out.cpu())
+            features = model.features(batch.final, batch.cache, None, batch.means)
+            outputs = [run.head(f) for run, f in zip(model.runs, features, strict=True)]
+            outputs += [head(features[i][:, kept]) for i, kept, head in extra]
+            for i, out in enumerate(outputs):
+                logits[i].append(out.float().cpu())
             labels.append(batch.labels.cpu())
     return [torch.cat(lg) for lg in logits], torch.cat(labels)
 
@@ -194,17 +201,18 @@ def evaluate(
     num_classes = store.attrs["dataset"]["num_classes"]
     live = live or not store.has_split(split)
     compressed: list[dict | None] = [None] * len(dirs)
-    if live:  # a compressed run's head is evaluated in the same pass (compress itself tests on cached splits)
-        heads = [compressed_head(d) for d in dirs]
+    heads = [compressed_head(d) for d in dirs]  # a compressed run's head is evaluated in the same pass
+    if live:
         logits, labels = live_logits(
             model, backbone, store, split, dirs, root, batch_size, target, workers, progress, heads
         )
-        logits, packed = logits[: len(dirs)], logits[len(dirs) :]
-        for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
-            compressed[i] = accuracy(packed_logits, labels, num_classes)
     else:
         data = CachedSplit(store.split(split), memory_budget, batch_size, target, num_classes, **model.reads())
-        logits, labels = cached_logits(model.to(target), data)
+        on_device = [h and (h[0].to(target), h[1].to(target)) for h in heads]
+        logits, labels = cached_logits(model.to(target), data, on_device)
+    logits, packed = logits[: len(dirs)], logits[len(dirs) :]
+    for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
+        compressed[i] = accuracy(packed_logits, labels, num_classes)
     results = []
     for folder, config, run_logits, packed_result in zip(dirs, configs, logits, compressed, strict=True):
         result = Evaluation(

@@ -262,26 +262,11 @@ class FinishedRun:
     folder: Path
     config: dict[str, Any]  # config.json, checked by read_config
     metrics: dict[str, Any]  # metrics.json: complete, with a "final" table
-
-    @property
-    def method(self) -> str:
-        return self.config["run"]["method"]
-
-    @property
-    def queries(self) -> int:
-        return self.config["run"]["queries"]
-
-    @property
-    def lr(self) -> float:
-        return self.config["run"]["lr"]
-
-    @property
-    def wd(self) -> float:
-        return self.config["run"]["wd"]
-
-    @property
-    def seed(self) -> int:
-        return self.config["run"]["seed"]
+    method: str  # the run's configuration, as config.json's "run" table records it (RUN_TYPES)
+    queries: int
+    lr: float
+    wd: float
+    seed: int
 
     @property
     def diverged(self) -> bool:
@@ -312,7 +297,7 @@ def finished_runs(folders: list[Path]) -> list[FinishedRun]:
         config = read_config(folder)
         metrics = read_json(folder / "metrics.json")
         if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
-            runs.append(FinishedRun(folder, config, metrics))
+            runs.append(FinishedRun(folder, config, metrics, **{k: config["run"][k] for k in RUN_TYPES}))
     return runs
 
 
