@@ -110,3 +110,30 @@ def test_offline_without_cached_weights_is_one_sentence_at_once(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "not in the local Hugging Face cache" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["deit_tiny_patch16_224", "deit3_small_patch16_224", "deit_tiny_distilled_patch16_224"]
+)
+def test_deit_extracts_through_the_cli(tmp_path, name):
+    """A DeiT store through `vqt-cache extract`: its f_0 is the model's own pre-logits feature."""
+    import numpy as np
+
+    from vqt_cache.datasets import ImageSplit, open_dataset
+    from vqt_cache.store import open_store
+
+    from conftest import run_cli
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    args = ["extract", "--backbone", name, "--weights", "random", "--dataset", "digits", "--splits", "val200"]
+    args += [f"--model-arg={k}={v}" for k, v in kwargs.items()] + ["--workers", "0", "--out", str(tmp_path / "s.zarr")]
+    code, out = run_cli(*args)
+    assert code == 0, out
+    store = open_store(str(tmp_path / "s.zarr"))
+    backbone = load_backbone(name, weights="random", **kwargs)
+    dataset = open_dataset("digits")
+    images = torch.stack([ImageSplit(dataset, dataset.split("val200")[:4], store.attrs["preprocessing"])[i][0]
+                          for i in range(4)])  # fmt: skip
+    with torch.no_grad():
+        final = backbone.model.forward_head(backbone.model.forward_features(images), pre_logits=True)
+    np.testing.assert_allclose(store.split("val200").final()[:4], final.numpy(), atol=1e-5, rtol=0)
