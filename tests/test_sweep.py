@@ -153,7 +153,7 @@ def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
     assert top[0]["T"] == min(candidates, key=lambda r: (-r["val_top1"], r["T"]))["T"] and top[2]["T"] == 1
     assert "## Headline" in markdown and "| mean of tasks |" in markdown and "sample standard deviation" in markdown
     backbone = f"{TINY_EXTRACT['backbone']}, weights random (seed 0)"
-    assert f"Backbone: {backbone}." in markdown and all(r["weights"] == backbone for r in rows)
+    assert f"Backbone: {backbone}." in markdown and all(r["backbone"] == backbone for r in rows)
     # the std over seeds is the sample's, and every seed's result is listed
     for r in rows:
         values = [r["per_seed"][seed] for seed in (1, 2)]

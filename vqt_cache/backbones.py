@@ -236,26 +236,24 @@ def weights_source(weights: str | Path | None, model: nn.Module) -> dict[str, An
     cfg = getattr(model, "pretrained_cfg", None) or {}
     found = {"source": "pretrained", "tag": f"{cfg.get('architecture')}.{cfg.get('tag')}"}
     if cfg.get("hf_hub_id"):
+        cached = _cached_hub_file(cfg["hf_hub_id"])
         found["hf_hub_id"] = cfg["hf_hub_id"]
-        found["revision"] = _cached_revision(cfg["hf_hub_id"])
+        found["revision"] = cached and Path(cached).parent.name  # .../snapshots/<revision>/<file>
     return found
 
 
-def _cached_revision(repo_id: str) -> str | None:
-    """The snapshot (commit) of a hub repository in the local Hugging Face cache, if there is one."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-            path = try_to_load_from_cache(repo_id, filename)
-            if isinstance(path, str):
-                return Path(path).parent.name  # .../snapshots/<revision>/<file>
-    except Exception:  # provenance is best effort: no cache, another layout
-        return None
-    return None
-
-
 HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
+
+
+def _cached_hub_file(repo_id: str) -> str | None:
+    """The path of a hub repository's weights file in the local Hugging Face cache, if it holds one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_FILES:
+        path = try_to_load_from_cache(repo_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def _check_fetchable(timm_name: str) -> None:
@@ -264,10 +262,10 @@ def _check_fetchable(timm_name: str) -> None:
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
     repo = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
-    if not repo or any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_FILES):
+    if not repo or _cached_hub_file(repo):
         return
     if constants.HF_HUB_OFFLINE:
         why = "HF_HUB_OFFLINE is set"
@@ -332,7 +330,6 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
     kwargs = {**defaults, **kwargs}
     geometry(name, **kwargs)  # any timm VisionTransformer of supported blocks (ViT, DeiT, ...): checked before loading
     model = _create(timm_name, weights, kwargs)
-    check_supported(model, name)
     model.eval().requires_grad_(False)
     source = weights_source(weights, model)
     return Backbone(name, timm_name, dict(kwargs), model, weights_fingerprint(model), source)

@@ -72,6 +72,11 @@ def _flag(*names: str, help: str) -> Any:
     return typer.Option(*names, help=help, metavar=" ")
 
 
+# options several commands share, defined once
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+MovedStore = Annotated[str | None, typer.Option(help="the store, if it moved since training")]
+
+
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
     kwargs = {}
     for pair in pairs:
@@ -131,7 +136,7 @@ def extract(
     codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = DEFAULT_CODEC,
     batch_size: Annotated[int, typer.Option(help="images per forward")] = EXTRACT_BATCH_SIZE,
     shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = SHARD_SIZE,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
+    device: Device = recipe.DEVICE,
     out: Annotated[
         str | None,
         typer.Option(help="store path or URL (default <cache-root>/<dataset>/<backbone>[-...].zarr)"),
@@ -393,7 +398,7 @@ def train(
     ] = None,
     out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
     memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = recipe.DEVICE,
+    device: Device = recipe.DEVICE,
     precision: Annotated[
         str, typer.Option(help="query-path arithmetic: float32, bf16 (bfloat16 matmuls), auto (bf16 where fast)")
     ] = DEFAULT_PRECISION,
@@ -465,7 +470,7 @@ def _print_grids(specs, results: list[TrainedRun], evaluated_on: str | None) -> 
     found = {r.name: r for r in results}
     for method, T, seed in dict.fromkeys((s.method, s.queries, s.seed) for s in specs):
         at = {(s.lr, s.wd): found[s.name] for s in specs if (s.method, s.queries, s.seed) == (method, T, seed)}
-        scores = [r.final["top1"] for r in at.values() if not r.diverged and "top1" in r.final]
+        best = max((r.final["top1"] for r in at.values() if not r.diverged and "top1" in r.final), default=None)
         console.print(f"{method}{f' T={T}' if method == 'vqt' else ''}, seed {seed}: {evaluated_on} top-1 (%)")
         table = Table()
         wds = sorted({wd for _, wd in at}, reverse=True)
@@ -481,7 +486,7 @@ def _print_grids(specs, results: list[TrainedRun], evaluated_on: str | None) -> 
                     cells.append("[red]diverged[/red]")
                 else:
                     text = f"{100 * run.final['top1']:.2f}"
-                    cells.append(f"[bold]{text}[/bold]" if run.final["top1"] == max(scores) else text)
+                    cells.append(f"[bold]{text}[/bold]" if run.final["top1"] == best else text)
             table.add_row(f"{lr:g}", *cells)
         console.print(table)
 
@@ -507,11 +512,11 @@ def evaluate(
     split: Annotated[
         str, typer.Option(help="split to evaluate on: cached if the store holds it, else live")
     ] = recipe.FINAL_EVAL,
-    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    store: MovedStore = None,
     root: Annotated[str | None, typer.Option(help="dataset folder, if it moved since extraction (live)")] = None,
     live: Annotated[bool, _flag("--live", help="run the backbone even when the split is cached")] = False,
     batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
+    device: Device = recipe.DEVICE,
     workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = WORKERS,
     precision: Annotated[
         str | None, typer.Option(help="float32, bf16 or auto (default: what the runs trained with)")
@@ -561,8 +566,8 @@ def evaluate(
 def predict(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder, or the file `vqt-cache export` wrote")],
     images: Annotated[list[str], typer.Argument(help="image files")],
-    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = recipe.DEVICE,
+    store: MovedStore = None,
+    device: Device = recipe.DEVICE,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Classify raw images through the live path (frozen backbone + the run's queries and head).
@@ -588,7 +593,7 @@ def predict(
 def export(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
     out: Annotated[str | None, typer.Option(help="the file to write (default: <run folder>.safetensors)")] = None,
-    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    store: MovedStore = None,
 ) -> None:
     """Write one standalone file (frozen backbone + queries + head + preprocessing) that `predict` takes.
 
@@ -714,7 +719,7 @@ def compress(
     run_dir: Annotated[str, typer.Argument(help="a finished VQT run folder")],
     keep: Annotated[float, typer.Option(help="fraction of features kept")] = recipe.KEEP,
     lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = recipe.LASSO,
-    store: Annotated[str | None, typer.Option(help="the store, if it moved since training")] = None,
+    store: MovedStore = None,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
 ) -> None:
     """Group-lasso feature selection (docs/method.md §6): keep the top features, retrain the head; writes compressed/.

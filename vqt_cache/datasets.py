@@ -356,15 +356,18 @@ def imagefolder(root: Path) -> Dataset:
         raise VQTError(f"image folder {root} has no split folders (expected <root>/<split>/<class>/<image>)")
     classes = sorted({c.name for s in split_dirs for c in s.iterdir() if c.is_dir()})
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split_dir in split_dirs:
-        splits[split_dir.name] = [
-            (str(f.relative_to(root)), index[c.name])
-            for c in sorted(d for d in split_dir.iterdir() if d.is_dir())
-            for f in sorted(c.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
+    splits = {split_dir.name: _class_images(split_dir, index, root) for split_dir in split_dirs}
     return Dataset("imagefolder", root, classes, splits)
+
+
+def _class_images(folder: Path, index: dict[str, int], root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, label) of every image in folder's class folders, in name order."""
+    return [
+        (str(f.relative_to(root)), index[c.name])
+        for c in sorted(d for d in folder.iterdir() if d.is_dir())
+        for f in sorted(c.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
 
 
 CLASSFOLDER_TEST_FRACTION = 0.2
@@ -377,12 +380,7 @@ def classfolder(root: Path) -> Dataset:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise VQTError(f"class folder {root} has no class folders (expected <root>/<class>/<image>)")
-    items = [
-        (str(f.relative_to(root)), label)
-        for label, name in enumerate(classes)
-        for f in sorted((root / name).iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    items = _class_images(root, {c: i for i, c in enumerate(classes)}, root)
     train, test = _stratified(items, CLASSFOLDER_TEST_FRACTION, CARVE_SEED, f"the test split of {root}")
     return Dataset("classfolder", root, classes, {"train": train, "test": test})
 
@@ -419,7 +417,7 @@ class _HFImages:
         return value.convert("RGB")
 
 
-def hf_dataset(root: Path, image_column: str = "image", label_column: str = "label") -> Dataset:
+def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column: str = HF_COLUMNS["label"]) -> Dataset:
     """A Hugging Face `datasets` dataset on local disk: a `save_to_disk` folder, or parquet/arrow files (a folder of
     them, split by file name as the hub lays them out, or one file: split "train"). Needs `pip install
     vqt-cache[hf]`. Class names come from a ClassLabel label column, else the labels are numbered."""

@@ -83,20 +83,32 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     return {"top1": correct.mean().item(), "mean_class": float(np.mean(per_class))}
 
 
+CompressedHead = tuple[torch.Tensor, torch.nn.Linear]  # a compressed run's kept feature indices and its head
+
+
+def _extra_heads(compressed: list[CompressedHead | None] | None, device: torch.device) -> list[tuple]:
+    """(run index, kept features, head) on `device` for each run that has a compressed head."""
+    return [(i, c[0].to(device), c[1].to(device)) for i, c in enumerate(compressed or []) if c]
+
+
+def _outputs(model: CachedVQT, features: list[torch.Tensor], extra: list[tuple]) -> list[torch.Tensor]:
+    """Each run's logits from its features, then each compressed head's from the same features."""
+    outputs = [run.head(f) for run, f in zip(model.runs, features, strict=True)]
+    return outputs + [head(features[i][:, kept]) for i, kept, head in extra]
+
+
 def cached_logits(
-    model: CachedVQT, data: CachedSplit, compressed: list[tuple[torch.Tensor, torch.nn.Linear] | None] | None = None
+    model: CachedVQT, data: CachedSplit, compressed: list[CompressedHead | None] | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every run's logits over a whole cached split (in store order, on the CPU), and the labels; then, for each run
     with a `compressed` (kept features, head), that head's logits, from the same features."""
-    extra = [(i, kept, head) for i, c in enumerate(compressed or []) if c for kept, head in [c]]
+    extra = _extra_heads(compressed, data.device)
     logits: list[list[torch.Tensor]] = [[] for _ in range(len(model.runs) + len(extra))]
     labels = []
     with torch.no_grad():
         for batch in data.batches():
             features = model.features(batch.final, batch.cache, None, batch.means)
-            outputs = [run.head(f) for run, f in zip(model.runs, features, strict=True)]
-            outputs += [head(features[i][:, kept]) for i, kept, head in extra]
-            for i, out in enumerate(outputs):
+            for i, out in enumerate(_outputs(model, features, extra)):
                 logits[i].append(out.float().cpu())
             labels.append(batch.labels.cpu())
     return [torch.cat(lg) for lg in logits], torch.cat(labels)
@@ -107,15 +119,7 @@ def _trained_run(folder: Path) -> tuple[dict, RunParameters]:
     config, _ = load_finished(folder)
     try:
         m = config["model"]
-        run = RunParameters(
-            m["method"],
-            int(m["queries"]),
-            int(m["depth"]),
-            int(m["dim"]),
-            int(m["num_classes"]),
-            tuple(m["patch_size"]),
-            float(config["recipe"]["dropout"]),
-        )
+        run = RunParameters.from_table(m, float(config["recipe"]["dropout"]))
         _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
@@ -208,8 +212,7 @@ def evaluate(
         )
     else:
         data = CachedSplit(store.split(split), memory_budget, batch_size, target, num_classes, **model.reads())
-        on_device = [h and (h[0].to(target), h[1].to(target)) for h in heads]
-        logits, labels = cached_logits(model.to(target), data, on_device)
+        logits, labels = cached_logits(model.to(target), data, heads)
     logits, packed = logits[: len(dirs)], logits[len(dirs) :]
     for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
         compressed[i] = accuracy(packed_logits, labels, num_classes)
@@ -231,7 +234,7 @@ def evaluate(
     return results
 
 
-def compressed_head(run_dir: str | Path) -> tuple[torch.Tensor, torch.nn.Linear] | None:
+def compressed_head(run_dir: str | Path) -> CompressedHead | None:
     """A compressed run's (kept feature indices, head) from <run>/compressed/, or None if it was not compressed."""
     record, out = compression_record(run_dir), compressed_folder(run_dir)
     if not record.is_file():
@@ -297,11 +300,11 @@ def live_logits(
     device: torch.device,
     workers: int,
     progress: Progress | None,
-    compressed: list[tuple[torch.Tensor, torch.nn.Linear] | None] | None = None,
+    compressed: list[CompressedHead | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every run's logits (on the CPU) and the labels over a split of the store's dataset, from one frozen forward
     per batch of images; then, for each run with a `compressed` (kept features, head), that head's logits."""
-    extra = [(i, kept.to(device), head.to(device)) for i, c in enumerate(compressed or []) if c for kept, head in [c]]
+    extra = _extra_heads(compressed, device)
     from vqt_cache.datasets import ImageSplit, index_hash, reopen_dataset
 
     attrs = store.attrs
@@ -329,10 +332,7 @@ def live_logits(
             if not ok.all():
                 raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
             final, cache = backbone.forward_cache(images.to(device), layout=store.layout, layer_major=True)
-            features = model.features(final, cache)
-            outputs = [run.head(f) for run, f in zip(model.runs, features, strict=True)]
-            outputs += [head(features[i][:, kept]) for i, kept, head in extra]
-            for i, out in enumerate(outputs):
+            for i, out in enumerate(_outputs(model, model.features(final, cache), extra)):
                 logits[i].append(out.float().cpu())
             done += len(images)
             if progress:

@@ -20,7 +20,7 @@ import torch
 from vqt_cache.backbones import Backbone, backbone_from_weights
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import load_run
-from vqt_cache.files import DamagedFile, write_bytes
+from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.run_folder import model_shapes
 
@@ -94,21 +94,13 @@ def _is_ours(path: Path) -> bool:
 
 def load_exported(path: str | Path) -> Exported:
     """An export file -> the frozen backbone (fingerprint checked), the run's model, preprocessing, class names."""
-    from safetensors.torch import load
-
     path = Path(path)
     meta = _metadata(path)
     try:
-        tensors = load(path.read_bytes())
+        run = RunParameters.from_table(meta["model"])
+        tensors = load_tensors(path, model_shapes(meta["model"]))  # the run's tensors with their shapes checked
         weights = {k.removeprefix("backbone."): v.numpy() for k, v in tensors.items() if k.startswith("backbone.")}
         backbone = backbone_from_weights(meta["backbone"], weights)
-        m = meta["model"]
-        run = RunParameters(m["method"], int(m["queries"]), int(m["depth"]), int(m["dim"]), int(m["num_classes"]),
-                            tuple(m["patch_size"]), 0.0)  # fmt: skip
-        shapes = model_shapes(m)
-        for name, shape in shapes.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                raise DamagedFile(path, f"tensor {name!r} is missing or not of shape {shape}")
         run.load_tensors(tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(path, f"missing or wrong entry {exc}") from exc

@@ -57,6 +57,13 @@ class RunParameters(nn.Module):
         in_features = dim * (1 + depth) if method == "pooled" else feature_dim(dim, depth, T)
         self.head = linear_head(in_features, num_classes, generator)
 
+    @classmethod
+    def from_table(cls, table: dict, dropout: float = 0.0) -> RunParameters:
+        """Untrained parameters shaped by a run folder's config.json "model" table (KeyError, TypeError or
+        ValueError when it lacks an entry or holds a wrong one)."""
+        dims = (int(table[k]) for k in ("queries", "depth", "dim", "num_classes"))
+        return cls(table["method"], *dims, tuple(table["patch_size"]), dropout)
+
     def features(self, final: torch.Tensor, outputs: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
         """This run's (B, F) features from f_0, its query outputs (B, L, T, D) and the pooled baseline features."""
         if self.method == "vqt":

@@ -72,15 +72,13 @@ def predict(
             raise VQTError(str(exc)) from exc
     target = resolve_device(device)
     live = LiveVQT(backbone, model).eval().to(target)
+    kept, linear = head if head is not None else (None, model.runs[0].head)  # the run's head, or its compressed one
+    kept, linear = (None if kept is None else kept.to(target)), linear.to(target)
     results = []
     with torch.no_grad():
         for start in range(0, len(tensors), batch_size):
-            batch = torch.stack(tensors[start : start + batch_size]).to(target)
-            if head is None:
-                logits = live(batch)[0].float().cpu()
-            else:
-                kept, linear = head
-                logits = linear.to(target)(live.features(batch)[0][:, kept.to(target)]).float().cpu()
+            features = live.features(torch.stack(tensors[start : start + batch_size]).to(target))[0]
+            logits = linear(features if kept is None else features[:, kept]).float().cpu()
             probs = logits.softmax(dim=1)
             for i, row in enumerate(logits):
                 label = int(row.argmax())

@@ -82,7 +82,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
         described = {
             f"{s.get('backbone', p.backbone)}, weights {describe_weights(s.get('weights') or {})}" for s in stores
         }
-        weights = "; ".join(sorted(described))
+        backbone = "; ".join(sorted(described))
         finals: dict[tuple[str, int], list[dict]] = {}
         for run in final_runs:
             if run.seed not in p.protocol.final_seeds:
@@ -123,7 +123,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                     "diverged": "selection",
                     "test_top1_mean": None,
                     "test_top1_std": None,
-                    "weights": weights,
+                    "backbone": backbone,
                     "label": _label(method, T),
                 }
             )
@@ -145,7 +145,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                 "test_top1_mean": float(np.mean(tests)) if tests and not diverged else None,
                 "test_top1_std": sample_std(tests) if tests and not diverged else None,
                 "per_seed": per_seed,
-                "weights": weights,
+                "backbone": backbone,
             }
             rows.append({**base, "label": _label(method, T)})
             packed = [f["compressed"] for f in results if "compressed" in f]
@@ -234,7 +234,7 @@ def _csv(rows: list[dict]) -> str:
         "test_top1_std",
         "seeds",
         "diverged",
-        "weights",
+        "backbone",
     ]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, extrasaction="ignore")
@@ -260,15 +260,14 @@ def _table(p: Pipeline, rows: list[dict], labels: list[str]) -> list[str]:
     return lines
 
 
-def _markdown(p: Pipeline, rows: list[dict]) -> str:
+def _markdown(p: Pipeline, rows: list[dict], top: list[dict]) -> str:
     proto = p.protocol
-    top = headline(p, rows)
     with_T = {r["dataset"]: r["T"] for r in top if r["label"] == HEADLINE}
-    weights = "; ".join(sorted({r["weights"] for r in rows}))
+    backbone = "; ".join(sorted({r["backbone"] for r in rows}))
     lines = [
         f"# {p.name}: {proto.final_eval} top-1 (%)",
         "",
-        f"Backbone: {weights}. Each cell: mean ± sample standard deviation (n − 1) over the "
+        f"Backbone: {backbone}. Each cell: mean ± sample standard deviation (n − 1) over the "
         f"{len(proto.final_seeds)} seeds {', '.join(map(str, proto.final_seeds))}. (lr, wd) selected on "
         f"`{proto.select_eval}` (trained on `{proto.select_train}`, seed {proto.select_seed}, last epoch, ties → "
         f"smaller lr); final runs trained on `{proto.final_train}` and tested on `{proto.final_eval}`. A diverged "
@@ -344,11 +343,12 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
     out = Path(out_dir) if out_dir else p.root
     runs = finished(p)
     rows = collect(p, runs)
+    top = headline(p, rows)
     files = {
         "results.csv": _csv(rows).encode(),
-        "headline.csv": _csv(headline(p, rows)).encode(),
+        "headline.csv": _csv(top).encode(),
         "per_seed.csv": _per_seed_csv(rows).encode(),
-        "results.md": _markdown(p, rows).encode(),
+        "results.md": _markdown(p, rows, top).encode(),
         **_plots(p, rows, runs),
     }
     previous = _claim(out, list(files))
@@ -361,7 +361,7 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
     plots = [str(out / name) for name in files if name.endswith((".png", ".pdf"))]
     return {
         "rows": rows,
-        "headline": headline(p, rows),
+        "headline": top,
         "select_eval": p.protocol.select_eval,
         "final_eval": p.protocol.final_eval,
         "csv": str(out / "results.csv"),
@@ -380,7 +380,7 @@ def _saved(figure, stem: str) -> dict[str, bytes]:
     return out
 
 
-def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], chosen: dict) -> dict[str, bytes]:
+def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], rows: list[dict]) -> dict[str, bytes]:
     """Selection accuracy over lr × wd, one panel per T, one colour scale for the figure (a labelled colourbar),
     the selected cell outlined, each cell's value in a colour that reads on it."""
     import matplotlib.pyplot as plt
@@ -409,9 +409,9 @@ def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], chosen: dict) -> 
                 r, g, b, _ = cmap((value - low) / (high - low))
                 ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=8)
-        choice = chosen.get(("vqt", T))
-        if choice and choice["lr"] in p.grid.lr and choice["wd"] in p.grid.wd:
-            i, j = p.grid.lr.index(choice["lr"]), p.grid.wd.index(choice["wd"])
+        chosen = [r for r in rows if r["dataset"] == entry.name and r["label"] == _label("vqt", T)]  # as selected
+        if chosen and chosen[0]["lr"] in p.grid.lr and chosen[0]["wd"] in p.grid.wd:
+            i, j = p.grid.lr.index(chosen[0]["lr"]), p.grid.wd.index(chosen[0]["wd"])
             ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5))
     bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
     bar.set_label(f"{p.protocol.select_eval} top-1 (%)")
@@ -471,7 +471,7 @@ def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
     for entry in p.datasets:
         grid_runs = [r for r in runs[entry.name][0] if r.method == "vqt" and r.eval_top1 is not None]
         if grid_runs:
-            written |= _heatmap(p, entry, grid_runs, select(runs[entry.name][0]))
+            written |= _heatmap(p, entry, grid_runs, rows)
     written |= _accuracy_vs_T(p, rows)
     plt.close("all")
     return written

@@ -279,9 +279,6 @@ class FinishedRun:
         finite = isinstance(top1, float | int) and not isinstance(top1, bool) and math.isfinite(top1)
         return None if self.diverged or not finite else float(top1)
 
-    def timing(self) -> dict[str, Any]:
-        return read_timing(self.folder)
-
 
 def read_timing(path: str | Path) -> dict[str, Any]:
     """A finished run's timing.json: train_seconds, train_images, in_memory, epoch_seconds, runs_in_pass."""

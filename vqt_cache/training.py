@@ -114,28 +114,23 @@ class TrainedRun:
 NO_EVAL = "none"  # an eval split that means: no evaluation during training (a test set evaluated live later)
 
 
-def resolve_split(store: Store, requested: str | None, preferences: tuple[str, ...], what: str) -> str:
+def resolve_split(store: Store, requested: str | None, preferences: tuple[str, ...], refusal: str) -> str:
+    """The split named, else the first of `preferences` the store holds; else "store <url> <refusal>"."""
     if requested:
         return requested
-    for name in preferences:
-        if name in store.split_names():
-            return name
-    raise VQTError(f"store {store.url} has none of the {what} splits {', '.join(preferences)}; pass one explicitly")
+    found = next((name for name in preferences if name in store.split_names()), None)
+    if found is None:
+        raise VQTError(f"store {store.url} {refusal}")
+    return found
 
 
-def resolve_eval_split(store: Store, requested: str | None) -> str:
-    """The split runs are evaluated on each epoch (and selected by): the one named, else the store's validation
-    split. A store without one is refused: a default never falls back on the test set."""
-    if requested:
-        return requested
-    found = [name for name in recipe.EVAL_SPLITS if name in store.split_names()]
-    if not found:
-        raise VQTError(
-            f"store {store.url} has no validation split ({' or '.join(recipe.EVAL_SPLITS)}), and training never "
-            "selects on the test set: extract with --val-fraction F to carve one out of train, or name a split with "
-            "--eval-split (none: train without evaluating)"
-        )
-    return found[0]
+# Runs are evaluated each epoch (and selected) on a validation split only: a default never falls back on the test set
+NO_TRAIN_SPLIT = f"has none of the training splits {', '.join(recipe.TRAIN_SPLITS)}; pass one explicitly"
+NO_EVAL_SPLIT = (
+    f"has no validation split ({' or '.join(recipe.EVAL_SPLITS)}), and training never selects on the test set: "
+    "extract with --val-fraction F to carve one out of train, or name a split with --eval-split (none: train "
+    "without evaluating)"
+)
 
 
 def run_dirs(cfg: TrainConfig, store: Store) -> dict[RunSpec, Path]:
@@ -381,8 +376,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
     store = open_store(cfg.store)
     no_eval = cfg.eval_split == NO_EVAL
     splits = {
-        "train": resolve_split(store, cfg.train_split, recipe.TRAIN_SPLITS, "training"),
-        "eval": None if no_eval else resolve_eval_split(store, cfg.eval_split),
+        "train": resolve_split(store, cfg.train_split, recipe.TRAIN_SPLITS, NO_TRAIN_SPLIT),
+        "eval": None if no_eval else resolve_split(store, cfg.eval_split, recipe.EVAL_SPLITS, NO_EVAL_SPLIT),
     }
     train_split = store.split(splits["train"])
     eval_split = None if no_eval else store.split(splits["eval"])
