@@ -131,6 +131,6 @@ def compress(
         out.mkdir(exist_ok=True)
         record = compression_record(run_dir)
         record.unlink(missing_ok=True)  # an earlier compression's record must not describe this model
-        save_tensors(out / "model.safetensors", tensors)
-        write_json(record, report)  # last: its presence marks the compression done
+        checksum = save_tensors(out / "model.safetensors", tensors)
+        write_json(record, {**report, "checksums": {"model.safetensors": checksum}})  # last: marks it done
     return report

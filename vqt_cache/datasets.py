@@ -128,6 +128,8 @@ class Dataset:
     loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
     validation: dict[str, Any] | None = None  # how `with_validation` carved the val split, if it did
     columns: dict[str, str] | None = None  # a Hugging Face dataset's image and label columns
+    fingerprint: str | None = None  # a Hugging Face dataset's content fingerprint (its splits' own fingerprints)
+    unusable: dict[str, str] = field(default_factory=dict)  # split -> why it cannot be used (said when asked for)
 
     @property
     def num_classes(self) -> int:
@@ -174,18 +176,24 @@ class Dataset:
         return f"{source}#{digest}"
 
     def describe(self) -> dict[str, Any]:
+        """What identifies the dataset in a store: its kind, where it is (absolute), its class names, how its
+        images are resized, and (where they apply) its columns, content fingerprint and carved validation split."""
         described = {
             "name": self.name,
-            "root": str(self.root) if self.root else None,
+            "root": str(Path(self.root).resolve()) if self.root else None,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "resize": self.resize,
         }
         if self.columns is not None:
             described["columns"] = self.columns
+        if self.fingerprint is not None:
+            described["fingerprint"] = self.fingerprint
         return described if self.validation is None else {**described, "validation": self.validation}
 
     def split(self, name: str) -> list[tuple[str, int]]:
+        if name in self.unusable:
+            raise VQTError(self.unusable[name])
         if name not in self.splits:
             raise VQTError(f"dataset {self.name!r} has no split {name!r} (it has {', '.join(self.splits)})")
         items = self.splits[name]
@@ -237,12 +245,33 @@ def _stratified(items: list[tuple[str, int]], fraction: float, seed: int, what: 
 
 def reopen_dataset(recorded: dict[str, Any], root: str | Path | None = None) -> Dataset:
     """The dataset a store was extracted from, from its recorded description (`Dataset.describe`): opened by name
-    (at `root` if given, else the recorded root), with its validation split carved again if it was carved."""
+    (at `root` if given, else the recorded root), with its validation split carved again if it was carved, and its
+    labels numbered by the store's recorded class names (`relabelled`), whatever folders are present now."""
     dataset = open_dataset(recorded["name"], root if root is not None else recorded["root"], recorded.get("columns"))
     carving = recorded.get("validation")
     if carving:
         dataset = with_validation(dataset, carving["fraction"], carving["seed"], carving["from"])
-    return dataset
+    return relabelled(dataset, recorded["class_names"])
+
+
+def relabelled(dataset: Dataset, class_names: list[str]) -> Dataset:
+    """The dataset with its labels numbered as `class_names` numbers them (a store's classes): labels follow names,
+    not the folders present now. A class missing now is simply absent; a split that holds a class not among
+    `class_names` is kept out (asking for it says why)."""
+    if dataset.class_names == list(class_names):
+        return dataset
+    index = {name: label for label, name in enumerate(class_names)}
+    splits, unusable = {}, dict(dataset.unusable)
+    for name, items in dataset.splits.items():
+        unknown = sorted({dataset.class_names[label] for _, label in items} - index.keys())
+        if unknown:
+            unusable[name] = (
+                f"split {name!r} of {dataset.name!r} has images of class {unknown[0]!r}, which is not one of the "
+                f"store's {len(class_names)} classes, so no run trained on that store can classify them"
+            )
+            continue
+        splits[name] = [(source, index[dataset.class_names[label]]) for source, label in items]
+    return dataclasses.replace(dataset, class_names=list(class_names), splits=splits, unusable=unusable)
 
 
 def index_hash(items: list[tuple[str, int]]) -> str:
@@ -351,23 +380,42 @@ def vtab1k(task: str, root: Path) -> Dataset:
 def imagefolder(root: Path) -> Dataset:
     """torchvision-style <root>/<split>/<class>/<image>; classes from the sorted class folders of all splits."""
     _require(root, "dataset root")
-    split_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    split_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not split_dirs:
         raise VQTError(f"image folder {root} has no split folders (expected <root>/<split>/<class>/<image>)")
-    classes = sorted({c.name for s in split_dirs for c in s.iterdir() if c.is_dir()})
+    folders = {split_dir: _class_folders(split_dir) for split_dir in split_dirs}
+    classes = sorted({c.name for found in folders.values() for c in found})
     index = {c: i for i, c in enumerate(classes)}
-    splits = {split_dir.name: _class_images(split_dir, index, root) for split_dir in split_dirs}
+    splits = {split_dir.name: _class_images(found, index, root) for split_dir, found in folders.items()}
     return Dataset("imagefolder", root, classes, splits)
 
 
-def _class_images(folder: Path, index: dict[str, int], root: Path) -> list[tuple[str, int]]:
-    """(path relative to root, label) of every image in folder's class folders, in name order."""
-    return [
-        (str(f.relative_to(root)), index[c.name])
-        for c in sorted(d for d in folder.iterdir() if d.is_dir())
-        for f in sorted(c.iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+def _is_image(path: Path) -> bool:
+    """An image file by its name: a known suffix, not hidden (macOS's ._name.jpg companions are not images)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The class folders of `folder`, in name order. Hidden folders (.git) and folders without images are no
+    classes; two names for one folder (a link to another class's folder) are refused: its images would be stored
+    twice, under two labels."""
+    found = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    found = [d for d in found if any(_is_image(f) for f in d.iterdir())]
+    seen: dict[Path, Path] = {}
+    for d in found:
+        real = d.resolve()
+        if real in seen:
+            raise VQTError(
+                f"class folders {seen[real].name!r} and {d.name!r} of {folder} are one folder ({real}); its images "
+                "would count for two classes: remove the link"
+            )
+        seen[real] = d
+    return found
+
+
+def _class_images(class_dirs: list[Path], index: dict[str, int], root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, label) of every image in the class folders, in name order."""
+    return [(str(f.relative_to(root)), index[c.name]) for c in class_dirs for f in sorted(c.iterdir()) if _is_image(f)]
 
 
 CLASSFOLDER_TEST_FRACTION = 0.2
@@ -377,10 +425,11 @@ def classfolder(root: Path) -> Dataset:
     """A flat <root>/<class>/<image> folder: its images split into train and test (a seeded, class-stratified
     fifth, CARVE_SEED), the same on every run; `extract --val-fraction` carves a validation split out of train."""
     _require(root, "dataset root")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise VQTError(f"class folder {root} has no class folders (expected <root>/<class>/<image>)")
-    items = _class_images(root, {c: i for i, c in enumerate(classes)}, root)
+    class_dirs = _class_folders(root)
+    if not class_dirs:
+        raise VQTError(f"class folder {root} has no class folders with images (expected <root>/<class>/<image>)")
+    classes = [d.name for d in class_dirs]
+    items = _class_images(class_dirs, {c: i for i, c in enumerate(classes)}, root)
     train, test = _stratified(items, CLASSFOLDER_TEST_FRACTION, CARVE_SEED, f"the test split of {root}")
     return Dataset("classfolder", root, classes, {"train": train, "test": test})
 
@@ -445,6 +494,8 @@ def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column
     except Exception as exc:  # datasets raises many types for a folder it cannot read
         raise VQTError(f"cannot read the Hugging Face dataset at {root}: {str(exc).splitlines()[0]}") from exc
     splits = dict(loaded) if isinstance(loaded, hf.DatasetDict) else {"train": loaded}
+    if image_column == label_column:
+        raise VQTError(f"--image-column and --label-column both name column {image_column!r}; name the label column")
     for name, split in splits.items():
         missing = [c for c in (image_column, label_column) if c not in split.column_names]
         if missing:
@@ -452,20 +503,79 @@ def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column
                 f"split {name!r} of {root} has no column {missing[0]!r} (it has {', '.join(split.column_names)}); "
                 "name the columns with --image-column and --label-column"
             )
-    feature = next(iter(splits.values())).features[label_column]
-    items = {
-        name: [(f"{name}:{i}", int(label)) for i, label in enumerate(split[label_column])]
-        for name, split in splits.items()
-    }
-    if isinstance(feature, hf.ClassLabel):
-        classes = list(feature.names)
-    else:
-        classes = [str(c) for c in range(1 + max(label for split in items.values() for _, label in split))]
-    for name, split in items.items():
-        _check_labels(split, len(classes), f"split {name} of {root}")
+    classes, items, unusable = _hf_labels(splits, label_column, root)
     loader = _HFImages(splits, image_column)
     columns = {"image": image_column, "label": label_column}
-    return Dataset("hf", root, classes, items, loader=loader, columns=columns)
+    fingerprint = hashlib.sha256(json.dumps({n: s._fingerprint for n, s in sorted(splits.items())}).encode())
+    return Dataset(
+        "hf",
+        root,
+        classes,
+        items,
+        loader=loader,
+        columns=columns,
+        fingerprint=fingerprint.hexdigest(),
+        unusable=unusable,
+    )
+
+
+HF_UNLABELED = -1  # the Hugging Face convention for a row without a label (an unlabeled test split)
+
+
+def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[str, list], dict[str, str]]:
+    """Class names, each split's (source, label) items and the splits that cannot be used, from a label column of
+    ClassLabel, integer or string values; any other type (floats, lists) is refused: it is not a class."""
+    import datasets as hf
+
+    features = {name: split.features[column] for name, split in splits.items()}
+    kinds = {name: _label_kind(feature, hf) for name, feature in features.items()}
+    odd = next((name for name, kind in kinds.items() if kind is None), None)
+    if odd is not None or len(set(kinds.values())) > 1:
+        name = odd or next(iter(kinds))
+        raise VQTError(
+            f"label column {column!r} of split {name!r} of {root} holds {features[name]} values, not classes: "
+            "use a column of ClassLabel, integer or string labels (name it with --label-column)"
+        )
+    kind = next(iter(kinds.values()))
+    values = {name: list(split[column]) for name, split in splits.items()}
+    unlabeled = {name: sum(v is None or v == HF_UNLABELED for v in vs) for name, vs in values.items()}
+    if kind == "string":
+        classes = sorted({v for vs in values.values() for v in vs if v is not None})
+        index = {c: i for i, c in enumerate(classes)}
+        numbered = {name: [HF_UNLABELED if v is None else index[v] for v in vs] for name, vs in values.items()}
+    else:
+        numbered = {name: [HF_UNLABELED if v is None else int(v) for v in vs] for name, vs in values.items()}
+        top = max((v for vs in numbered.values() for v in vs), default=-1)
+        classes = (
+            list(features[next(iter(features))].names) if kind == "classlabel" else [str(c) for c in range(top + 1)]
+        )
+    items, unusable = {}, {}
+    for name, labels in numbered.items():
+        if unlabeled[name]:
+            whole = unlabeled[name] == len(labels)
+            unusable[name] = (
+                f"split {name!r} of {root} is unlabeled (label {HF_UNLABELED} or none in "
+                + ("every row" if whole else f"{unlabeled[name]} of {len(labels)} rows")
+                + "): it can be neither trained nor evaluated on; leave it out of --splits"
+            )
+            continue
+        items[name] = [(f"{name}:{i}", label) for i, label in enumerate(labels)]
+        _check_labels(items[name], len(classes), f"split {name} of {root}")
+    if not items:
+        raise VQTError(f"no split of {root} is labeled: {next(iter(unusable.values()))}")
+    return classes, items, unusable
+
+
+def _label_kind(feature: Any, hf: Any) -> str | None:
+    """ "classlabel", "integer" or "string" for a label column's feature; None for anything that is not a class."""
+    if isinstance(feature, hf.ClassLabel):
+        return "classlabel"
+    dtype = getattr(feature, "dtype", None) if isinstance(feature, hf.Value) else None
+    if dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        return "integer"
+    if dtype in ("string", "large_string"):
+        return "string"
+    return None
 
 
 def digits() -> Dataset:

@@ -26,7 +26,15 @@ import torch
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
-from vqt_cache.files import DamagedFile, load_tensors, load_torch, read_json, save_torch, write_json
+from vqt_cache.files import (
+    DamagedFile,
+    check_digest,
+    load_tensors,
+    load_torch,
+    read_json,
+    save_torch,
+    write_json,
+)
 from vqt_cache.formats import WORKERS
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import flush_subnormals, resolve_precision
@@ -213,6 +221,14 @@ def evaluate(
     else:
         data = CachedSplit(store.split(split), memory_budget, batch_size, target, num_classes, **model.reads())
         logits, labels = cached_logits(model.to(target), data, heads)
+    for i, outputs in enumerate(logits):  # a NaN logit has no argmax: never report an accuracy from it
+        if not bool(outputs.isfinite().all()):
+            owner = (
+                dirs[i]
+                if i < len(dirs)
+                else f"{[d for d, h in zip(dirs, heads, strict=True) if h][i - len(dirs)]}/compressed"
+            )
+            raise VQTError(f"run {owner} gives non-finite logits on split {split!r}; no accuracy is reported for it")
     logits, packed = logits[: len(dirs)], logits[len(dirs) :]
     for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
         compressed[i] = accuracy(packed_logits, labels, num_classes)
@@ -246,7 +262,12 @@ def compressed_head(run_dir: str | Path) -> CompressedHead | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(record, f"missing or wrong entry {exc}") from exc
     shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
-    tensors = load_tensors(out / "model.safetensors", shapes)
+    checksums = report.get("checksums")  # absent only in compressions from before it was recorded
+    if checksums is not None:
+        if not isinstance(checksums, dict) or not isinstance(checksums.get("model.safetensors"), str):
+            raise DamagedFile(record, "no checksum of model.safetensors")
+        check_digest(out / "model.safetensors", checksums["model.safetensors"], str(record))
+    tensors = load_tensors(out / "model.safetensors", shapes, finite=True)
     kept = tensors["feature_index"]
     if len(kept) and (kept.min() < 0 or kept.max() >= F):
         raise DamagedFile(out / "model.safetensors", "feature_index points outside the run's features")

@@ -1,10 +1,12 @@
 """`vqt-cache export RUN`: one standalone file that classifies images with no store and no run folder.
 
 The file is a safetensors file: the frozen backbone's weights (`backbone.<name>`), the run's queries and head
-(`queries`, `head.weight`, `head.bias`, as in model.safetensors), and in its metadata (JSON under "vqt_cache") the
-backbone's description with its fingerprint, the preprocessing, the class names and the run's model table. Loading
-it rebuilds the backbone from those weights and checks them against the fingerprint, as a store does; `predict`
-takes such a file wherever it takes a run folder.
+(`queries`, `head.weight`, `head.bias`, as in model.safetensors; a compressed run's `<run>/compressed` adds
+`feature_index`, the features its head reads), and in its metadata (JSON under "vqt_cache") the backbone's
+description with its fingerprint, the preprocessing, the class names and the run's model table. A checksum (under
+"checksum") covers that metadata and every tensor but the backbone's, which its fingerprint covers. Loading it
+checks both and rebuilds the backbone from those weights, as a store does; `predict` takes such a file (whatever
+its name) wherever it takes a run folder.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluation import load_run
-from vqt_cache.files import DamagedFile, load_tensors, write_bytes
+from vqt_cache.evaluation import compressed_head, load_run
+from vqt_cache.files import DamagedFile, digest, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
-from vqt_cache.run_folder import model_shapes
+from vqt_cache.run_folder import COMPRESSED, is_compressed, model_shapes
 
 FORMAT = "vqt-cache-export"
-VERSION = 1
+VERSION = 2  # 2: a checksum over the metadata and the run's tensors; compressed heads
 SUFFIX = ".safetensors"
 
 
@@ -37,18 +39,34 @@ class Exported:
     model: CachedVQT  # the run's queries and head over the backbone's blocks
     preprocessing: dict[str, Any]
     class_names: list[str]
+    kept: torch.Tensor | None = None  # a compressed run's kept feature indices (its head reads only those)
+    head: torch.nn.Linear | None = None  # a compressed run's head; None: the run's own (model.runs[0].head)
 
 
 def is_export(path: str | Path) -> bool:
-    return Path(path).is_file() and Path(path).suffix == SUFFIX
+    """A file where a run folder is expected is taken for an export (loading it says if it is not one)."""
+    return Path(path).is_file()
+
+
+def _checksum(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """blake2b-256 of the metadata and every tensor but the backbone's (name, dtype, shape, bytes, in name order)."""
+    parts = [meta_json.encode()]
+    for name in sorted(k for k in tensors if not k.startswith("backbone.")):
+        t = tensors[name].detach().cpu().contiguous()
+        parts += [f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), t.reshape(-1).view(torch.uint8).numpy().tobytes()]
+    return digest(b"\0".join(parts))
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: str | None = None) -> Path:
-    """Write the run's export file (default: <run folder>.safetensors beside it) and return its path. An existing
-    file is replaced only if it is an export itself."""
-    loaded = load_run(run_dir, store_url)
-    path = Path(out) if out is not None else Path(str(Path(run_dir).resolve()) + SUFFIX)
-    if path.exists() and not _is_ours(path):
+    """Write the run's export file (default: <run folder>.safetensors beside it, or <run folder>.compressed.safetensors
+    for `<run>/compressed`, the compressed head) and return its path. An existing file is replaced only if it is an
+    export itself."""
+    compressed = Path(run_dir).name == COMPRESSED and is_compressed(Path(run_dir).parent)
+    folder = Path(run_dir).parent if compressed else Path(run_dir)
+    loaded = load_run(folder, store_url)
+    default = str(folder.resolve()) + (f".{COMPRESSED}" if compressed else "") + SUFFIX
+    path = Path(out) if out is not None else Path(default)
+    if path.is_dir() or path.exists() and not _is_ours(path):
         raise VQTError(f"{path} exists and is not a vqt-cache export; it is left untouched: choose another --out")
     attrs = loaded.store.attrs
     meta = {
@@ -60,31 +78,44 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
         "class_names": attrs["dataset"]["class_names"],
         "model": loaded.config["model"],
         "run": loaded.config["run"],
+        "compressed": compressed,
     }
     tensors = {f"backbone.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in loaded.store.weights().items()}
     tensors |= {k: v.detach().contiguous() for k, v in loaded.model.runs[0].tensors().items()}
+    if compressed:
+        kept, head = compressed_head(folder)
+        tensors |= {"head.weight": head.weight.detach(), "head.bias": head.bias.detach(), "feature_index": kept}
     from safetensors.torch import save
 
-    write_bytes(path, save(tensors, metadata={"vqt_cache": json.dumps(meta)}))
+    meta_json = json.dumps(meta)
+    checksum = _checksum(meta_json, tensors)
+    write_bytes(path, save(tensors, metadata={"vqt_cache": meta_json, "checksum": checksum}))
     return path
 
 
-def _metadata(path: Path) -> dict[str, Any]:
+def _metadata(path: Path) -> tuple[dict[str, Any], str, str | None]:
+    """(the export's metadata, as parsed and as written, its checksum or None for a version-1 export)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vqt_cache", "null"))
+            raw = f.metadata() or {}
+        meta_json = raw.get("vqt_cache", "null")
+        meta = json.loads(meta_json)
     except Exception as exc:  # not safetensors, truncated, no JSON
         raise DamagedFile(path, f"not a vqt-cache export ({str(exc).splitlines()[0]})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DamagedFile(path, "not a vqt-cache export (no vqt_cache metadata)")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (1, VERSION):
         raise VQTError(f"{path} is an export of version {meta.get('version')}; this vqt-cache reads {VERSION}")
-    return meta
+    checksum = raw.get("checksum")
+    if meta["version"] == VERSION and not isinstance(checksum, str):
+        raise DamagedFile(path, "its checksum is missing")
+    return meta, meta_json, checksum
 
 
 def _is_ours(path: Path) -> bool:
+    """An export (of any version), so export may replace it."""
     try:
         _metadata(path)
     except VQTError:
@@ -95,16 +126,53 @@ def _is_ours(path: Path) -> bool:
 def load_exported(path: str | Path) -> Exported:
     """An export file -> the frozen backbone (fingerprint checked), the run's model, preprocessing, class names."""
     path = Path(path)
-    meta = _metadata(path)
+    meta, meta_json, checksum = _metadata(path)
     try:
         run = RunParameters.from_table(meta["model"])
-        tensors = load_tensors(path, model_shapes(meta["model"]))  # the run's tensors with their shapes checked
+        shapes = model_shapes(meta["model"])
+        compressed = meta.get("compressed") is True
+        if compressed:  # the compressed head reads k of the run's features
+            shapes |= {"feature_index": None, "head.weight": None, "head.bias": (shapes["head.bias"][0],)}
+        tensors = load_tensors(path, {k: v for k, v in shapes.items() if v is not None}, finite=True)
+        if checksum is not None and _checksum(meta_json, tensors) != checksum:
+            raise DamagedFile(path, "its metadata or the run's tensors differ from the checksum it was written with")
         weights = {k.removeprefix("backbone."): v.numpy() for k, v in tensors.items() if k.startswith("backbone.")}
         backbone = backbone_from_weights(meta["backbone"], weights)
-        run.load_tensors(tensors)
+        kept = head = None
+        if compressed:
+            kept, head = _compressed_head(path, tensors, model_shapes(meta["model"])["head.weight"][1])
+        else:
+            run.load_tensors(tensors)
+        if len(meta["class_names"]) != shapes["head.bias"][0]:
+            raise DamagedFile(path, f"it names {len(meta['class_names'])} classes for {shapes['head.bias'][0]}")
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(path, f"missing or wrong entry {exc}") from exc
+    if compressed:
+        run.queries.prompts.data.copy_(tensors["queries"])
     model = CachedVQT(backbone.blocks, [run], meta["layout"]).eval()
     return Exported(
-        backbone=backbone, model=model, preprocessing=meta["preprocessing"], class_names=meta["class_names"]
+        backbone=backbone,
+        model=model,
+        preprocessing=meta["preprocessing"],
+        class_names=meta["class_names"],
+        kept=kept,
+        head=head,
     )
+
+
+def _compressed_head(path: Path, tensors: dict, features: int) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """A compressed export's kept feature indices and head, their shapes checked against each other."""
+    kept, weight, bias = tensors["feature_index"], tensors["head.weight"], tensors["head.bias"]
+    k = len(kept)
+    if (
+        kept.dtype != torch.int64
+        or tuple(weight.shape) != (len(bias), k)
+        or k
+        and not 0 <= kept.min() <= kept.max() < features
+    ):
+        raise DamagedFile(path, "its compressed head does not fit its kept features")
+    head = torch.nn.Linear(k, len(bias))
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return kept, head.eval()

@@ -49,7 +49,15 @@ from vqt_cache.formats import (
 )
 from vqt_cache.quantize import quantize
 from vqt_cache.recipe import CACHE_ROOT, DEVICE
-from vqt_cache.store import Images, Store, create_store, default_store_path, hash_rows, row_checksum
+from vqt_cache.store import (
+    Images,
+    Store,
+    check_resumable,
+    create_store,
+    default_store_path,
+    hash_rows,
+    row_checksum,
+)
 
 
 @dataclass(frozen=True)
@@ -190,22 +198,47 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
         )
 
 
-def _prepare_split(store: Store, dataset: Dataset, name: str) -> None:
-    """Create a split's metadata (new images join the image table), or check that an existing split lists the very
-    same images (sources and contents)."""
+@dataclass(frozen=True)
+class _SplitIndex:
+    """A split as the dataset lists it now: its images' keys ("<source>#<content digest>"), labels and hash."""
+
+    name: str
+    keys: list[str]
+    labels: list[int]
+    digest: str
+
+
+def _index_split(dataset: Dataset, name: str) -> _SplitIndex:
     items = dataset.split(name)
     keys = [dataset.image_key(source) for source, _ in items]
-    digest = index_hash([(key, label) for key, (_, label) in zip(keys, items, strict=True)])
     labels = [label for _, label in items]
-    if store.has_split(name):
-        split = store.split(name, require_complete=False)
-        if split.group.attrs["index_hash"] != digest and not store.rekey_split(split, keys, labels, digest):
-            raise VQTError(
-                f"split {name!r} in {store.url} lists other images than {dataset.name!r} at "
-                f"{dataset.root} does now (other files, labels or contents); use another --out or delete the store"
-            )
+    return _SplitIndex(name, keys, labels, index_hash(list(zip(keys, labels, strict=True))))
+
+
+def _check_split(store: Store, dataset: Dataset, index: _SplitIndex) -> None:
+    """Refuse, writing nothing, a split the store holds with other images (sources, labels or contents) than the
+    dataset lists now, unless only never-written images changed (an unreadable image fixed since)."""
+    if not store.has_split(index.name):
         return
-    store.create_split(name, keys, labels, digest)
+    split = store.split(index.name, require_complete=False)
+    if split.group.attrs["index_hash"] == index.digest:
+        return
+    if not store.rekey_split(split, index.keys, index.labels, index.digest, dry_run=True):
+        raise VQTError(
+            f"split {index.name!r} in {store.url} lists other images than {dataset.name!r} at "
+            f"{dataset.root} does now (other files, labels or contents); extract into another --out"
+        )
+
+
+def _prepare_split(store: Store, index: _SplitIndex) -> None:
+    """Create a split's metadata (new images join the image table), or record the fixed images of one that
+    `_check_split` accepted."""
+    if store.has_split(index.name):
+        split = store.split(index.name, require_complete=False)
+        if split.group.attrs["index_hash"] != index.digest:
+            store.rekey_split(split, index.keys, index.labels, index.digest)
+        return
+    store.create_split(index.name, index.keys, index.labels, index.digest)
 
 
 def _shard_batches(images: Images, shards: list[int], batch_size: int) -> list[list[int]]:
@@ -309,6 +342,7 @@ def extract_shards(
                 scales = None
                 if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
+                    _check_finite_scales(scales, position, sources)
                 writer.submit(position, layers, scales, checksum)
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
@@ -320,6 +354,10 @@ def extract_shards(
     return skipped
 
 
+# a store keeps its dtype: features it cannot hold need a new store
+FLOAT32_ADVICE = "extract with --dtype float32 into another --out (a store keeps the dtype it was made with)"
+
+
 def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources: list[str], dtype: str) -> None:
     """Stop before writing a batch whose features overflow the store's dtype (or are NaN): such a store would read
     as complete, and stage two would refuse it later."""
@@ -328,10 +366,22 @@ def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources
         return
     finite = torch.isfinite(layers.flatten(1)).all(dim=1) & torch.isfinite(final).all(dim=1)
     row = start + int((~finite).nonzero()[0])
-    hint = "extract with --dtype float32" if dtype == "float16" else "check the backbone's weights"
+    hint = FLOAT32_ADVICE if dtype != "float32" else "check the backbone's weights"
     raise VQTError(
         f"the features of image {sources[row]} (row {row}) are not finite in {dtype} (overflow or NaN); "
         f"nothing of that shard was marked complete: {hint}"
+    )
+
+
+def _check_finite_scales(scales: torch.Tensor, start: int, sources: list[str]) -> None:
+    """int8 stores keep a float16 scale per token and channel group: features beyond float16's range (65504 × 127)
+    overflow it. Stop before writing such a batch, as for float16 features."""
+    if bool(torch.isfinite(scales).all()):  # one device sync per batch
+        return
+    row = start + int((~torch.isfinite(scales.flatten(1)).all(dim=1)).nonzero()[0])
+    raise VQTError(
+        f"the features of image {sources[row]} (row {row}) are too large for int8's float16 scales (beyond "
+        f"65504 × 127); nothing of that shard was marked complete: {FLOAT32_ADVICE}"
     )
 
 
@@ -354,10 +404,17 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     if rank == 0:
         weights = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         with _creation_lock(url):  # other extract processes on the same store wait here, then find it made
+            # every check that can refuse runs before the first write: the dataset's identity (in create_store,
+            # before it writes), each split's images, the free space
+            indexes = [_index_split(dataset, name) for name in split_names]
+            existing = check_resumable(url, attrs)
+            if existing is not None:
+                for index in indexes:
+                    _check_split(existing, dataset, index)
             _check_space(cfg, dataset, split_names)  # reads the store: never while another process adds to it
             store = create_store(url, attrs, weights, shard_size=cfg.shard_size)
-            for name in split_names:
-                _prepare_split(store, dataset, name)
+            for index in indexes:
+                _prepare_split(store, index)
     _barrier(world)
     store = create_store(url, attrs, {}) if rank else store  # opens and checks; rank 0 already has it
 

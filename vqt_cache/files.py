@@ -12,10 +12,12 @@ error naming the file, which callers either report or treat as "not done yet" an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,28 @@ class DamagedFile(VQTError):
         self.path = Path(path)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under the user's umask (0644 under 022), as open() would give it; mkstemp's
+    temporary files are 0600, which would keep results from colleagues."""
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably (temporary file, fsync, rename, fsync of the folder)."""
+    """Replace `path` with `data` atomically and durably (temporary file, fsync, rename, fsync of the folder),
+    readable as the user's umask allows."""
     path = Path(path)
     try:
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as exc:  # name the file the user knows, not the temporary one
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
+        os.fchmod(handle, _file_mode())
         with os.fdopen(handle, "wb") as f:
             f.write(data)
             f.flush()
@@ -79,14 +95,36 @@ def read_json(path: str | Path, kind: type = dict) -> Any:
     return value
 
 
-def save_tensors(path: str | Path, tensors: dict) -> None:
+def digest(data: bytes) -> str:
+    """The checksum files are recorded with (blake2b-256, hex)."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict) -> str:
+    """Write tensors as a safetensors file; returns the file's checksum (`digest`) to record elsewhere."""
     from safetensors.torch import save
 
-    write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    write_bytes(path, data)
+    return digest(data)
 
 
-def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
-    """A safetensors file's tensors; with `shapes`, exactly those names with those shapes."""
+def check_digest(path: str | Path, recorded: str, where: str) -> None:
+    """DamagedFile unless the file's bytes have the checksum `where` (a file name) records for them."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DamagedFile(path, f"missing, though {where} records it") from None
+    except IsADirectoryError as exc:
+        raise DamagedFile(path, "a folder, not a file") from exc
+    if digest(data) != recorded:
+        raise DamagedFile(path, f"its bytes differ from the checksum {where} records for it")
+
+
+def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None, finite: bool = False) -> dict:
+    """A safetensors file's tensors; with `shapes`, exactly those names with those shapes; with `finite`, those
+    tensors hold no NaN or Inf (a model that would give non-finite logits is no model)."""
     from safetensors.torch import load
 
     path = Path(path)
@@ -102,6 +140,8 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = N
                 raise DamagedFile(path, f"no tensor {name!r}")
             if tuple(tensors[name].shape) != tuple(shape):
                 raise DamagedFile(path, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+            if finite and tensors[name].is_floating_point() and not bool(tensors[name].isfinite().all()):
+                raise DamagedFile(path, f"tensor {name!r} holds NaN or Inf")
     return tensors
 
 

@@ -57,6 +57,8 @@ def predict(
         exported = load_exported(run_dir)
         backbone, model = exported.backbone, exported.model
         preprocessing, class_names = exported.preprocessing, exported.class_names
+        if exported.head is not None:
+            head = exported.kept, exported.head
     else:
         loaded = load_run(run_dir, store_url)
         backbone, model = loaded.backbone, loaded.model
@@ -79,6 +81,9 @@ def predict(
         for start in range(0, len(tensors), batch_size):
             features = live.features(torch.stack(tensors[start : start + batch_size]).to(target))[0]
             logits = linear(features if kept is None else features[:, kept]).float().cpu()
+            if not bool(logits.isfinite().all()):  # never a probability
+                bad = start + int((~logits.isfinite().all(dim=1)).nonzero()[0])
+                raise VQTError(f"the model gives non-finite logits for {images[bad]}; its run cannot classify it")
             probs = logits.softmax(dim=1)
             for i, row in enumerate(logits):
                 label = int(row.argmax())

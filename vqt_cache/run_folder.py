@@ -5,7 +5,8 @@
           model.safetensors  queries (L, T, D), head.weight (C, F), head.bias (C,)   [not written for a diverged run]
           timing.json
           metrics.csv        one row per epoch: epoch, lr, train_loss, eval_top1, eval_mean_class
-          metrics.json       written last: {"complete": true, "diverged": ..., "epochs": [...], "final": {...}}
+          metrics.json       written last: {"complete": true, "diverged": ..., "epochs": [...], "final": {...},
+                             "checksums": {file: blake2b-256} of config.json and model.safetensors}
           .lock              held (flock) by the one process training the folder
 
 Rules: a run folder is created only where nothing exists or in an empty folder; a folder is reused only when its
@@ -29,7 +30,9 @@ from typing import Any
 from vqt_cache.errors import VQTError
 from vqt_cache.files import (
     DamagedFile,
+    check_digest,
     describe_entries,
+    digest,
     folder_entries,
     load_tensors,
     load_torch,
@@ -85,7 +88,9 @@ class RunFolder:
 
     # -- completion ------------------------------------------------------------------------------------------------
     def result(self) -> dict | None:
-        """metrics.json when the run is provably complete, else None (missing or damaged: it is trained again)."""
+        """metrics.json when the run is provably complete, else None (not finished, or its model file is gone: it is
+        trained again). A model or config.json that differs from its recorded checksum is DamagedFile: a damaged
+        result is never "done"."""
         try:
             metrics = read_json(self.path / "metrics.json")
         except (FileNotFoundError, DamagedFile):
@@ -94,17 +99,20 @@ class RunFolder:
             return None
         if not metrics.get("diverged") and not (self.path / "model.safetensors").is_file():
             return None
+        check_files(self.path, metrics, model=not metrics.get("diverged"))
         return metrics
 
     def save_result(self, tensors: dict | None, metrics: dict, timing: dict) -> None:
-        """The model, the timing, then metrics.json (the completion record), then the checkpoints go."""
+        """The model, the timing, then metrics.json (the completion record, with the checksums of config.json and
+        the model), then the checkpoints go."""
+        checksums = {"config.json": digest((self.path / "config.json").read_bytes())}
         if tensors is not None:
-            save_tensors(self.path / "model.safetensors", tensors)
+            checksums["model.safetensors"] = save_tensors(self.path / "model.safetensors", tensors)
         else:
             (self.path / "model.safetensors").unlink(missing_ok=True)  # a diverged run has no model
         write_json(self.path / "timing.json", timing)
         write_bytes(self.path / "metrics.csv", _epochs_csv(metrics["epochs"]).encode())
-        write_json(self.path / "metrics.json", metrics)
+        write_json(self.path / "metrics.json", {**metrics, "checksums": checksums})
         for checkpoint in self.checkpoints().values():
             checkpoint.unlink()
 
@@ -136,14 +144,14 @@ EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "eval_top1", "eval_mean_class")
 
 
 def _epochs_csv(epochs: list[dict]) -> str:
-    """metrics.json's per-epoch entries as CSV (epochs numbered from 1; empty where not evaluated)."""
+    """metrics.json's per-epoch entries as CSV (epochs numbered from 1, as there; empty where not evaluated)."""
     import csv
     import io
 
     text = io.StringIO()
     writer = csv.DictWriter(text, EPOCH_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({**entry, "epoch": entry["epoch"] + 1} for entry in epochs)
+    writer.writerows(epochs)
     return text.getvalue()
 
 
@@ -221,6 +229,20 @@ def _git_sha() -> str | None:
         return None
 
 
+def check_files(folder: Path, metrics: dict, model: bool = True) -> None:
+    """config.json and (model) model.safetensors have the checksums metrics.json records (runs from before they
+    were recorded have none to check); DamagedFile naming the file otherwise."""
+    checksums = metrics.get("checksums")
+    if checksums is None:
+        return
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise DamagedFile(folder / "metrics.json", "its checksums are not a table of file names")
+    for name in ("config.json", "model.safetensors") if model else ("config.json",):
+        if name not in checksums:
+            raise DamagedFile(folder / "metrics.json", f"no checksum of {name}")
+        check_digest(folder / name, checksums[name], "metrics.json")
+
+
 def load_finished(path: str | Path) -> tuple[dict, dict]:
     """(config, metrics) of a run folder that finished with a model; one sentence otherwise."""
     path = Path(path)
@@ -239,6 +261,7 @@ def load_finished(path: str | Path) -> tuple[dict, dict]:
         raise VQTError(f"{path} is not a finished run folder (its metrics.json does not mark it complete)")
     if not (path / "model.safetensors").is_file():
         raise VQTError(f"{path} is not a finished run folder (no model.safetensors)")
+    check_files(path, metrics)
     return config, metrics
 
 
@@ -252,7 +275,7 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(path: str | Path, model: dict, name: str = "model.safetensors") -> dict:
-    return load_tensors(Path(path) / name, model_shapes(model))
+    return load_tensors(Path(path) / name, model_shapes(model), finite=True)
 
 
 @dataclass(frozen=True)

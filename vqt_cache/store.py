@@ -55,6 +55,16 @@ FORMAT = "vqt-cache"
 FORMAT_VERSION = 3  # 2: labels and valid flags inside the shard checksums; 3: each image stored once
 # attrs that must agree between a store and a run that writes into it
 IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
+# what identifies a store's dataset (datasets.Dataset.describe): a split of anything else is refused
+DATASET_IDENTITY = ("name", "root", "columns", "fingerprint", "class_names", "resize", "validation")
+# the root attributes covered by the metadata checksum: everything stage two and live evaluation read from them
+HASHED_ATTRS = ("backbone", "preprocessing", "dataset", "layout", "dtype", "codec")
+
+
+def metadata_hash(attrs: dict) -> str:
+    """blake2b-256 of the root attributes a result depends on (HASHED_ATTRS), as canonical JSON."""
+    canonical = json.dumps({key: attrs[key] for key in HASHED_ATTRS}, sort_keys=True, allow_nan=False)
+    return hashlib.blake2b(canonical.encode(), digest_size=32).hexdigest()
 
 
 def row_checksum() -> Any:
@@ -132,6 +142,12 @@ def _check_format(attrs: dict, url: str) -> None:
     _check_attrs(attrs, url)
     if attrs["layout"] not in LAYOUTS or attrs["dtype"] not in DTYPES:
         raise VQTError(f"store {url} has an unknown layout or dtype ({attrs['layout']!r}, {attrs['dtype']!r})")
+    recorded = attrs.get("metadata_hash")  # absent only in stores from before it was recorded
+    if recorded is not None and recorded != metadata_hash(attrs):
+        raise VQTError(
+            f"store {url} is damaged: its attributes (backbone, preprocessing, dataset, layout, dtype, codec) differ "
+            "from the checksum recorded when it was written; restore its zarr.json, or re-extract into a new --out"
+        )
 
 
 def _check_attrs(attrs: dict, url: str) -> None:
@@ -139,6 +155,12 @@ def _check_attrs(attrs: dict, url: str) -> None:
     _check_types(attrs, ATTR_TYPES, f"store {url}")
     _check_types(attrs["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
     _check_types(attrs["dataset"], DATASET_KEYS, f"store {url}: dataset")
+    names = attrs["dataset"]["class_names"]
+    if len(names) != attrs["dataset"]["num_classes"] or not all(isinstance(n, str) for n in names):
+        raise VQTError(
+            f"store {url} is damaged: its dataset has {attrs['dataset']['num_classes']} classes but "
+            f"{len(names)} class names; re-extract it"
+        )
 
 
 def _check_types(attrs: dict, types: dict[str, type], where: str) -> None:
@@ -595,9 +617,12 @@ class Store:
         )
         return Split(group, self.images)
 
-    def rekey_split(self, split: Split, keys: list[str], labels: list[int], index_hash: str) -> bool:
+    def rekey_split(
+        self, split: Split, keys: list[str], labels: list[int], index_hash: str, dry_run: bool = False
+    ) -> bool:
         """Record new contents for images of `split` that were never written (an unreadable image the user has
         since fixed); False, changing nothing, when anything else differs (other sources, labels, or a written image).
+        dry_run: only say whether it could (nothing is written).
         """
         rows, images = split.rows(), split.images
         old = [images.keys[row] for row in rows]
@@ -608,6 +633,8 @@ class Store:
         for i in changed:
             if key_source(old[i]) != key_source(keys[i]) or done[rows[i] // images.shard_size]:
                 return False
+        if dry_run:
+            return True
         if changed:
             table = list(images.keys)
             for i in changed:
@@ -723,7 +750,7 @@ def create_store(
     if attrs["dtype"] not in DTYPES:
         raise VQTError(f"unknown dtype {attrs['dtype']!r}: use one of {', '.join(DTYPES)}")
     _compressors(attrs["codec"])
-    marked = {"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
+    marked = {"format": FORMAT, "format_version": FORMAT_VERSION, **attrs, "metadata_hash": metadata_hash(attrs)}
     if found == "creating":  # our own interrupted creation: same identity, then redo the weights
         group = _open_group(url, "r+", storage_options)
         _check_same(dict(group.attrs), attrs, url)
@@ -742,6 +769,21 @@ def create_store(
     _create_images(group, attrs, shard_size)
     group.attrs.put(marked)  # one atomic write of the root metadata: the store now exists
     return Store(group, url)
+
+
+def check_resumable(url: str, attrs: dict[str, Any], storage_options: dict | None = None) -> Store | None:
+    """Refuse, writing nothing, what `create_store` would refuse: a path that holds anything but this tool's store
+    (or its interrupted creation) of the same backbone, dataset and settings. Returns the existing store (read-only)
+    or None where a new one would be created."""
+    found = found_at(url, storage_options)
+    if found == "new":
+        return None
+    if found == "creating":
+        _check_same(dict(_open_group(url, "r", storage_options).attrs), attrs, url)
+        return None
+    store = open_store(url, storage_options=storage_options)
+    _check_same(store.attrs, attrs, url)
+    return store
 
 
 def found_at(url: str, storage_options: dict | None = None) -> str:
@@ -786,6 +828,9 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
+FOLDER_DATASETS = ("imagefolder", "classfolder", "hf")  # kinds whose default store path adds their folder's name
+
+
 def default_store_path(
     cache_root: str | Path,
     dataset: str,
@@ -798,7 +843,7 @@ def default_store_path(
     stores of one dataset and backbone differ in the names: the weights when they are not the pretrained ones
     (`-random`, or the weights file's name), the model arguments (`-img_size=384`), and the folder of an image
     folder dataset (`imagefolder-<its name>`)."""
-    folder = f"{dataset}-{Path(root).resolve().name}" if dataset in ("imagefolder", "classfolder") and root else dataset
+    folder = f"{dataset}-{Path(root).resolve().name}" if dataset in FOLDER_DATASETS and root else dataset
     name = backbone
     if weights:
         name += "-random" if weights == "random" else f"-{Path(weights).stem}"
@@ -827,14 +872,45 @@ def _check_same(have: dict, want: dict, url: str) -> None:
                 f"store {url} was written with a different backbone ({key} differs: {have['backbone'][key]!r}); "
                 "use another --out or delete the store"
             )
-    if have["dataset"]["name"] != want["dataset"]["name"]:
-        raise VQTError(f"store {url} holds dataset {have['dataset']['name']!r}, not {want['dataset']['name']!r}")
+    _check_dataset(have["dataset"], want["dataset"], url)
     for key in IDENTITY_KEYS:
         if have[key] != want[key]:
             raise VQTError(
                 f"store {url} was written with {key} {have[key]!r}, this run asks for {want[key]!r}; "
                 "use another --out or delete the store"
             )
+
+
+def _describe_dataset(dataset: dict) -> str:
+    return f"{dataset['name']!r}" + (f" from {dataset['root']}" if dataset.get("root") else "")
+
+
+def _check_dataset(have: dict, want: dict, url: str) -> None:
+    """A store holds one dataset: refuse a split of any other (another kind, folder, HF content, columns, classes,
+    resize or carved validation split), before anything is written."""
+    for key in DATASET_IDENTITY:
+        recorded, asked = have.get(key), want.get(key)
+        if key == "root" and recorded and asked:  # stores from before roots were recorded absolute
+            recorded = str(Path(recorded).resolve())
+        if recorded == asked:
+            continue
+        if key == "validation":
+            hint = (
+                f"its validation split was carved with --val-fraction {recorded['fraction']}: pass the same"
+                if isinstance(recorded, dict)
+                else "its dataset had no carved validation split: leave out --val-fraction"
+            )
+            raise VQTError(f"store {url} was extracted with another validation split; {hint}")
+        if key == "class_names":
+            detail = f"its {len(recorded)} classes differ from the {len(asked)} this dataset has now"
+        elif key == "fingerprint":
+            detail = "the dataset's content differs"
+        else:
+            detail = f"{key} {recorded!r} differs from {asked!r}"
+        raise VQTError(
+            f"store {url} holds dataset {_describe_dataset(have)}, not {_describe_dataset(want)} ({detail}): a store "
+            "holds one dataset; extract this one into another --out"
+        )
 
 
 def open_store(url: str, mode: str = "r", storage_options: dict | None = None) -> Store:

@@ -281,7 +281,7 @@ class _Trainer:
             for i, spec in enumerate(self.specs):
                 loss = losses[i].item() / len(self.train_data)
                 entry = {
-                    "epoch": epoch,
+                    "epoch": epoch + 1,  # epochs are numbered 1..E everywhere: metrics.json, metrics.csv, timing
                     "lr": self._lr(spec, epoch),
                     "train_loss": loss if math.isfinite(loss) else None,
                 }
