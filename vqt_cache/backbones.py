@@ -18,7 +18,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, first_line
 
 # Short name -> (timm name with pretrained tag, model kwargs). Any other timm ViT name is accepted as is.
 BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -304,7 +304,7 @@ def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) 
     except (RuntimeError, KeyError, ValueError) as exc:
         if overlay is None:
             raise
-        raise VQTError(f"weights file {weights!s} does not fit {timm_name!r}: {str(exc).splitlines()[0]}") from exc
+        raise VQTError(f"weights file {weights!s} does not fit {timm_name!r}: {first_line(exc)}") from exc
     except Exception as exc:  # hub, network and cache errors come in many types; report them as one sentence
         if overlay is not None:
             raise VQTError(f"could not read weights file {weights!s}: {exc}") from exc
@@ -363,9 +363,7 @@ def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.nda
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             raise RuntimeError("some tensors of the model are not in the store")
     except RuntimeError as exc:
-        raise VQTError(
-            f"the stored weights do not fit {description['timm_name']!r}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise VQTError(f"the stored weights do not fit {description['timm_name']!r}: {first_line(exc)}") from exc
     model.eval().requires_grad_(False)
     found = weights_fingerprint(model)
     if found != description["fingerprint"]:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -99,8 +100,32 @@ class _Rate(ProgressColumn):
         return Text(f"{task.speed or 0:.1f} {self.unit}/s")
 
 
+def _plain_progress():
+    """Progress as plain lines where output is not a terminal (piped, logged, CI): each task when it starts, at each
+    tenth of its way, and when it ends, so a long command is never silent."""
+    reported: dict[str, int] = {}
+    started: dict[str, float] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        import time
+
+        step = max(total // 10, 1)
+        last = reported.get(name)
+        if last is not None and done // step == last // step and not (done >= total > last):
+            return
+        reported[name] = done
+        now = time.monotonic()
+        elapsed = now - started.setdefault(name, now)
+        console.print(f"{name}: {done}/{total} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
+
+    return update
+
+
 @contextmanager
 def _progress(unit: str):
+    if not console.is_terminal:
+        yield _plain_progress()
+        return
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -243,7 +268,7 @@ def plan(
       vqt-cache plan --backbone vit_b16 --dataset cub --root ~/data/CUB_200_2011 --splits train,val
     """
     from vqt_cache.extraction import ExtractConfig
-    from vqt_cache.plan import plan_extract, plan_pipeline
+    from vqt_cache.plan import plan_extract, plan_pipeline, size
     from vqt_cache.sweep import load_pipeline
 
     if pipeline is not None:
@@ -258,8 +283,8 @@ def plan(
     if json_out:
         print(json.dumps([p.as_dict() for p in plans]))
         return
-    table = Table(title="plan: what the stores hold (MB = 10^6 bytes)")
-    for column in ("dataset", "split", "images", "cached", "new images", "MB per image", "GB to write"):
+    table = Table(title="plan: what the stores hold (kB, MB, GB: 10^3, 10^6, 10^9 bytes)")
+    for column in ("dataset", "split", "images", "cached", "new images", "per image", "to write"):
         table.add_column(column, justify="right")
     for p in plans:
         for i, s in enumerate(p.splits):
@@ -269,25 +294,24 @@ def plan(
                 str(s.images),
                 "cached" if s.cached else "live",
                 str(s.new_images) if s.cached else "-",
-                f"{p.bytes_per_image / 1e6:.2f}" if i == 0 else "",
-                f"{s.new_images * p.bytes_per_image / 1e9:.2f}" if s.cached else "-",
+                size(p.bytes_per_image) if i == 0 else "",
+                size(s.new_images * p.bytes_per_image) if s.cached else "-",
             )
         table.add_section()
     console.print(table)
     total = sum(p.total_bytes for p in plans)
     kinds = sorted({f"{p.layout} {p.dtype}" for p in plans})
-    console.print(f"to write: {total / 1e9:.2f} GB ({', '.join(kinds)}) into {len(plans)} store(s)")
+    console.print(f"to write: {size(total)} ({', '.join(kinds)}) into {len(plans)} store(s)")
     for p in plans:
         if p.sizes_from != "disk":
             console.print(f"{p.dataset}: not on disk; sizes are the official release's")
         if not p.fits:
             console.print(
-                f"[red]{p.store} does not fit: {p.total_bytes / 1e9:.2f} GB to write, "
-                f"{p.free_bytes / 1e9:.2f} GB free[/red]"
+                f"[red]{p.store} does not fit: {size(p.total_bytes)} to write, {size(p.free_bytes)} free[/red]"
             )
     free = {p.free_bytes for p in plans}
     if len(free) == 1 and None not in free:
-        console.print(f"free at the destination: {free.pop() / 1e9:.1f} GB")
+        console.print(f"free at the destination: {size(free.pop())}")
 
 
 @app.command()
@@ -449,7 +473,9 @@ def train(
         _fail_if_all_diverged(results)
         return
     evaluated_on = next((r.eval_split for r in results if r.eval_split), None)
-    table = Table(title=f"trained on {cfg.store}" + (f", evaluated on {evaluated_on}" if evaluated_on else ""))
+    precisions = ", ".join(sorted({r.precision for r in results}))
+    title = f"trained on {cfg.store} in {precisions}" + (f", evaluated on {evaluated_on}" if evaluated_on else "")
+    table = Table(title=title)
     for column in ("run", f"{evaluated_on or 'eval'} top-1", f"{evaluated_on or 'eval'} mean-class", "folder"):
         table.add_column(column, justify="right")
     for r in results:
@@ -553,7 +579,7 @@ def evaluate(
         print(json.dumps(records if len(records) > 1 else records[0]))
         return
     for result in results:
-        how = "live" if result.live else "cached"
+        how = f"{'live' if result.live else 'cached'}, {result.precision}"
         console.print(
             f"{result.dir} on {split} ({result.images} images, {how}): top-1 {100 * result.top1:.2f}%, "
             f"mean per-class {100 * result.mean_class:.2f}%",
@@ -591,7 +617,7 @@ def predict(
 
 @app.command()
 def export(
-    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder, or its compressed/ folder")],
     out: Annotated[str | None, typer.Option(help="the file to write (default: <run folder>.safetensors)")] = None,
     store: MovedStore = None,
 ) -> None:
@@ -600,11 +626,19 @@ def export(
     Example:
       vqt-cache export data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42
       vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42.safetensors bird.jpg
+      vqt-cache export data/runs/cub/vit_b16/vqt-T1-lr0.5-wd0.001-seed42/compressed   # the compressed head
     """
     from vqt_cache.export import export_run
+    from vqt_cache.run_folder import COMPRESSED, is_compressed
 
     path = export_run(run_dir, out, store)
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
+    if Path(run_dir).name == COMPRESSED:
+        what = "the compressed head"
+    elif is_compressed(run_dir):
+        what = f"the run's full head; export {Path(run_dir) / COMPRESSED} for its compressed one"
+    else:
+        what = "the run's head"
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {what})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -679,6 +713,8 @@ def _print_report(report: dict) -> None:
     for r in report["headline"]:
         if r["diverged"]:
             test = "[red]diverged[/red]" + (f" ({r['diverged']} of {r['seeds']} seeds)" if r["seeds"] else "")
+        elif r.get("missing"):
+            test = f"[yellow]missing[/yellow] ({r['missing']} seed{'s' if r['missing'] > 1 else ''} without a result)"
         elif r["test_top1_mean"] is None:
             test = "-"
         else:

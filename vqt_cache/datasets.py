@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, first_line
 from vqt_cache.formats import HF_COLUMNS
 from vqt_cache.recipe import EVAL_SPLITS
 
@@ -492,7 +492,7 @@ def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column
     except VQTError:
         raise
     except Exception as exc:  # datasets raises many types for a folder it cannot read
-        raise VQTError(f"cannot read the Hugging Face dataset at {root}: {str(exc).splitlines()[0]}") from exc
+        raise VQTError(f"cannot read the Hugging Face dataset at {root}: {first_line(exc)}") from exc
     splits = dict(loaded) if isinstance(loaded, hf.DatasetDict) else {"train": loaded}
     if image_column == label_column:
         raise VQTError(f"--image-column and --label-column both name column {image_column!r}; name the label column")

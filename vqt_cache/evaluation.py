@@ -58,6 +58,7 @@ class Evaluation:
     live: bool  # computed by running the backbone on the images (the split was not cached, or live=True)
     store: str  # the store's URL
     run: dict[str, Any]  # the run's configuration (method, queries, lr, wd, seed)
+    precision: str  # the query path's precision this evaluation ran in (float32 or bf16)
     compressed: dict[str, float] | None = None  # the compressed head's accuracy, where the run has one
 
     def record(self) -> dict[str, Any]:
@@ -70,6 +71,7 @@ class Evaluation:
             "store": self.store,
             "top1": self.top1,
             "mean_class": self.mean_class,
+            "precision": self.precision,
         }
         return record if self.compressed is None else {**record, "compressed": self.compressed}
 
@@ -241,6 +243,7 @@ def evaluate(
             images=len(labels),
             store=store.url,
             run=config["run"],
+            precision=model.path.precision,
             compressed=packed_result,
             **accuracy(run_logits, labels, num_classes),
         )

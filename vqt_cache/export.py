@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, first_line
 from vqt_cache.evaluation import compressed_head, load_run
 from vqt_cache.files import DamagedFile, digest, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
@@ -103,7 +103,7 @@ def _metadata(path: Path) -> tuple[dict[str, Any], str, str | None]:
         meta_json = raw.get("vqt_cache", "null")
         meta = json.loads(meta_json)
     except Exception as exc:  # not safetensors, truncated, no JSON
-        raise DamagedFile(path, f"not a vqt-cache export ({str(exc).splitlines()[0]})") from exc
+        raise DamagedFile(path, f"not a vqt-cache export ({first_line(exc)})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DamagedFile(path, "not a vqt-cache export (no vqt_cache metadata)")
     if meta.get("version") not in (1, VERSION):

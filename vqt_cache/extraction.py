@@ -178,7 +178,7 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
     """Refuse, before anything is written, a store the free space at its destination cannot hold."""
     if not cfg.check_space:
         return
-    from vqt_cache.plan import plan_extract
+    from vqt_cache.plan import plan_extract, size
 
     plan = plan_extract(
         cfg.backbone,
@@ -192,7 +192,7 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
     )
     if not plan.fits:
         raise VQTError(
-            f"the store needs {plan.total_bytes / 1e9:.2f} GB more, but {plan.free_bytes / 1e9:.2f} GB are free at "
+            f"the store needs {size(plan.total_bytes)} more, but {size(plan.free_bytes)} are free at "
             f"{cfg.store_url}; free some space, choose another --out, cache fewer --splits (a test split can be "
             "evaluated live), or pass --no-space-check"
         )

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, first_line
 
 
 class DamagedFile(VQTError):
@@ -133,7 +133,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = N
     except IsADirectoryError as exc:
         raise DamagedFile(path, "a folder, not a file") from exc
     except Exception as exc:  # safetensors reports truncation and bad headers as its own error type
-        raise DamagedFile(path, f"not a readable safetensors file: {str(exc).splitlines()[0]}") from exc
+        raise DamagedFile(path, f"not a readable safetensors file: {first_line(exc)}") from exc
     if shapes is not None:
         for name, shape in shapes.items():
             if name not in tensors:
@@ -162,7 +162,7 @@ def load_torch(path: str | Path, map_location: Any = "cpu") -> dict:
     except OSError:
         raise
     except Exception as exc:  # truncated zip, foreign pickle: torch raises many types
-        raise DamagedFile(path, f"not a readable checkpoint: {str(exc).splitlines()[0]}") from exc
+        raise DamagedFile(path, f"not a readable checkpoint: {first_line(exc)}") from exc
     if not isinstance(value, dict):
         raise DamagedFile(path, f"holds a {type(value).__name__}, not a checkpoint")
     return value

@@ -66,7 +66,8 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
     """One row per (dataset, method, T[, compressed]) with selection and final results.
 
     A diverged run never gives a number: a (method, T) whose every selection run diverged, or a final seed that
-    diverged, shows as diverged (`diverged` counts those runs).
+    diverged, shows as diverged (`diverged` counts those runs). A final seed without its test result yet (still
+    training, or its live evaluation not done) leaves the mean out: `missing` counts those seeds.
     """
     rows = []
     found = 0
@@ -121,6 +122,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                     "val_top1": None,
                     "seeds": 0,
                     "diverged": "selection",
+                    "missing": 0,
                     "test_top1_mean": None,
                     "test_top1_std": None,
                     "backbone": backbone,
@@ -130,8 +132,10 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
         for (method, T), choice in sorted(chosen.items()):
             results = finals.get((method, T), [])
             diverged = sum(f["diverged"] for f in results)
-            tests = [f["test"] for f in results if not f["diverged"]]
-            per_seed = {f["seed"]: f["test"] for f in results if not f["diverged"]}
+            tests = [f["test"] for f in results if not f["diverged"] and f["test"] is not None]
+            per_seed = {f["seed"]: f["test"] for f in results if not f["diverged"] and f["test"] is not None}
+            missing = len(p.protocol.final_seeds) - diverged - len(tests)  # not trained or not tested yet
+            complete = tests and not diverged and not missing
             base = {
                 "dataset": entry.name,
                 "group": p.group_of(entry),
@@ -142,21 +146,24 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                 "val_top1": choice["val_top1"],
                 "seeds": len(results),
                 "diverged": diverged,
-                "test_top1_mean": float(np.mean(tests)) if tests and not diverged else None,
-                "test_top1_std": sample_std(tests) if tests and not diverged else None,
+                "missing": missing,
+                "test_top1_mean": float(np.mean(tests)) if complete else None,
+                "test_top1_std": sample_std(tests) if complete else None,
                 "per_seed": per_seed,
                 "backbone": backbone,
             }
             rows.append({**base, "label": _label(method, T)})
             packed = [f["compressed"] for f in results if "compressed" in f]
             if packed:
+                unpacked = len(p.protocol.final_seeds) - len(packed)  # seeds not compressed (or not tested) yet
                 rows.append(
                     {
                         **base,
                         "label": _label(method, T, compressed=True),
                         "seeds": len(packed),
-                        "test_top1_mean": float(np.mean(packed)),
-                        "test_top1_std": sample_std(packed),
+                        "missing": unpacked,
+                        "test_top1_mean": float(np.mean(packed)) if not unpacked else None,
+                        "test_top1_std": sample_std(packed) if not unpacked else None,
                         "per_seed": {f["seed"]: f["compressed"] for f in results if "compressed" in f},
                     }
                 )
@@ -190,20 +197,22 @@ def headline(p: Pipeline, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _means(rows: list[dict], p: Pipeline) -> dict[str, dict[str, float]]:
-    """Per label: each group's mean, the mean of group means, and the mean of tasks (datasets with results)."""
+def _means(rows: list[dict], p: Pipeline, labels: list[str]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Per label: each group's mean, the mean of group means, and the mean of tasks, all over the same datasets:
+    those where every label has a result (like is compared with like); and those datasets."""
+    results = {(r["dataset"], r["label"]): r["test_top1_mean"] for r in rows if r["test_top1_mean"] is not None}
+    common = [e for e in p.datasets if all((e.name, label) in results for label in labels)]
     out: dict[str, dict[str, float]] = {}
-    for label in dict.fromkeys(r["label"] for r in rows):
-        values = [r for r in rows if r["label"] == label and r["test_top1_mean"] is not None]
+    for label in labels:
         groups: dict[str, list[float]] = {}
-        for r in values:
-            groups.setdefault(r["group"], []).append(r["test_top1_mean"])
+        for entry in common:
+            groups.setdefault(p.group_of(entry), []).append(results[(entry.name, label)])
         means = {g: float(np.mean(v)) for g, v in groups.items()}
-        if values:
+        if common:
             means["mean of group means"] = float(np.mean(list(means.values())))
-            means["mean of tasks"] = float(np.mean([r["test_top1_mean"] for r in values]))
+            means["mean of tasks"] = float(np.mean([results[(e.name, label)] for e in common]))
         out[label] = means
-    return out
+    return out, [e.name for e in common]
 
 
 def _pct(value: float | None, std: float | None = None) -> str:
@@ -217,6 +226,8 @@ def _cell(row: dict) -> str:
         return "diverged"
     if row["diverged"]:
         return f"diverged ({row['diverged']} of {row['seeds']} seeds)"
+    if row.get("missing"):
+        return f"missing ({row['missing']} seed{'s' if row['missing'] > 1 else ''} without a result)"
     return _pct(row["test_top1_mean"], row["test_top1_std"])
 
 
@@ -234,6 +245,7 @@ def _csv(rows: list[dict]) -> str:
         "test_top1_std",
         "seeds",
         "diverged",
+        "missing",
         "backbone",
     ]
     text = io.StringIO()
@@ -252,11 +264,18 @@ def _table(p: Pipeline, rows: list[dict], labels: list[str]) -> list[str]:
             match = [r for r in rows if r["dataset"] == entry.name and r["label"] == label]
             cells.append(_cell(match[0]) if match else "–")
         lines.append(f"| {entry.name} | {p.group_of(entry)} | " + " | ".join(cells) + " |")
-    means = _means(rows, p)
+    means, common = _means(rows, p, labels)
     groups = list(dict.fromkeys(p.group_of(e) for e in p.datasets)) + ["mean of group means", "mean of tasks"]
     lines += ["", "| mean | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_pct(means[label].get(g)) for label in labels) + " |")
+    left_out = [e.name for e in p.datasets if e.name not in common]
+    if left_out:
+        lines += [
+            "",
+            f"Means over the {len(common)} of {len(p.datasets)} datasets where every column has a result; left out: "
+            f"{', '.join(left_out)}.",
+        ]
     return lines
 
 
@@ -435,6 +454,8 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
             curves[entry.name] = points
     if not curves:
         return {}
+    # a figure says what it leaves out: datasets with fewer than two T that have a result
+    left_out = [e.name for e in p.datasets if e.name not in curves]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
     all_T = sorted({T for points in curves.values() for T, _, _ in points})
     for k, (name, points) in enumerate(curves.items()):
@@ -457,7 +478,10 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
         handles.append(plt.Line2D([], [], color="grey", linestyle={"linear": "--", "pooled": ":"}[method]))
         labels.append(LABELS[method])
     ax.legend(handles, labels, fontsize=8)
-    ax.set_title(f"VQT against T (mean ± sample std over {len(p.protocol.final_seeds)} seeds)", fontsize=10)
+    title = f"VQT against T (mean ± sample std over {len(p.protocol.final_seeds)} seeds)"
+    if left_out:
+        title += f"\nnot shown (results at fewer than two T): {', '.join(left_out)}"
+    ax.set_title(title, fontsize=10 if not left_out else 9)
     return _saved(fig, "accuracy_vs_T")
 
 

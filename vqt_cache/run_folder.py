@@ -189,6 +189,13 @@ def _check_claimable(path: Path, config: dict) -> None:
     if (path / "config.json").exists():
         existing = read_config(path)
         if identity(existing) != identity(config):
+            have, want = existing["recipe"]["precision"], config["recipe"]["precision"]
+            same_but_precision = {**existing, "recipe": {**existing["recipe"], "precision": want}}
+            if have != want and identity(same_but_precision) == identity(config):
+                raise VQTError(
+                    f"run folder {path} was trained in {have}, this run asks for {want} (precision auto picks per "
+                    f"machine): pass --precision {have} to finish or reuse it, or use another --out"
+                )
             raise VQTError(f"run folder {path} holds another configuration; use another --out or delete it")
         return
     if any(not _ignorable(name) for name in folder_entries(path)):

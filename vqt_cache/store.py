@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -535,35 +536,74 @@ class Store:
     @property
     def images(self) -> Images:
         """The image table (its metadata checked against its arrays)."""
-        if "images" not in self.group.group_keys():
-            raise VQTError(f"store {self.url} is damaged: it has no image table; re-extract it")
-        images = Images(self.group["images"], self.layout, self.attrs["dtype"])
-        try:
-            images.check_metadata(self.attrs["backbone"])
-        except VQTError as exc:
-            raise VQTError(f"store {self.url}: {exc}") from exc
+        with self._metadata("the image table (images/)"):
+            if "images" not in self.group.group_keys():
+                raise VQTError(f"store {self.url} is damaged: it has no image table; re-extract it")
+            images = Images(self.group["images"], self.layout, self.attrs["dtype"])
+            try:
+                images.check_metadata(self.attrs["backbone"])
+            except VQTError as exc:
+                raise VQTError(f"store {self.url}: {exc}") from exc
         return images
 
+    @contextmanager
+    def _metadata(self, what: str) -> Iterator[None]:
+        """Metadata zarr cannot parse (a zarr.json that is not JSON, or not a node's) is one sentence naming where."""
+        try:
+            yield
+        except VQTError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
+            where = self._unreadable_metadata() or f"the metadata (zarr.json) of {what}"
+            raise VQTError(
+                f"store {self.url} is damaged: {where} cannot be read ({type(exc).__name__}); restore it, or "
+                "re-extract into a new --out"
+            ) from exc
+
+    def _unreadable_metadata(self) -> str | None:
+        """The first zarr.json below a local store's root that is not a JSON object (None if none is found)."""
+        if "://" in self.url:
+            return None
+        root = Path(self.url)
+        folders = [root / name for name in ("weights", "images", "splits")]
+        folders += [
+            d for name in ("weights", "images", "splits") if (root / name).is_dir() for d in (root / name).iterdir()
+        ]
+        folders += [d for split in (root / "splits").glob("*") if split.is_dir() for d in split.iterdir()]
+        for folder in sorted(folders):
+            meta = folder / "zarr.json"
+            try:
+                if meta.is_file() and not isinstance(json.loads(meta.read_bytes()), dict):
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError):
+                return str(meta.relative_to(root))
+        return None
+
     def _splits(self) -> zarr.Group:
-        if "splits" not in self.group.group_keys():
-            raise VQTError(f"store {self.url} is damaged: it has no splits group; re-extract it")
-        return self.group["splits"]
+        with self._metadata("the splits (splits/)"):
+            if "splits" not in self.group.group_keys():
+                raise VQTError(f"store {self.url} is damaged: it has no splits group; re-extract it")
+            return self.group["splits"]
 
     def split_names(self) -> list[str]:
-        return sorted(self._splits().group_keys())
+        with self._metadata("a split (splits/*)"):
+            return sorted(self._splits().group_keys())
 
     def split(self, name: str, require_complete: bool = True) -> Split:
         if name not in self.split_names():
             have = ", ".join(self.split_names()) or "none"
             raise VQTError(f"store {self.url} has no split {name!r} (it has: {have})")
-        group = self._splits()[name]
-        if "index_hash" not in group.attrs:
-            raise VQTError(f"the creation of split {name!r} of {self.url} was interrupted; re-run extract to finish it")
-        split = Split(group, self.images)
-        try:
-            split.check_metadata()
-        except VQTError as exc:
-            raise VQTError(f"store {self.url}: {exc}") from exc
+        with self._metadata(f"split {name!r}"):
+            group = self._splits()[name]
+            if "index_hash" not in group.attrs:
+                raise VQTError(
+                    f"the creation of split {name!r} of {self.url} was interrupted; re-run extract to finish it"
+                )
+            split = Split(group, self.images)
+            try:
+                split.check_metadata()
+            except VQTError as exc:
+                raise VQTError(f"store {self.url}: {exc}") from exc
         if require_complete and not split.complete:
             missing = len(split.incomplete_shards())
             raise VQTError(
@@ -574,11 +614,13 @@ class Store:
 
     def weights(self) -> dict[str, np.ndarray]:
         """The frozen backbone's tensors (trusted once `backbone_from_weights` has checked their fingerprint)."""
-        if "weights" not in self.group.group_keys():
-            raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
-        weights = self.group["weights"]
+        with self._metadata("the weights (weights/)"):
+            if "weights" not in self.group.group_keys():
+                raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
+            weights = self.group["weights"]
+            names = list(weights.array_keys())
         out = {}
-        for name in weights.array_keys():
+        for name in names:
             try:
                 out[name] = weights[name][...]
             except Exception as exc:  # a truncated chunk fails to decode in many ways
@@ -696,7 +738,8 @@ class Store:
         }
 
     def has_split(self, name: str) -> bool:
-        return name in self.split_names() and "index_hash" in self._splits()[name].attrs
+        with self._metadata(f"split {name!r}"):
+            return name in self.split_names() and "index_hash" in self._splits()[name].attrs
 
 
 def _create_images(group: zarr.Group, attrs: dict[str, Any], shard_size: int) -> None:

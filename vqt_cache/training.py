@@ -109,6 +109,7 @@ class TrainedRun:
     eval_split: str | None  # the split `final` was measured on (None: trained without evaluating)
     skipped: bool  # it was already done: nothing was trained
     diverged: bool  # the loss became NaN or infinite; the run has no model
+    precision: str  # the query path's precision it trained in (float32 or bf16; "auto" resolved on its machine)
 
 
 NO_EVAL = "none"  # an eval split that means: no evaluation during training (a test set evaluated live later)
@@ -329,6 +330,7 @@ def _result(spec: RunSpec, folder: RunFolder, metrics: dict, skipped: bool) -> T
         eval_split=folder.config["splits"]["eval"],
         skipped=skipped,
         diverged=bool(metrics.get("diverged")),
+        precision=folder.config["recipe"]["precision"],
     )
 
 
