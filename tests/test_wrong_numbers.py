@@ -42,6 +42,14 @@ def add_image(folder: Path, name: str, seed: int = 5) -> None:
     Image.fromarray(pixels).save(folder / name)
 
 
+def make_classfolder(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """A flat <root>/<class>/<image> folder of random PNGs."""
+    for c in classes:
+        for i in range(per_class):
+            add_image(root / c, f"{i}.png", seed=hash((c, i)) % 1000)
+    return root
+
+
 # -- 1. a store holds one dataset ------------------------------------------------------------------------------------
 
 
@@ -86,13 +94,12 @@ def test_default_store_paths_name_the_folder_of_every_folder_kind():
 def test_a_refused_extract_leaves_the_store_unchanged(tmp_path):
     """A class folder gained an image: its carved train split differs, so the extract is refused; the new test split
     it would have written first is not written."""
-    make_imagefolder(tmp_path / "flat" / "x", per_class=10, splits=("cats", "dogs"))  # <root>/<class>/<image>
-    root = tmp_path / "flat" / "x"
+    root = make_classfolder(tmp_path / "flat", ("cat", "dog"), 10)
     out = tmp_path / "s.zarr"
     code, text = extract("classfolder", root, out, "train,val", "--val-fraction", "0.25")
     assert code == 0, text
     before = contents(out)
-    add_image(root / "cats" / "cat", "new.png")
+    add_image(root / "cat", "new.png")
     line = error_line(*extract("classfolder", root, out, None, "--val-fraction", "0.25"))
     assert "lists other images" in line
     assert contents(out) == before
@@ -106,14 +113,15 @@ def test_int8_features_beyond_float16_scales_are_refused_with_advice_that_works(
     state["blocks.0.norm1.weight"] *= 1e8  # LN1 outputs of 1e8: finite in float32, a float16 scale of 8e5 is not
     weights = tmp_path / "huge.pth"
     torch.save(state, weights)
-    args = tiny_extract_args("val200", "--layout", "hidden", "--dtype", "int8", "--out", str(tmp_path / "s.zarr"))
-    args[args.index("--weights") + 1] = str(weights)
-    line = error_line(*run_cli(*args))
+
+    def args(dtype: str, out: str) -> list[str]:
+        chosen = tiny_extract_args("val200", "--layout", "hidden", "--dtype", dtype, "--out", str(tmp_path / out))
+        chosen[chosen.index("--weights") + 1] = str(weights)
+        return chosen
+
+    line = error_line(*run_cli(*args("int8", "s.zarr")))
     assert "too large for int8" in line and "--dtype float32 into another --out" in line
-    # the advice works: float32 into another store
-    args[args.index("--dtype") + 1] = "float32"
-    args[args.index("--out") + 1] = str(tmp_path / "f32.zarr")
-    code, text = run_cli(*args)
+    code, text = run_cli(*args("float32", "f32.zarr"))  # the advice works
     assert code == 0, text
 
 
@@ -133,8 +141,9 @@ def test_live_labels_follow_the_stores_class_names_after_the_training_folders_ar
     assert live and live == {source: label for source, label in cached.items() if "/ant/" not in source}
     # through the CLI: the live evaluation scores the remaining images with the store's labels
     run = tmp_path / "run"
-    code, text = run_cli("train", "--store", str(out), "--train-split", "train", "--eval-split", "none", *TRAIN,
-                         "--out", str(run))
+    code, text = run_cli(
+        "train", "--store", str(out), "--train-split", "train", "--eval-split", "none", *TRAIN, "--out", str(run)
+    )
     assert code == 0, text
     code, text = run_cli("evaluate", str(run), "--split", "test", "--live", "--json")
     assert code == 0, text
@@ -155,10 +164,7 @@ def test_a_live_split_with_a_class_the_store_does_not_know_is_refused(tmp_path):
 
 
 def test_class_listings_skip_hidden_and_empty_folders_and_refuse_a_linked_one(tmp_path):
-    root = tmp_path / "flat"
-    for c in ("cat", "dog"):
-        for i in range(5):
-            add_image(root / c, f"{i}.png", seed=i)
+    root = make_classfolder(tmp_path / "flat", ("cat", "dog"), 5)
     add_image(root / ".git", "0.png")  # hidden: no class
     (root / "empty").mkdir()  # no images: no class
     add_image(root / "dog", "._0.png")  # a hidden file (macOS's companion files): no image
@@ -274,19 +280,38 @@ def test_a_compressed_run_exports_its_compressed_head(trained, tmp_path):
     assert "compressed/model.safetensors is damaged" in line
 
 
-def test_an_altered_preprocessing_or_class_list_in_the_store_is_refused(tiny_store, trained, tmp_path):
-    for change in ("mean", "class_names"):
-        store = tmp_path / change / "s.zarr"
-        shutil.copytree(tiny_store, store)
-        meta = json.loads((store / "zarr.json").read_text())
-        if change == "mean":
-            meta["attributes"]["preprocessing"]["mean"][0] += 0.1
-        else:
-            meta["attributes"]["dataset"]["class_names"] = meta["attributes"]["dataset"]["class_names"][:-1]
-        (store / "zarr.json").write_text(json.dumps(meta))
-        for args in (("verify", str(store)), ("evaluate", str(trained), "--store", str(store), "--split", "val200")):
-            line = error_line(*run_cli(*args))
-            assert "differ from the checksum recorded" in line, (change, args)
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ("mean", "differ from the checksum recorded"),
+        ("class name", "differ from the checksum recorded"),
+        ("short class list", "10 classes but 9 class names"),
+        ("short class list, no checksum", "10 classes but 9 class names"),  # a store from before the checksum
+    ],
+)
+def test_an_altered_preprocessing_or_class_list_in_the_store_is_refused(tiny_store, trained, tmp_path, change, reason):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    meta = json.loads((store / "zarr.json").read_text())
+    attrs = meta["attributes"]
+    if change == "mean":
+        attrs["preprocessing"]["mean"][0] += 0.1
+    elif change == "class name":
+        attrs["dataset"]["class_names"][0] = "zero"
+    else:
+        attrs["dataset"]["class_names"] = attrs["dataset"]["class_names"][:-1]
+    if change.endswith("no checksum"):
+        del attrs["metadata_hash"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    image = tmp_path / "a.png"
+    add_image(tmp_path, "a.png")
+    for args in (
+        ("verify", str(store)),
+        ("evaluate", str(trained), "--store", str(store), "--split", "val200"),
+        ("predict", str(trained), str(image), "--store", str(store)),
+    ):
+        line = error_line(*run_cli(*args))
+        assert reason in line, args
 
 
 def test_non_json_metadata_anywhere_in_a_store_is_one_line_naming_it(tiny_store, trained, tmp_path):
@@ -396,3 +421,57 @@ def test_epochs_are_numbered_from_one_everywhere(trained):
     timing = json.loads((trained / "timing.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] == [int(e) for e in csv_epochs]
     assert sorted(int(e) for e in timing["epoch_seconds"]) == [1, 2]
+
+
+# -- 5. reports compare like with like -------------------------------------------------------------------------------
+
+
+def test_a_report_with_a_missing_final_result_marks_it_and_averages_like_with_like(tmp_path):
+    """Two tasks, test evaluated live; one final run's live result is missing (interrupted, or another part still
+    running): the report shows it missing, and every mean is over the task all columns have."""
+    from vqt_cache.extraction import ExtractConfig
+    from vqt_cache.extraction import extract as run_extract
+
+    from conftest import SMALL_PROTOCOL
+
+    store = str(tmp_path / "s.zarr")
+    splits = ("train", "val", "trainval")  # test is evaluated live
+    run_extract(ExtractConfig(**TINY_EXTRACT, dataset="digits-small", splits=splits, out=store, workers=0))
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f"""
+name = "two"
+runs_root = "{tmp_path / "runs"}"
+baselines = ["linear"]
+[protocol]
+{SMALL_PROTOCOL}final_seeds = [1]
+epochs = 2
+warmup_epochs = 1
+[grid]
+lr = [0.5]
+wd = [0.0]
+[[datasets]]
+name = "digits-a"
+queries = [1]
+store = "{store}"
+[[datasets]]
+name = "digits-b"
+queries = [1]
+store = "{store}"
+""")
+    code, text = run_cli("sweep", str(pipeline))
+    assert code == 0, text
+    [result] = (tmp_path / "runs").glob("two/digits-b/**/vqt-*/eval/test.json")
+    result.unlink()
+    code, text = run_cli("report", str(pipeline))
+    assert code == 0 and "missing" in text, text
+    [markdown] = (tmp_path / "runs").glob("**/results.md")
+    md = markdown.read_text()
+    assert "missing (1 seed without a result)" in md
+    assert "left out: digits-b" in md
+    from vqt_cache.report import write_report
+    from vqt_cache.sweep import load_pipeline
+
+    rows = {(r["dataset"], r["method"]): r["test_top1_mean"] for r in write_report(load_pipeline(pipeline))["rows"]}
+    assert rows[("digits-b", "vqt")] is None and rows[("digits-b", "linear")] is not None
+    means = f"| mean of tasks | {100 * rows[('digits-a', 'vqt')]:.2f} | {100 * rows[('digits-a', 'linear')]:.2f} |"
+    assert means in md  # digits-a's own numbers: digits-b's linear probe is not averaged beside a VQT without it

@@ -103,9 +103,12 @@ def _metadata(path: Path) -> tuple[dict[str, Any], str, str | None]:
         meta_json = raw.get("vqt_cache", "null")
         meta = json.loads(meta_json)
     except Exception as exc:  # not safetensors, truncated, no JSON
-        raise DamagedFile(path, f"not a vqt-cache export ({first_line(exc)})") from exc
+        raise VQTError(
+            f"{path} is neither a run folder nor a readable vqt-cache export ({first_line(exc)}); pass a run folder "
+            "or the file `vqt-cache export` wrote (export it again if it was cut short)"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DamagedFile(path, "not a vqt-cache export (no vqt_cache metadata)")
+        raise VQTError(f"{path} is a safetensors file but not a vqt-cache export (it has no vqt_cache metadata)")
     if meta.get("version") not in (1, VERSION):
         raise VQTError(f"{path} is an export of version {meta.get('version')}; this vqt-cache reads {VERSION}")
     checksum = raw.get("checksum")
