@@ -367,7 +367,17 @@ def test_string_labels_are_classes_by_name(tmp_path):
     assert store.split("train").labels().tolist() == [1, 0, 1, 0]
 
 
-@pytest.mark.parametrize("values", [[0.0, 1.5, 2.0, 1.0], [[0], [1], [0], [1]], [True, False, True, False]])
+def test_boolean_labels_are_two_classes(tmp_path):
+    root = _hf_dataset(tmp_path / "d", {"train": [True, False, True, False]})
+    out = tmp_path / "s.zarr"
+    code, text = _hf_extract(root, out, None)
+    assert code == 0, text
+    store = open_store(str(out))
+    assert store.attrs["dataset"]["class_names"] == ["False", "True"]
+    assert store.split("train").labels().tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.5, 2.0, 1.0], [0.0, 1.0, 2.0, 1.0], [[0], [1], [0], [1]]])
 def test_labels_that_are_not_classes_are_refused(tmp_path, values):
     root = _hf_dataset(tmp_path / "d", {"train": values})
     line = error_line(*_hf_extract(root, tmp_path / "s.zarr", None))

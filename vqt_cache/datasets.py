@@ -524,7 +524,8 @@ HF_UNLABELED = -1  # the Hugging Face convention for a row without a label (an u
 
 def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[str, list], dict[str, str]]:
     """Class names, each split's (source, label) items and the splits that cannot be used, from a label column of
-    ClassLabel, integer or string values; any other type (floats, lists) is refused: it is not a class."""
+    ClassLabel, integer, boolean (classes "False", "True") or string values (classes in sorted order); any other
+    type (floats, lists) is refused: it is not a class."""
     import datasets as hf
 
     features = {name: split.features[column] for name, split in splits.items()}
@@ -534,7 +535,7 @@ def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[s
         name = odd or next(iter(kinds))
         raise VQTError(
             f"label column {column!r} of split {name!r} of {root} holds {features[name]} values, not classes: "
-            "use a column of ClassLabel, integer or string labels (name it with --label-column)"
+            "use a column of ClassLabel, integer, boolean or string labels (name it with --label-column)"
         )
     kind = next(iter(kinds.values()))
     values = {name: list(split[column]) for name, split in splits.items()}
@@ -546,9 +547,12 @@ def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[s
     else:
         numbered = {name: [HF_UNLABELED if v is None else int(v) for v in vs] for name, vs in values.items()}
         top = max((v for vs in numbered.values() for v in vs), default=-1)
-        classes = (
-            list(features[next(iter(features))].names) if kind == "classlabel" else [str(c) for c in range(top + 1)]
-        )
+        if kind == "classlabel":
+            classes = list(features[next(iter(features))].names)
+        elif kind == "boolean":
+            classes = ["False", "True"]
+        else:
+            classes = [str(c) for c in range(top + 1)]
     items, unusable = {}, {}
     for name, labels in numbered.items():
         if unlabeled[name]:
@@ -567,10 +571,13 @@ def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[s
 
 
 def _label_kind(feature: Any, hf: Any) -> str | None:
-    """ "classlabel", "integer" or "string" for a label column's feature; None for anything that is not a class."""
+    """The kind of a label column's feature: "classlabel", "integer", "boolean" or "string"; None for anything
+    that is not a class (floats, lists, images)."""
     if isinstance(feature, hf.ClassLabel):
         return "classlabel"
     dtype = getattr(feature, "dtype", None) if isinstance(feature, hf.Value) else None
+    if dtype == "bool":
+        return "boolean"
     if dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
         return "integer"
     if dtype in ("string", "large_string"):

@@ -11,6 +11,7 @@ its name) wherever it takes a run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from vqt_cache.backbones import Backbone, backbone_from_weights
 from vqt_cache.errors import VQTError, first_line
 from vqt_cache.evaluation import compressed_head, load_run
-from vqt_cache.files import DamagedFile, digest, load_tensors, write_bytes
+from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.run_folder import COMPRESSED, is_compressed, model_shapes
 
@@ -50,11 +51,12 @@ def is_export(path: str | Path) -> bool:
 
 def _checksum(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
     """blake2b-256 of the metadata and every tensor but the backbone's (name, dtype, shape, bytes, in name order)."""
-    parts = [meta_json.encode()]
+    hashed = hashlib.blake2b(meta_json.encode(), digest_size=32)
     for name in sorted(k for k in tensors if not k.startswith("backbone.")):
         t = tensors[name].detach().cpu().contiguous()
-        parts += [f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), t.reshape(-1).view(torch.uint8).numpy().tobytes()]
-    return digest(b"\0".join(parts))
+        hashed.update(f"\0{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        hashed.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
+    return hashed.hexdigest()
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: str | None = None) -> Path:

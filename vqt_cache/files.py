@@ -140,9 +140,19 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = N
                 raise DamagedFile(path, f"no tensor {name!r}")
             if tuple(tensors[name].shape) != tuple(shape):
                 raise DamagedFile(path, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
-            if finite and tensors[name].is_floating_point() and not bool(tensors[name].isfinite().all()):
+            if finite and not all_finite(tensors[name]):
                 raise DamagedFile(path, f"tensor {name!r} holds NaN or Inf")
     return tensors
+
+
+def all_finite(tensor: Any) -> bool:
+    """No NaN or Inf in a tensor. A finite sum proves it in one pass (a NaN or an Inf makes any sum non-finite);
+    a sum that is not finite is checked element by element (large finite values can overflow a sum)."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def save_torch(path: str | Path, value: Any) -> None:
