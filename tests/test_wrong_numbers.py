@@ -392,6 +392,30 @@ def test_the_label_column_cannot_be_the_image_column(tmp_path):
     assert "both name column 'img'" in line
 
 
+def test_a_second_hugging_face_dataset_never_lands_in_the_first_ones_store(tmp_path):
+    """Default paths name the dataset's folder; two folders of one name, or one folder whose content was replaced,
+    are refused by the store's recorded root and content fingerprint, the store unchanged."""
+    first = _hf_dataset(tmp_path / "a" / "data", {"train": [0, 1, 0, 1]})
+    second = _hf_dataset(tmp_path / "b" / "data", {"train": [1, 1, 0, 0]})
+
+    def default_extract(root: Path) -> tuple[int, str]:
+        args = tiny_extract_args(None, "--root", str(root), "--image-column", "img", "--label-column", "y", dataset="hf")
+        return run_cli(*args, "--cache-root", str(tmp_path / "cache"), "--json")
+
+    code, text = default_extract(first)
+    assert code == 0, text
+    store = Path(json.loads(text)["store"])
+    assert store.parent.name == "hf-data"
+    before = contents(store)
+    line = error_line(*default_extract(second))
+    assert "holds one dataset" in line and "root" in line
+    shutil.rmtree(first)
+    _hf_dataset(first, {"train": [1, 0, 1, 1]})  # same folder, other content
+    line = error_line(*default_extract(first))
+    assert "the dataset's content differs" in line
+    assert contents(store) == before
+
+
 def test_an_unlabeled_test_split_does_not_block_the_others(tmp_path):
     hf = pytest.importorskip("datasets")
     labels = {"train": [0, 1, 0, 1, 0, 1], "validation": [0, 1], "test": [-1, -1, -1]}
