@@ -399,7 +399,9 @@ def test_a_second_hugging_face_dataset_never_lands_in_the_first_ones_store(tmp_p
     second = _hf_dataset(tmp_path / "b" / "data", {"train": [1, 1, 0, 0]})
 
     def default_extract(root: Path) -> tuple[int, str]:
-        args = tiny_extract_args(None, "--root", str(root), "--image-column", "img", "--label-column", "y", dataset="hf")
+        args = tiny_extract_args(
+            None, "--root", str(root), "--image-column", "img", "--label-column", "y", dataset="hf"
+        )
         return run_cli(*args, "--cache-root", str(tmp_path / "cache"), "--json")
 
     code, text = default_extract(first)
@@ -466,32 +468,16 @@ def test_a_report_with_a_missing_final_result_marks_it_and_averages_like_with_li
     from vqt_cache.extraction import ExtractConfig
     from vqt_cache.extraction import extract as run_extract
 
-    from conftest import SMALL_PROTOCOL
+    from conftest import GOOD_PIPELINE, SMALL_PROTOCOL
 
     store = str(tmp_path / "s.zarr")
     splits = ("train", "val", "trainval")  # test is evaluated live
     run_extract(ExtractConfig(**TINY_EXTRACT, dataset="digits-small", splits=splits, out=store, workers=0))
+    body = GOOD_PIPELINE.replace("STORE", store).replace("RUNS", str(tmp_path / "runs"))
+    protocol = body[body.index("[protocol]\n") : body.index("final_seeds")]
+    body = body.replace(protocol, "[protocol]\n" + SMALL_PROTOCOL).replace('name = "digits"', 'name = "digits-a"')
     pipeline = tmp_path / "p.toml"
-    pipeline.write_text(f"""
-name = "two"
-runs_root = "{tmp_path / "runs"}"
-baselines = ["linear"]
-[protocol]
-{SMALL_PROTOCOL}final_seeds = [1]
-epochs = 2
-warmup_epochs = 1
-[grid]
-lr = [0.5]
-wd = [0.0]
-[[datasets]]
-name = "digits-a"
-queries = [1]
-store = "{store}"
-[[datasets]]
-name = "digits-b"
-queries = [1]
-store = "{store}"
-""")
+    pipeline.write_text(f'name = "two"\n{body}[[datasets]]\nname = "digits-b"\nqueries = [1]\nstore = "{store}"\n')
     code, text = run_cli("sweep", str(pipeline))
     assert code == 0, text
     [result] = (tmp_path / "runs").glob("two/digits-b/**/vqt-*/eval/test.json")
@@ -507,5 +493,6 @@ store = "{store}"
 
     rows = {(r["dataset"], r["method"]): r["test_top1_mean"] for r in write_report(load_pipeline(pipeline))["rows"]}
     assert rows[("digits-b", "vqt")] is None and rows[("digits-b", "linear")] is not None
-    means = f"| mean of tasks | {100 * rows[('digits-a', 'vqt')]:.2f} | {100 * rows[('digits-a', 'linear')]:.2f} |"
+    a = [f"{100 * rows[('digits-a', method)]:.2f}" for method in ("vqt", "linear", "pooled")]
+    means = f"| mean of tasks | {' | '.join(a)} |"
     assert means in md  # digits-a's own numbers: digits-b's linear probe is not averaged beside a VQT without it

@@ -100,6 +100,8 @@ class RunFolder:
         if not metrics.get("diverged") and not (self.path / "model.safetensors").is_file():
             return None
         check_files(self.path, metrics, model=not metrics.get("diverged"))
+        if "checksums" not in metrics and not metrics.get("diverged"):  # a run from before checksums: readable?
+            load_model(self.path, self.config["model"])
         return metrics
 
     def save_result(self, tensors: dict | None, metrics: dict, timing: dict) -> None:
