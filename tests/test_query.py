@@ -200,3 +200,44 @@ def test_captured_kv_equals_kv_recomputed_from_hidden(variant):
     _, half = backbone.forward_cache(images, layout="kv", dtype=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half, captured.half(), atol=0, rtol=0)
+
+
+# -- the batched path (every layer in one kernel per op) equals the eager one --------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_batched_layers_equal_the_eager_path(variant, layout, device):
+    """Features, logits and query gradients of `QueryPath(path="batched")` equal the block-by-block path (fp32)."""
+    backbone = tiny_backbone(variant, device=device)
+    final, kv, hidden = caches(backbone, images_for(backbone))
+    cache = kv if layout == "kv" else hidden
+    vqt, _ = _pair(backbone, num_queries=3)
+    vqt.to(device).train().path.layout = layout
+    target = torch.tensor([0, 3, 4], device=device)
+    results = {}
+    for path in ("eager", "batched"):
+        vqt.path.path = path
+        torch.manual_seed(7)  # the same dropout masks
+        vqt.zero_grad()
+        logits = vqt.runs[0].head(vqt.features(final, cache)[0])
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        results[path] = (logits.detach(), vqt.runs[0].queries.prompts.grad.clone())
+    torch.testing.assert_close(results["batched"][0], results["eager"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["batched"][1], results["eager"][1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_batched_layers_in_bf16_stay_within_the_bf16_bound(layout):
+    backbone = tiny_backbone("layer_scale")
+    final, kv, hidden = caches(backbone, images_for(backbone, batch=8))
+    cache = (kv if layout == "kv" else hidden).bfloat16()
+    vqt, _ = _pair(backbone, num_queries=4)
+    vqt.eval().path.layout = layout
+    vqt.path.precision = "bf16"
+    logits = {}
+    with torch.no_grad():
+        for path in ("eager", "batched"):
+            vqt.path.path = path
+            logits[path] = vqt.runs[0].head(vqt.features(final, cache)[0])
+    assert (logits["eager"] - logits["batched"]).norm() < BF16_TOLERANCE * logits["eager"].norm()
+    assert torch.equal(logits["eager"].argmax(1), logits["batched"].argmax(1))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
-from vqt_cache.evaluation import evaluate
+from vqt_cache.evaluation import cached_logits, evaluate, load_runs
 from vqt_cache.schedule import lr_factor
 from vqt_cache.store import open_store
 from vqt_cache.training import RunSpec, TrainConfig, grid, train
@@ -294,3 +295,20 @@ def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     torch.set_flush_denormal(False)
     [result] = evaluate(str(tmp_path / "run"), "val200")
     assert (tiny * 1.0).item() == 0.0 and result.images == 200
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_the_batched_query_path_trains_the_eager_paths_runs(tiny_store, tmp_path, precision):
+    """A grid trained with every layer in one kernel per op ends where the block-by-block path ends: validation
+    logits within the bf16 bound of each other, the same predictions (and the golden curve's shape)."""
+    runs = (VQT_T2, RunSpec("vqt", 1, 0.25, 0.0, 0), RunSpec("linear", 0, 0.5, 1e-3, 0))
+    logits = {}
+    for path in ("eager", "batched"):
+        results = train(cfg(tiny_store, tmp_path / path, runs, precision=precision, query_path=path))
+        _, store, _, model = load_runs([r.dir for r in results], precision=precision)
+        model.path.path = "eager"  # the same evaluation for both: only the training differs
+        data = CachedSplit(store.split("val200"), None, 64, torch.device("cpu"), 10, **model.reads())
+        logits[path], _ = cached_logits(model, data)
+    for eager, batched in zip(logits["eager"], logits["batched"], strict=True):
+        assert (eager - batched).norm() < 2e-2 * eager.norm()
+        assert torch.equal(eager.argmax(1), batched.argmax(1))

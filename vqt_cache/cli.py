@@ -31,6 +31,7 @@ from vqt_cache.formats import (
     DEFAULT_DTYPE,
     DEFAULT_LAYOUT,
     DEFAULT_PRECISION,
+    DEFAULT_QUERY_PATH,
     EXTRACT_BATCH_SIZE,
     HF_COLUMNS,
     ON_BAD_IMAGE,
@@ -426,6 +427,9 @@ def train(
     precision: Annotated[
         str, typer.Option(help="query-path arithmetic: float32, bf16 (bfloat16 matmuls), auto (bf16 where fast)")
     ] = DEFAULT_PRECISION,
+    query_path: Annotated[
+        str, typer.Option(help="eager (layer by layer), batched (all layers per kernel), auto (batched on a GPU)")
+    ] = DEFAULT_QUERY_PATH,
     eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = recipe.EVAL_EVERY,
     checkpoint_every: Annotated[
         int, typer.Option(help="checkpoint every N epochs, for resume")
@@ -462,6 +466,7 @@ def train(
         memory_budget=_gib(memory_budget),
         device=device,
         precision=precision,
+        query_path=query_path,
         out=out,
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,

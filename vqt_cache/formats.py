@@ -26,6 +26,10 @@ ON_BAD_IMAGE = ("fail", "skip")
 # bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (README, "Precision")
 PRECISIONS = ("float32", "bf16")
 DEFAULT_PRECISION = "auto"
+# how the query path runs its layers (query.QueryPath): block after block, or every layer in one batched kernel per
+# op; "auto" batches on a GPU and not on the CPU
+QUERY_PATHS = ("auto", "eager", "batched")
+DEFAULT_QUERY_PATH = "auto"
 
 
 def group_for(channels: int) -> int:

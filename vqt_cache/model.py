@@ -23,6 +23,7 @@ from torch import nn
 
 from vqt_cache.backbones import Backbone
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import DEFAULT_QUERY_PATH
 from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features, token_means
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 from vqt_cache.recipe import DROPOUT, METHOD, METHODS
@@ -97,10 +98,15 @@ class CachedVQT(nn.Module):
     """The frozen query path shared by one or more runs, fed by (final feature, layer-major cache)."""
 
     def __init__(
-        self, blocks: nn.ModuleList, runs: Sequence[RunParameters], layout: str = "kv", precision: str = "float32"
+        self,
+        blocks: nn.ModuleList,
+        runs: Sequence[RunParameters],
+        layout: str = "kv",
+        precision: str = "float32",
+        query_path: str = DEFAULT_QUERY_PATH,
     ) -> None:
         super().__init__()
-        self.path = QueryPath(blocks, layout, precision)
+        self.path = QueryPath(blocks, layout, precision, query_path)
         self.runs = nn.ModuleList(runs)
 
     @classmethod

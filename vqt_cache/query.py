@@ -12,6 +12,7 @@ Autograd records only the query tokens' activations: the cache carries no gradie
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from vqt_cache.backbones import heads_kv
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import LAYOUTS, PRECISIONS
+from vqt_cache.formats import DEFAULT_QUERY_PATH, LAYOUTS, PRECISIONS, QUERY_PATHS
 from vqt_cache.recipe import DROPOUT
 
 # the dtype the query path reads its cache in, per precision (formats.PRECISIONS)
@@ -166,34 +167,67 @@ def query_block(block: nn.Module, p: torch.Tensor, layer_cache: torch.Tensor, la
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+class _QueryBlock(nn.Module):
+    """`query_block` as a module, so that torch.func can call one block's math with another block's weights."""
+
+    def __init__(self, block: nn.Module, layout: str) -> None:
+        super().__init__()
+        self.block, self.layout = block, layout
+
+    def forward(self, p: torch.Tensor, layer_cache: torch.Tensor) -> torch.Tensor:
+        return query_block(self.block, p, layer_cache, self.layout)
+
+
 class QueryPath(nn.Module):
     """All layers: queries (B, L, T, D) + a layer-major cache -> per-layer query outputs O (B, L, T, D), float32.
 
     With precision "bf16" the cache is expected in bfloat16 (`CachedSplit` widens it so) and the blocks run under
     autocast: their matmuls in bfloat16 with float32 accumulation; the layer norms, the residual stream and the
     outputs stay float32.
+
+    Layer l's queries read only layer l's cache, so the layers are independent. `path` says how they run: "eager",
+    block after block (each block's own modules: about 40 kernels per layer and step); "batched", all layers at
+    once (`torch.func.vmap` over the blocks' stacked weights: the same math, each op one kernel for every layer,
+    an 8x smaller op count); "auto", batched on a GPU, where a step's kernel launches cost more than its FLOPs,
+    and eager on the CPU, where batched GEMMs over per-layer weights are slower than plain ones.
     """
 
-    def __init__(self, blocks: nn.ModuleList, layout: str = "kv", precision: str = "float32") -> None:
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        layout: str = "kv",
+        precision: str = "float32",
+        path: str = DEFAULT_QUERY_PATH,
+    ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if path not in QUERY_PATHS:
+            raise VQTError(f"unknown query path {path!r}: use one of {', '.join(QUERY_PATHS)}")
         self.blocks = blocks  # frozen, built without dropout or drop-path: train/eval mode does not matter
         self.layout = layout
         self.precision = precision
+        self.path = path
+        self._stacked: tuple | None = None  # ((device, layout), weights, buffers, a weightless block): batched
 
     @property
     def cache_dtype(self) -> torch.dtype:
         """The dtype the path reads its cache in."""
         return CACHE_DTYPES[self.precision]
 
+    def batched(self, device: torch.device) -> bool:
+        """Whether the layers run as one batched kernel per op on `device`."""
+        return self.path == "batched" or self.path == "auto" and device.type == "cuda"
+
     def forward(self, queries: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
         if queries.shape[2] == 0:  # T = 0: nothing to run (the linear-probe special case)
             return queries
         bf16 = self.precision == "bf16"
         with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if self.batched(cache.device):
+                return self._all_layers(queries, cache).float()
             # unbind, not queries[:, layer]: the backward of a slice is a zero-filled copy of all layers' queries,
             # once per layer (12 x 24 MB per step at B = 64, T = 10); unbind's backward stacks the slices once
             outs = [
@@ -201,3 +235,20 @@ class QueryPath(nn.Module):
                 for layer, (blk, p) in enumerate(zip(self.blocks, queries.unbind(1), strict=True))
             ]
         return torch.stack(outs, dim=1).float()
+
+    def _all_layers(self, queries: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """Every layer's `query_block` in one vmap over the blocks' weights stacked along a layer axis."""
+        from torch.func import functional_call, stack_module_state, vmap
+
+        key = (cache.device, self.layout)
+        if self._stacked is None or self._stacked[0] != key:  # stacked once per device (a copy of the weights)
+            wrapped = [_QueryBlock(block, self.layout) for block in self.blocks]
+            weights, buffers = stack_module_state(wrapped)
+            weights = {name: w.detach() for name, w in weights.items()}  # frozen: no gradient reaches them
+            self._stacked = (key, weights, buffers, copy.deepcopy(wrapped[0]).to("meta"))
+        _, weights, buffers, base = self._stacked
+
+        def layer(w: dict, b: dict, p: torch.Tensor, layer_cache: torch.Tensor) -> torch.Tensor:
+            return functional_call(base, (w, b), (p, layer_cache))
+
+        return vmap(layer, in_dims=(0, 0, 1, 0), out_dims=1)(weights, buffers, queries, cache)

@@ -26,7 +26,7 @@ from vqt_cache.batches import CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
-from vqt_cache.formats import DEFAULT_PRECISION
+from vqt_cache.formats import DEFAULT_PRECISION, DEFAULT_QUERY_PATH, QUERY_PATHS
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed
@@ -73,6 +73,7 @@ class TrainConfig:
     memory_budget: int | float | None = None  # bytes for cached features in memory; default half the RAM
     device: str = recipe.DEVICE
     precision: str = DEFAULT_PRECISION  # resolved on creation: "auto" becomes float32 or bf16 for the device
+    query_path: str = DEFAULT_QUERY_PATH  # how the layers run (query.QueryPath): a speed choice, not recorded
     out: str | None = None  # one run: its folder; several: their parent. Default data/runs/<dataset>/<backbone>
     eval_every: int = recipe.EVAL_EVERY
     checkpoint_every: int = recipe.CHECKPOINT_EVERY
@@ -88,6 +89,8 @@ class TrainConfig:
                     f"the memory budget must be >= 0 GiB (a finite number), got {self.memory_budget / 2**30:g}"
                 )
             object.__setattr__(self, "memory_budget", int(self.memory_budget))  # bytes, from a float of GiB too
+        if self.query_path not in QUERY_PATHS:
+            raise VQTError(f"unknown query path {self.query_path!r}: use one of {', '.join(QUERY_PATHS)}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise VQTError("--eval-every and --checkpoint-every must be >= 1")
         if len({r.name for r in self.runs}) != len(self.runs):
@@ -171,7 +174,7 @@ class _Trainer:
             )
             for s in specs
         ]
-        self.model = CachedVQT(backbone.blocks, runs, store.layout, cfg.precision).to(device)
+        self.model = CachedVQT(backbone.blocks, runs, store.layout, cfg.precision, cfg.query_path).to(device)
         self.optimizers = []
         for run, spec in zip(runs, specs, strict=True):
             self.optimizers.append(schedule.adam([run.queries.prompts, run.head.weight], [run.head.bias], spec.wd))
