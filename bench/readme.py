@@ -198,6 +198,26 @@ def memory(results: list[dict]) -> str:
     return table(["streaming", "peak RSS, GiB", "limit, GiB", "img/s"], rows)
 
 
+def gpu(results: list[dict]) -> str:
+    found = rows_of(results, "gpu")
+    if not found:
+        return "No GPU figures are recorded yet: `python -m bench gpu` on a machine with a GPU writes them.\n"
+    rows = [
+        [
+            r["what"],
+            number(r.get("img_s")),
+            number(r.get("of_bound", r.get("of_forward"))),
+            number(r.get("ms_per_step")),
+            number(r.get("outside_epochs_s")),
+            number(r.get("wall_s")),
+            number(r.get("aten_ops")),
+        ]
+        for r in found
+    ]
+    header = [f"`python -m bench gpu`, {found[0]['device']}", "img/s", "of its bound", "ms/step", "s outside"]
+    return table([*header, "wall s", "aten ops/step"], rows)
+
+
 TABLES: dict[str, Callable[[list[dict]], str]] = {
     "training": training,
     "grid": grid,
@@ -211,6 +231,7 @@ TABLES: dict[str, Callable[[list[dict]], str]] = {
     "object_storage": object_storage,
     "live_eval": live_eval,
     "memory": memory,
+    "gpu": gpu,
 }
 
 

@@ -496,3 +496,23 @@ def test_a_report_with_a_missing_final_result_marks_it_and_averages_like_with_li
     a = [f"{100 * rows[('digits-a', method)]:.2f}" for method in ("vqt", "linear", "pooled")]
     means = f"| mean of tasks | {' | '.join(a)} |"
     assert means in md  # digits-a's own numbers: digits-b's linear probe is not averaged beside a VQT without it
+
+
+def test_a_vtab_tasks_test_set_is_evaluated_live_from_the_root_the_store_recorded(tmp_path):
+    """The store records the task's own folder as its root; live evaluation reopens the task there."""
+    task = tmp_path / "vtab" / "eurosat"
+    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
+    for i in range(30):
+        add_image(task / "images", f"{i}.png", seed=i)
+        lines["train800" if i < 20 else "val200" if i < 25 else "test"].append(f"images/{i}.png {i % 2}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, rows in lines.items():
+        (task / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "s.zarr"
+    code, text = extract("vtab1k/eurosat", tmp_path / "vtab", out, "train800,val200")
+    assert code == 0, text
+    assert open_store(str(out)).attrs["dataset"]["root"] == str(task)
+    run = tmp_path / "run"
+    assert run_cli("train", "--store", str(out), *TRAIN, "--out", str(run))[0] == 0
+    code, text = run_cli("evaluate", str(run), "--split", "test", "--json")
+    assert code == 0 and json.loads(text)["images"] == 5, text

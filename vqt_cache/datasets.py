@@ -367,7 +367,9 @@ def vtab1k(task: str, root: Path) -> Dataset:
         raise VQTError(f"unknown VTAB-1k task {task!r}: use one of {', '.join(VTAB_TASKS)}")
     folders, num_classes, _ = VTAB_TASKS[task]
     _require(root, "dataset root")
-    task_root = next((root / f for f in folders if (root / f).is_dir()), root / folders[0])
+    # <root>/<task>/, or the task's own folder (what a store records as the dataset's root)
+    here = (root / "train800.txt").is_file() and not any((root / f).is_dir() for f in folders)
+    task_root = root if here else next((root / f for f in folders if (root / f).is_dir()), root / folders[0])
     _require(task_root, f"VTAB-1k task folder for {task}:")
     splits = {}
     for split in VTAB_SPLITS:

@@ -12,9 +12,11 @@ import torch
 
 def adam(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], wd: float) -> torch.optim.Adam:
     """Adam with coupled L2 weight decay `wd` on `decayed` and none on `undecayed` (the head's bias). Its learning
-    rate is set each epoch by `set_epoch_lr`."""
+    rate is set each epoch by `set_epoch_lr`. On a GPU its step is torch's fused kernel (one launch per parameter
+    group instead of one per operation and tensor); on the CPU it is the reference implementation, which the
+    golden curves were recorded with."""
     groups = [{"params": decayed, "weight_decay": wd}, {"params": undecayed, "weight_decay": 0.0}]
-    return torch.optim.Adam(groups, lr=0.0)
+    return torch.optim.Adam(groups, lr=0.0, fused=decayed[0].is_cuda or None)
 
 
 def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
