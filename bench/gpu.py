@@ -157,9 +157,14 @@ def profile_grid(store: str, out: Path, device: str) -> tuple[list[dict], str]:
             query_path=path, eval_split="none", checkpoint_every=100,
         )  # fmt: skip
         steps = schedule(wait=1, warmup=1, active=active, repeat=1)  # `train` reports progress once per step
+        started: list[float] = []
         with profile(activities=activities, schedule=steps) as prof:
-            started: list[float] = []
-            train(cfg, progress=lambda *_: (prof.step(), started.append(time.perf_counter())))
+
+            def step(*_, prof=prof, started=started) -> None:
+                prof.step()
+                started.append(time.perf_counter())
+
+            train(cfg, progress=step)
         wall = (started[2 + active] - started[2]) if len(started) > 2 + active else float("nan")
         events = prof.key_averages()
         ops = sum(e.count for e in events if e.key.startswith("aten::")) / active
