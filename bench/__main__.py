@@ -17,6 +17,7 @@ from rich.table import Table
 from bench import (
     extraction,
     gpu,
+    host,
     live_eval,
     object_storage,
     precision,
@@ -34,6 +35,7 @@ BENCHES = {
     "training": training.run,
     "grid": training.run_grid,
     "extraction": extraction.run,
+    "host": host.run,
     "object_storage": object_storage.run,
     "quantization": quantization.run,
     "precision": precision.run,

@@ -115,7 +115,8 @@ def _sync(device: torch.device) -> None:
 def train_rows(store: str, runs: Path, model: list[str], device: str, epochs: int, quick: bool) -> list[dict]:
     """One run and a 20-run grid through `vqt-cache train`, with each query path."""
     rows = []
-    for name, extra, batch in (("1 run", [], 64), ("20-run grid", GRID, 128)):
+    cases = (("1 run", [], 64), ("20-run grid", GRID, 128))
+    for name, extra, batch in cases[1:] if quick else cases:  # the smoke run: the grid alone
         for path in ("eager", "batched"):
             out = runs / f"{name.replace(' ', '-')}-{path}"
             args = ["train", "--store", store, "--queries", "1", "--epochs", str(epochs), "--device", device]

@@ -1,5 +1,6 @@
 """Stage one: exact round trips, resume, idempotence, torchrun, and the store's self-description."""
 
+import hashlib
 import json
 import os
 import signal
@@ -355,3 +356,31 @@ def test_a_table_grown_but_not_committed_reads_as_before_and_the_next_writer_und
     store = open_store(cfg.store_url)
     assert store.images.block_stops == [200, 224 + 800] and store.images.features.shape[0] == 1024
     assert verify(cfg.store_url)["faults"] == []
+
+
+def test_a_version_3_store_is_read_resumed_and_verified_with_its_own_checksums(tmp_path):
+    """Format 4 changed the shard checksums' hash (blake2b -> blake3). A version-3 store (made here by rewriting a
+    new store's checksums with blake2b and its version to 3) still opens, verifies, trains and resumes as version 3."""
+    from vqt_cache.store import shard_checksum
+
+    out = tmp_path / "s.zarr"
+    code, text = run_cli(*tiny_extract_args("val200"), "--out", str(out))
+    assert code == 0, text
+    store = open_store(str(out), mode="r+")
+    images = store.images
+    for shard in range(images.num_shards):
+        start, stop = images.shard_range(shard)
+        digest = hashlib.blake2b(digest_size=32)
+        digest.update(np.ascontiguousarray(images.features[start:stop]))
+        final, valid = (images.group[k][start:stop] for k in ("final", "valid"))
+        images.group["checksum"][shard] = np.frombuffer(shard_checksum(digest.digest(), final, valid, 3), np.uint8)
+    attrs = store.attrs
+    store.group.attrs.put({**attrs, "format_version": 3})
+    assert run_cli("verify", str(out))[0] == 0
+    code, text = run_cli(*tiny_extract_args("train800"), "--out", str(out))  # resumed: new shards as version 3
+    assert code == 0, text
+    assert open_store(str(out)).attrs["format_version"] == 3
+    code, text = run_cli("verify", str(out))
+    assert code == 0 and "no faults" in text, text
+    images.group["checksum"][0] = np.frombuffer(shard_checksum(b"x", final[:0], valid[:0], 3), np.uint8)
+    assert run_cli("verify", str(out))[0] == 1  # and its checksums are really checked

@@ -370,17 +370,18 @@ def _recorded(change):
     """A change whose shard checksums are recomputed: data that is consistent, but wrong in another way."""
 
     def apply(store: Path) -> None:
-        from vqt_cache.store import _rows_hash, row_checksum, shard_checksum
+        from vqt_cache.store import _rows_hash, hash_rows, shard_checksum
 
         change(store)
         s = open_store(str(store), mode="r+")
         images = s.images
         for shard in range(images.num_shards):
             start, stop = images.shard_range(shard)
-            rows = row_checksum()
-            rows.update(np.ascontiguousarray(images.features[start:stop]))
+            rows = images.row_checksum()
+            hash_rows(rows, images.features[start:stop])
             final, valid = (images.group[k][start:stop] for k in ("final", "valid"))
-            images.group["checksum"][shard] = np.frombuffer(shard_checksum(rows.digest(), final, valid), np.uint8)
+            checksum = shard_checksum(rows.digest(), final, valid, images.version)
+            images.group["checksum"][shard] = np.frombuffer(checksum, np.uint8)
         split = s.group["splits/train800"]
         split.attrs["rows_hash"] = _rows_hash(split["rows"][:], split["labels"][:])
 

@@ -56,7 +56,6 @@ from vqt_cache.store import (
     create_store,
     default_store_path,
     hash_rows,
-    row_checksum,
 )
 
 
@@ -327,7 +326,7 @@ def extract_shards(
         for shard in shards:
             start, stop = images.shard_range(shard)
             finals, valid = [], []
-            checksum = row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
+            checksum = images.row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
                 batch, ok, errors = next(batches)
