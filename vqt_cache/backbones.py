@@ -102,6 +102,7 @@ class Backbone:
             "timm_name": self.timm_name,
             "kwargs": self.kwargs,
             "fingerprint": self.fingerprint,
+            "checksum": weights_checksum(self.model),
             "weights": self.weights,
             "depth": self.depth,
             "dim": self.dim,
@@ -209,14 +210,23 @@ def check_supported(model: nn.Module, name: str) -> None:
             raise VQTError(f"block {i} of {name!r} uses gated attention, which the VQT query path does not support")
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen state dict (names, dtypes, shapes and bytes), in name order."""
-    digest = hashlib.sha256()
+def weights_fingerprint(model: nn.Module, digest: Any = None) -> str:
+    """sha256 (or `digest`) over the frozen state dict (names, dtypes, shapes and bytes), in name order. The sha256
+    is the backbone's identity, which stores and runs record."""
+    digest = hashlib.sha256() if digest is None else digest
     for key, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """blake3 over what `weights_fingerprint` reads: the check a store's weights pass when stage two rebuilds the
+    backbone, four times faster than the sha256 (ViT-B/16 on this CPU: 0.07 s instead of 0.32 s)."""
+    import blake3
+
+    return weights_fingerprint(model, blake3.blake3())
 
 
 RANDOM_SEED = 0  # "random" weights are drawn with this seed: the same on every run, so such stores resume
@@ -365,8 +375,13 @@ def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.nda
     except RuntimeError as exc:
         raise VQTError(f"the stored weights do not fit {description['timm_name']!r}: {first_line(exc)}") from exc
     model.eval().requires_grad_(False)
-    found = weights_fingerprint(model)
-    if found != description["fingerprint"]:
+    fingerprint = description["fingerprint"]
+    if "checksum" in description:  # the same bytes as the fingerprint's, hashed fast (recorded since format 4)
+        intact = weights_checksum(model) == description["checksum"]
+    else:
+        intact = weights_fingerprint(model) == fingerprint
+    if not intact:
         raise VQTError("the stored backbone weights do not match the store's recorded fingerprint; re-extract it")
     recorded = dict(description.get("weights") or {})
-    return Backbone(description["name"], description["timm_name"], dict(description["kwargs"]), model, found, recorded)
+    name, timm_name, kwargs = description["name"], description["timm_name"], dict(description["kwargs"])
+    return Backbone(name, timm_name, kwargs, model, fingerprint, recorded)
