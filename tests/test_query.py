@@ -241,3 +241,26 @@ def test_batched_layers_in_bf16_stay_within_the_bf16_bound(layout):
             logits[path] = vqt.runs[0].head(vqt.features(final, cache)[0])
     assert (logits["eager"] - logits["batched"]).norm() < BF16_TOLERANCE * logits["eager"].norm()
     assert torch.equal(logits["eager"].argmax(1), logits["batched"].argmax(1))
+
+
+@pytest.mark.parametrize("layout", ["kv", "hidden"])
+def test_bf16_linear_weights_cast_once_change_nothing(layout):
+    """The bf16 path runs blocks whose Linear weights are bfloat16 already: the values autocast would cast them to
+    on every step, so outputs and query gradients are bitwise those of the frozen float32 blocks under autocast."""
+    backbone = tiny_backbone("layer_scale")
+    final, kv, hidden = caches(backbone, images_for(backbone))
+    cache = (kv if layout == "kv" else hidden).bfloat16()
+    vqt, _ = _pair(backbone, num_queries=3)
+    vqt.eval().path.layout = layout
+    vqt.path.precision = "bf16"
+    results = []
+    for cast_once in (True, False):
+        vqt.zero_grad()
+        if not cast_once:
+            vqt.path._blocks = lambda _device: vqt.path.blocks  # autocast casts the float32 weights every call
+        out = vqt.features(final, cache)[0]
+        out.sum().backward()
+        results.append((out.detach(), vqt.runs[0].queries.prompts.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(not m.weight.is_floating_point() or m.weight.dtype == torch.float32 for m in backbone.model.modules()
+               if isinstance(m, torch.nn.Linear))  # fmt: skip  # the backbone's own weights are untouched
