@@ -634,10 +634,10 @@ def export(
       vqt-cache export data/runs/cub/vit_b16/vqt-T1-lr0.5-wd0.001-seed42/compressed   # the compressed head
     """
     from vqt_cache.export import export_run
-    from vqt_cache.run_folder import COMPRESSED, is_compressed
+    from vqt_cache.run_folder import COMPRESSED, compressed_run, is_compressed
 
     path = export_run(run_dir, out, store)
-    if Path(run_dir).name == COMPRESSED:
+    if compressed_run(run_dir) is not None:
         what = "the compressed head"
     elif is_compressed(run_dir):
         what = f"the run's full head; export {Path(run_dir) / COMPRESSED} for its compressed one"

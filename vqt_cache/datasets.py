@@ -548,13 +548,12 @@ def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[s
         numbered = {name: [HF_UNLABELED if v is None else index[v] for v in vs] for name, vs in values.items()}
     else:
         numbered = {name: [HF_UNLABELED if v is None else int(v) for v in vs] for name, vs in values.items()}
-        top = max((v for vs in numbered.values() for v in vs), default=-1)
         if kind == "classlabel":
             classes = list(features[next(iter(features))].names)
         elif kind == "boolean":
             classes = ["False", "True"]
         else:
-            classes = [str(c) for c in range(top + 1)]
+            classes = [str(c) for c in range(1 + max((v for vs in numbered.values() for v in vs), default=-1))]
     items, unusable = {}, {}
     for name, labels in numbered.items():
         if unlabeled[name]:

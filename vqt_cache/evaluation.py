@@ -28,7 +28,6 @@ from vqt_cache.batches import CachedSplit
 from vqt_cache.errors import VQTError
 from vqt_cache.files import (
     DamagedFile,
-    check_digest,
     load_tensors,
     load_torch,
     read_json,
@@ -39,7 +38,14 @@ from vqt_cache.formats import WORKERS
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
-from vqt_cache.run_folder import compressed_folder, compression_record, load_finished, load_model
+from vqt_cache.run_folder import (
+    COMPRESSED,
+    compressed_folder,
+    compression_record,
+    load_finished,
+    load_model,
+    recorded_checksums,
+)
 from vqt_cache.store import Store, open_store
 
 SAVE_EVERY_S = 60.0
@@ -126,14 +132,14 @@ def cached_logits(
 
 def _trained_run(folder: Path) -> tuple[dict, RunParameters]:
     """A finished run folder -> (its config, its trained Run)."""
-    config, _ = load_finished(folder)
+    config, metrics = load_finished(folder)
     try:
         m = config["model"]
         run = RunParameters.from_table(m, float(config["recipe"]["dropout"]))
         _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
-    run.load_tensors(load_model(folder, m))
+    run.load_tensors(load_model(folder, m, metrics))
     return config, run
 
 
@@ -223,13 +229,9 @@ def evaluate(
     else:
         data = CachedSplit(store.split(split), memory_budget, batch_size, target, num_classes, **model.reads())
         logits, labels = cached_logits(model.to(target), data, heads)
-    for i, outputs in enumerate(logits):  # a NaN logit has no argmax: never report an accuracy from it
+    owners = [*map(str, dirs), *(f"{d}/{COMPRESSED}" for d, head in zip(dirs, heads, strict=True) if head)]
+    for owner, outputs in zip(owners, logits, strict=True):  # a NaN logit has no argmax: never an accuracy
         if not bool(outputs.isfinite().all()):
-            owner = (
-                dirs[i]
-                if i < len(dirs)
-                else f"{[d for d, h in zip(dirs, heads, strict=True) if h][i - len(dirs)]}/compressed"
-            )
             raise VQTError(f"run {owner} gives non-finite logits on split {split!r}; no accuracy is reported for it")
     logits, packed = logits[: len(dirs)], logits[len(dirs) :]
     for i, packed_logits in zip([i for i, h in enumerate(heads) if h], packed, strict=True):
@@ -265,19 +267,24 @@ def compressed_head(run_dir: str | Path) -> CompressedHead | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(record, f"missing or wrong entry {exc}") from exc
     shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
-    checksums = report.get("checksums")  # absent only in compressions from before it was recorded
-    if checksums is not None:
-        if not isinstance(checksums, dict) or not isinstance(checksums.get("model.safetensors"), str):
-            raise DamagedFile(record, "no checksum of model.safetensors")
-        check_digest(out / "model.safetensors", checksums["model.safetensors"], str(record))
-    tensors = load_tensors(out / "model.safetensors", shapes, finite=True)
-    kept = tensors["feature_index"]
-    if len(kept) and (kept.min() < 0 or kept.max() >= F):
-        raise DamagedFile(out / "model.safetensors", "feature_index points outside the run's features")
-    head = torch.nn.Linear(k, C)
+    checksums = recorded_checksums(report, record, ("model.safetensors",)) or {}  # none before they were recorded
+    path = out / "model.safetensors"
+    tensors = load_tensors(path, shapes, True, checksums.get("model.safetensors"), f"{COMPRESSED}/{record.name}")
+    return compressed_linear(path, tensors, F)
+
+
+def compressed_linear(path: Path, tensors: dict[str, torch.Tensor], features: int) -> CompressedHead:
+    """The (kept feature indices, head) of a compressed head's tensors (feature_index, head.weight, head.bias) from
+    the file `path`, checked to fit each other and a run of `features` features."""
+    kept, weight, bias = tensors["feature_index"], tensors["head.weight"], tensors["head.bias"]
+    k = len(kept)
+    fits = kept.dtype == torch.int64 and tuple(weight.shape) == (len(bias), k)
+    if not fits or k and not 0 <= kept.min() <= kept.max() < features:
+        raise DamagedFile(path, "its compressed head does not fit its kept features")
+    head = torch.nn.Linear(k, len(bias))
     with torch.no_grad():
-        head.weight.copy_(tensors["head.weight"])
-        head.bias.copy_(tensors["head.bias"])
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
     return kept, head.eval()
 
 

@@ -22,10 +22,10 @@ import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights
 from vqt_cache.errors import VQTError, first_line
-from vqt_cache.evaluation import compressed_head, load_run
+from vqt_cache.evaluation import compressed_head, compressed_linear, load_run
 from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
-from vqt_cache.run_folder import COMPRESSED, is_compressed, model_shapes
+from vqt_cache.run_folder import COMPRESSED, compressed_run, model_shapes
 
 FORMAT = "vqt-cache-export"
 VERSION = 2  # 2: a checksum over the metadata and the run's tensors; compressed heads
@@ -63,8 +63,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
     """Write the run's export file (default: <run folder>.safetensors beside it, or <run folder>.compressed.safetensors
     for `<run>/compressed`, the compressed head) and return its path. An existing file is replaced only if it is an
     export itself."""
-    compressed = Path(run_dir).name == COMPRESSED and is_compressed(Path(run_dir).parent)
-    folder = Path(run_dir).parent if compressed else Path(run_dir)
+    parent = compressed_run(run_dir)
+    compressed = parent is not None
+    folder = parent or Path(run_dir)
     loaded = load_run(folder, store_url)
     default = str(folder.resolve()) + (f".{COMPRESSED}" if compressed else "") + SUFFIX
     path = Path(out) if out is not None else Path(default)
@@ -145,7 +146,7 @@ def load_exported(path: str | Path) -> Exported:
         backbone = backbone_from_weights(meta["backbone"], weights)
         kept = head = None
         if compressed:
-            kept, head = _compressed_head(path, tensors, model_shapes(meta["model"])["head.weight"][1])
+            kept, head = compressed_linear(path, tensors, model_shapes(meta["model"])["head.weight"][1])
         else:
             run.load_tensors(tensors)
         if len(meta["class_names"]) != shapes["head.bias"][0]:
@@ -163,21 +164,3 @@ def load_exported(path: str | Path) -> Exported:
         kept=kept,
         head=head,
     )
-
-
-def _compressed_head(path: Path, tensors: dict, features: int) -> tuple[torch.Tensor, torch.nn.Linear]:
-    """A compressed export's kept feature indices and head, their shapes checked against each other."""
-    kept, weight, bias = tensors["feature_index"], tensors["head.weight"], tensors["head.bias"]
-    k = len(kept)
-    if (
-        kept.dtype != torch.int64
-        or tuple(weight.shape) != (len(bias), k)
-        or k
-        and not 0 <= kept.min() <= kept.max() < features
-    ):
-        raise DamagedFile(path, "its compressed head does not fit its kept features")
-    head = torch.nn.Linear(k, len(bias))
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    return kept, head.eval()

@@ -109,29 +109,44 @@ def save_tensors(path: str | Path, tensors: dict) -> str:
     return digest(data)
 
 
-def check_digest(path: str | Path, recorded: str, where: str) -> None:
-    """DamagedFile unless the file's bytes have the checksum `where` (a file name) records for them."""
+def read_checked(path: str | Path, checksum: str | None = None, recorded_in: str = "metrics.json") -> bytes:
+    """A file's bytes; with `checksum`, DamagedFile unless they have the checksum `recorded_in` (a file name) records
+    for them, or the file is missing though recorded."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DamagedFile(path, f"missing, though {where} records it") from None
+        if checksum is None:
+            raise
+        raise DamagedFile(path, f"missing, though {recorded_in} records it") from None
     except IsADirectoryError as exc:
         raise DamagedFile(path, "a folder, not a file") from exc
-    if digest(data) != recorded:
-        raise DamagedFile(path, f"its bytes differ from the checksum {where} records for it")
+    if checksum is not None and digest(data) != checksum:
+        raise DamagedFile(path, f"its bytes differ from the checksum {recorded_in} records for it")
+    return data
 
 
-def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None, finite: bool = False) -> dict:
+def check_digest(path: str | Path, recorded: str, where: str) -> None:
+    """DamagedFile unless the file's bytes have the checksum `where` (a file name) records for them."""
+    read_checked(path, recorded, where)
+
+
+def load_tensors(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    finite: bool = False,
+    checksum: str | None = None,
+    recorded_in: str = "metrics.json",
+) -> dict:
     """A safetensors file's tensors; with `shapes`, exactly those names with those shapes; with `finite`, those
-    tensors hold no NaN or Inf (a model that would give non-finite logits is no model)."""
+    tensors hold no NaN or Inf (a model that would give non-finite logits is no model); with `checksum`, the bytes
+    read have the checksum `recorded_in` records for them (`read_checked`): the read that loads them checks them."""
     from safetensors.torch import load
 
     path = Path(path)
+    data = read_checked(path, checksum, recorded_in)
     try:
-        tensors = load(path.read_bytes())
-    except IsADirectoryError as exc:
-        raise DamagedFile(path, "a folder, not a file") from exc
+        tensors = load(data)
     except Exception as exc:  # safetensors reports truncation and bad headers as its own error type
         raise DamagedFile(path, f"not a readable safetensors file: {first_line(exc)}") from exc
     if shapes is not None:

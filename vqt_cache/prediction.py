@@ -15,7 +15,7 @@ from vqt_cache.export import is_export, load_exported
 from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.model import LiveVQT
 from vqt_cache.recipe import DEVICE
-from vqt_cache.run_folder import COMPRESSED, is_compressed
+from vqt_cache.run_folder import compressed_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +50,8 @@ def predict(
     `run_dir`: a finished run folder, its `compressed/` folder (the compressed head on the kept features), or the
     file `vqt-cache export` wrote."""
     head = None
-    if Path(run_dir).name == COMPRESSED and is_compressed(Path(run_dir).parent):
-        run_dir = Path(run_dir).parent
+    if (parent := compressed_run(run_dir)) is not None:
+        run_dir = parent
         head = compressed_head(run_dir)
     if is_export(run_dir):  # `vqt-cache export`: everything in one file, no store
         exported = load_exported(run_dir)

@@ -44,6 +44,7 @@ from vqt_cache.files import (
 )
 
 CONFIG_KEYS = ("run", "recipe", "splits", "store", "model")
+CHECKSUMMED = ("config.json", "model.safetensors")  # the files of a finished run whose checksums metrics.json holds
 RUN_TYPES = {"method": str, "queries": int, "lr": (int, float), "wd": (int, float), "seed": int}
 CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
 LOCK = ".lock"
@@ -99,7 +100,7 @@ class RunFolder:
             return None
         if not metrics.get("diverged") and not (self.path / "model.safetensors").is_file():
             return None
-        check_files(self.path, metrics, model=not metrics.get("diverged"))
+        check_files(self.path, metrics, ("config.json",) if metrics.get("diverged") else CHECKSUMMED)
         if "checksums" not in metrics and not metrics.get("diverged"):  # a run from before checksums: readable?
             load_model(self.path, self.config["model"])
         return metrics
@@ -238,17 +239,27 @@ def _git_sha() -> str | None:
         return None
 
 
-def check_files(folder: Path, metrics: dict, model: bool = True) -> None:
-    """config.json and (model) model.safetensors have the checksums metrics.json records (runs from before they
-    were recorded have none to check); DamagedFile naming the file otherwise."""
-    checksums = metrics.get("checksums")
+def recorded_checksums(record: dict, where: Path, names: tuple[str, ...]) -> dict[str, str] | None:
+    """The checksums a completion record (a metrics.json) holds for the files `names`, checked to be there; None
+    for a record from before checksums were recorded. `where` is the record's path, for the DamagedFile."""
+    checksums = record.get("checksums")
+    if checksums is None:
+        return None
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise DamagedFile(where, "its checksums are not a table of file names")
+    for name in names:
+        if name not in checksums:
+            raise DamagedFile(where, f"no checksum of {name}")
+    return checksums
+
+
+def check_files(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
+    """The files `names` of a run folder have the checksums its metrics.json records (runs from before they were
+    recorded have none to check); DamagedFile naming the file otherwise."""
+    checksums = recorded_checksums(metrics, folder / "metrics.json", names)
     if checksums is None:
         return
-    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
-        raise DamagedFile(folder / "metrics.json", "its checksums are not a table of file names")
-    for name in ("config.json", "model.safetensors") if model else ("config.json",):
-        if name not in checksums:
-            raise DamagedFile(folder / "metrics.json", f"no checksum of {name}")
+    for name in names:
         check_digest(folder / name, checksums[name], "metrics.json")
 
 
@@ -270,7 +281,7 @@ def load_finished(path: str | Path) -> tuple[dict, dict]:
         raise VQTError(f"{path} is not a finished run folder (its metrics.json does not mark it complete)")
     if not (path / "model.safetensors").is_file():
         raise VQTError(f"{path} is not a finished run folder (no model.safetensors)")
-    check_files(path, metrics)
+    check_files(path, metrics, ("config.json",))  # the model is checked by the read that loads it (`load_model`)
     return config, metrics
 
 
@@ -283,8 +294,12 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     return {"queries": (depth, T, dim), "head.weight": (C, F), "head.bias": (C,)}
 
 
-def load_model(path: str | Path, model: dict, name: str = "model.safetensors") -> dict:
-    return load_tensors(Path(path) / name, model_shapes(model), finite=True)
+def load_model(path: str | Path, model: dict, metrics: dict | None = None) -> dict:
+    """A run folder's model.safetensors, its shapes from config.json's "model" table, finite, and (given the run's
+    metrics.json) checked against the checksum recorded there, in the one read that loads it."""
+    path = Path(path)
+    checksums = recorded_checksums(metrics or {}, path / "metrics.json", ("model.safetensors",)) or {}
+    return load_tensors(path / "model.safetensors", model_shapes(model), True, checksums.get("model.safetensors"))
 
 
 @dataclass(frozen=True)
@@ -349,3 +364,9 @@ def compression_record(path: str | Path) -> Path:
 
 def is_compressed(path: str | Path) -> bool:
     return compression_record(path).exists()
+
+
+def compressed_run(path: str | Path) -> Path | None:
+    """The run folder whose compression `path` is (a `<run>/compressed` folder, compress done), else None."""
+    path = Path(path)
+    return path.parent if path.name == COMPRESSED and is_compressed(path.parent) else None

@@ -805,20 +805,17 @@ def create_store(
     backbone, dataset and settings, or refuse in one sentence: nothing found at `url` is ever overwritten.
 
     shard_size: images per shard of a new store's image table (an existing store keeps its own)."""
-    found = found_at(url, storage_options)
-    if found == "store":
-        store = open_store(url, mode="r+", storage_options=storage_options)
-        _check_same(store.attrs, attrs, url)
-        return store
+    found, existing = _resumable(url, attrs, storage_options)
+    if existing is not None:
+        return open_store(url, mode="r+", storage_options=storage_options)
     if attrs["layout"] not in LAYOUTS:
         raise VQTError(f"unknown layout {attrs['layout']!r}: use one of {', '.join(LAYOUTS)}")
     if attrs["dtype"] not in DTYPES:
         raise VQTError(f"unknown dtype {attrs['dtype']!r}: use one of {', '.join(DTYPES)}")
     _compressors(attrs["codec"])
     marked = {"format": FORMAT, "format_version": FORMAT_VERSION, **attrs, "metadata_hash": metadata_hash(attrs)}
-    if found == "creating":  # our own interrupted creation: same identity, then redo the weights
+    if found == "creating":  # our own interrupted creation, of the same identity: redo the weights
         group = _open_group(url, "r+", storage_options)
-        _check_same(dict(group.attrs), attrs, url)
         if "weights" in group.group_keys():
             del group["weights"]
     else:
@@ -840,15 +837,19 @@ def check_resumable(url: str, attrs: dict[str, Any], storage_options: dict | Non
     """Refuse, writing nothing, what `create_store` would refuse: a path that holds anything but this tool's store
     (or its interrupted creation) of the same backbone, dataset and settings. Returns the existing store (read-only)
     or None where a new one would be created."""
+    return _resumable(url, attrs, storage_options)[1]
+
+
+def _resumable(url: str, attrs: dict[str, Any], storage_options: dict | None) -> tuple[str, Store | None]:
+    """What is at `url` (`found_at`) and, where it is a store, that store opened read-only; refuses one of another
+    identity (an interrupted creation too)."""
     found = found_at(url, storage_options)
-    if found == "new":
-        return None
     if found == "creating":
         _check_same(dict(_open_group(url, "r", storage_options).attrs), attrs, url)
-        return None
-    store = open_store(url, storage_options=storage_options)
-    _check_same(store.attrs, attrs, url)
-    return store
+    store = open_store(url, storage_options=storage_options) if found == "store" else None
+    if store is not None:
+        _check_same(store.attrs, attrs, url)
+    return found, store
 
 
 def found_at(url: str, storage_options: dict | None = None) -> str:
