@@ -357,23 +357,21 @@ def _hf_extract(root: Path, out: Path, splits: str | None, *options: str) -> tup
     return extract("hf", root, out, splits, "--image-column", "img", "--label-column", "y", *options)
 
 
-def test_string_labels_are_classes_by_name(tmp_path):
-    root = _hf_dataset(tmp_path / "d", {"train": ["owl", "cat", "owl", "cat"], "test": ["cat", "owl"]})
+@pytest.mark.parametrize(
+    "splits, classes",
+    [
+        ({"train": ["owl", "cat", "owl", "cat"], "test": ["cat", "owl"]}, ["cat", "owl"]),  # by name, sorted
+        ({"train": [True, False, True, False]}, ["False", "True"]),  # booleans: two classes
+    ],
+    ids=["strings", "booleans"],
+)
+def test_string_and_boolean_labels_are_classes(tmp_path, splits, classes):
+    root = _hf_dataset(tmp_path / "d", splits)
     out = tmp_path / "s.zarr"
     code, text = _hf_extract(root, out, None)
     assert code == 0, text
     store = open_store(str(out))
-    assert store.attrs["dataset"]["class_names"] == ["cat", "owl"]
-    assert store.split("train").labels().tolist() == [1, 0, 1, 0]
-
-
-def test_boolean_labels_are_two_classes(tmp_path):
-    root = _hf_dataset(tmp_path / "d", {"train": [True, False, True, False]})
-    out = tmp_path / "s.zarr"
-    code, text = _hf_extract(root, out, None)
-    assert code == 0, text
-    store = open_store(str(out))
-    assert store.attrs["dataset"]["class_names"] == ["False", "True"]
+    assert store.attrs["dataset"]["class_names"] == classes
     assert store.split("train").labels().tolist() == [1, 0, 1, 0]
 
 
