@@ -31,10 +31,10 @@ def _import_time_names(tree: ast.AST, package: str) -> set[str]:
                 parts = alias.name.split(".")
                 names |= {".".join(parts[: i + 1]) for i in range(len(parts))}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.add(node.module.split(".")[0])
-            if node.module == package:  # from vqt_cache import recipe: the submodule
-                names |= {f"{package}.{a.name}" for a in node.names if (PACKAGE / f"{a.name}.py").exists()}
+            parts = node.module.split(".")
+            names |= {".".join(parts[: i + 1]) for i in range(len(parts))}  # a submodule imports its packages
+            if node.module.split(".")[0] == package:  # from vqt_cache import recipe: the submodule
+                names |= {f"{node.module}.{a.name}" for a in node.names if _source(f"{node.module}.{a.name}")}
         names |= _import_time_names(node, package)
     return names
 
@@ -48,10 +48,21 @@ def imported_with(module: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        path = PACKAGE / f"{name.split('.', 1)[1]}.py" if "." in name else PACKAGE / "__init__.py"
-        if name.split(".")[0] == "vqt_cache" and path.exists():
+        path = _source(name)
+        if path is not None:
             todo += sorted(_import_time_names(ast.parse(path.read_text()), "vqt_cache") - seen)
     return seen
+
+
+def _source(name: str) -> Path | None:
+    """The file of one of this package's modules (a subpackage's __init__.py), or None."""
+    if name.split(".")[0] != "vqt_cache":
+        return None
+    base = PACKAGE.joinpath(*name.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ module never re-implements a block, it only checks that the blocks are of a kind
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,10 @@ class Backbone:
         return self.model.patch_embed.num_patches + self.prefix_tokens
 
     @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
     def feature_kind(self) -> str:
         """How the final feature f_0 is pooled: 'token' (CLS), 'avg' (+fc_norm), ... as timm's global_pool."""
         pool = self.model.global_pool or "none"
@@ -120,6 +126,7 @@ class Backbone:
         layout: str = "hidden",
         dtype: torch.dtype = torch.float32,
         layer_major: bool = False,
+        probes: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen model once; capture what stage two needs from inside its own blocks (no recompute).
 
@@ -130,6 +137,8 @@ class Backbone:
             layers in `dtype`: (B, L, N, D) X̂_l = LN1(Z_{l-1}) for layout "hidden", captured at norm1; or
                 (B, L, 2, H, N, dh) K_l (after k_norm) and V_l for layout "kv", captured at attn.qkv. With
                 `layer_major`, the query path's own order instead: (L, B, N, D) or (L, 2, B, H, N, dh).
+
+        probes: filled, when given, by the same forward with the probe arrays (`capturing_probes`).
         """
         B, L, N, D, H = images.shape[0], self.depth, self.tokens, self.dim, self.heads
         if layer_major:
@@ -155,11 +164,37 @@ class Backbone:
             modules, capture = [blk.attn.qkv for blk in self.blocks], capture_kv
         hooks = [m.register_forward_hook(lambda _m, _i, o, i=i: capture(i, o)) for i, m in enumerate(modules)]
         try:
-            final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            with capturing_probes(self.model, probes) if probes is not None else ExitStack():
+                final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         finally:
             for h in hooks:
                 h.remove()
         return final, out
+
+
+@contextmanager
+def capturing_probes(model: nn.Module, probes: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While active, a forward of the timm ViT `model` fills `probes` with what the attentive and linear-multi
+    probes read, all through the model's final norm: "tokens" (B, P, D) the final block's patch tokens,
+    "patch_mean" (B, D) their mean, and (once the block exits) "class_tokens" (B, L, D) every block's class token
+    (its first token: the store refuses `--probes` for a backbone without one)."""
+    first: list[torch.Tensor] = []
+
+    def keep_first(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        first.append(output[:, 0])
+
+    def keep_patches(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        patches = output[:, model.num_prefix_tokens :]
+        probes["tokens"], probes["patch_mean"] = patches, patches.mean(dim=1)
+
+    handles = [block.register_forward_hook(keep_first) for block in model.blocks]
+    handles.append(model.norm.register_forward_hook(keep_patches))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    probes["class_tokens"] = model.norm(torch.stack(first, dim=1))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -32,10 +32,15 @@ import numpy as np
 import torch
 
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import group_for
 from vqt_cache.heads import token_means
 from vqt_cache.recipe import BATCH_SIZE
 from vqt_cache.schedule import epoch_order
 from vqt_cache.store import Split
+
+NO_PROBES = (
+    "holds no probe arrays, which the attentive and linear-multi probes read: extract with --probes into another --out"
+)
 
 # Streamed rows are read this many at a time: object stores answer concurrent requests (one per chunk) far
 # faster than a sequence of them, and local disks do not mind.
@@ -54,6 +59,7 @@ class Batch:
     means: torch.Tensor | None  # (B, L, D) float32 per-layer mean tokens (the pooled baseline); None: not read
     labels: torch.Tensor  # (B,) int64
     rows: np.ndarray  # split position of each image
+    probes: dict[str, torch.Tensor] | None = None  # float32 tokens, class_tokens, patch_mean; None: not read
 
 
 def widen(values: torch.Tensor, scales: torch.Tensor | None, group: int, out: torch.Tensor) -> torch.Tensor:
@@ -82,8 +88,10 @@ class CachedSplit:
         dtype: torch.dtype = torch.float32,
         cache: bool = True,
         means: bool = False,
+        probes: bool = False,
     ) -> None:
-        """Serve `split` on `device`; batches carry the cache in `dtype` if `cache`, the mean tokens if `means`.
+        """Serve `split` on `device`; batches carry the cache in `dtype` if `cache`, the mean tokens if `means`, the
+        probe arrays (float32) if `probes` (held on the device in their stored dtype, whatever the budget).
 
         The split's features are held on the device if they and two widened batches fit `memory_budget` bytes
         (and, on a GPU, 80% of its free memory); else they are streamed through two staging batches (stored
@@ -124,6 +132,9 @@ class CachedSplit:
             fits = features + 2 * self.batch_bytes <= 0.8 * torch.cuda.mem_get_info(self.device)[0]
         self.in_memory = fits or not cache
         self.means = torch.empty((len(self.rows), *self._means_shape()), device=self.device) if means else None
+        if probes and not images.probes:
+            raise VQTError(f"the store of split {split.name!r} {NO_PROBES}")
+        self.probes: dict[str, torch.Tensor] | None = {} if probes else None
         self._values = self._scales = None
         self._widened: list[torch.Tensor] = []  # two, alternating
         self._staging: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -154,6 +165,7 @@ class CachedSplit:
         """Bytes held for the whole run: the features (in memory), the means and the batch buffers."""
         features = len(self.rows) * self.row_bytes if self._values is not None else 0
         means = self.means.numel() * 4 if self.means is not None else 0
+        means += sum(t.numel() * t.element_size() for t in (self.probes or {}).values())
         return features + means + self.buffers * self.staging_bytes + 2 * self.batch_bytes * self.reads_cache
 
     def __len__(self) -> int:
@@ -161,12 +173,15 @@ class CachedSplit:
 
     # -- reading the store -------------------------------------------------------------------------------------
     def _checked_blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Shard by shard, checked: (indices among the valid rows, their stored features, their float32 scales)."""
-        for here, features, scales in self.split.checked_shards():
+        """Shard by shard, checked: (indices among the valid rows, their stored features, their float32 scales);
+        the probe arrays, where read, are kept on the way."""
+        for here, features, scales, probes in self.split.checked_shards():
             index = self._resident[here]
             keep = index >= 0
             if keep.all():
                 keep = slice(None)  # no skipped image here: a view, not a copy of the shard
+            if self.probes is not None:
+                self._add_probes(torch.from_numpy(index[keep]), {k: v[keep] for k, v in probes.items()})
             yield (
                 torch.from_numpy(index[keep]),
                 torch.from_numpy(features[keep]),
@@ -177,6 +192,23 @@ class CachedSplit:
         if self.means is not None:
             rows = widen(values, scales, self.group, torch.empty(values.shape))
             self.means[index.to(self.device)] = token_means(rows, self.layout).to(self.device)
+
+    def _add_probes(self, index: torch.Tensor, probes: dict[str, np.ndarray]) -> None:
+        for name, values in probes.items():
+            values = torch.from_numpy(values)
+            if name not in self.probes:
+                dtype = torch.float32 if values.dtype == torch.float16 and name.endswith("scale") else values.dtype
+                self.probes[name] = torch.empty((len(self.rows), *values.shape[1:]), dtype=dtype, device=self.device)
+            self.probes[name][index.to(self.device)] = values.to(self.device, self.probes[name].dtype)
+
+    def _batch_probes(self, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """A batch's probe arrays in float32 (patch tokens widened: int8 times their scales)."""
+        if self.probes is None:
+            return None
+        tokens = self.probes["tokens"][index]
+        scales = self.probes["tokens_scale"][index] if "tokens_scale" in self.probes else None
+        widened = widen(tokens, scales, group_for(tokens.shape[-1]), torch.empty(tokens.shape, device=self.device))
+        return {"tokens": widened, **{k: self.probes[k][index] for k in ("class_tokens", "patch_mean")}}
 
     def _load(self) -> None:
         """Hold the valid rows on the device, in their stored dtype (scales in float32)."""
@@ -245,10 +277,9 @@ class CachedSplit:
     def _batch(self, positions: np.ndarray, cache: torch.Tensor | None) -> Batch:
         """The batch of the given split positions, around its cache."""
         index = torch.from_numpy(positions).to(self.device)
-        means = None
-        if self.means is not None:
-            means = self.means[torch.from_numpy(self._resident[positions]).to(self.device)]
-        return Batch(self.final[index], cache, means, self.labels[index], positions)
+        resident = torch.from_numpy(self._resident[positions]).to(self.device)
+        means = None if self.means is None else self.means[resident]
+        return Batch(self.final[index], cache, means, self.labels[index], positions, self._batch_probes(resident))
 
     def batches(self, order: np.ndarray | None = None) -> Iterator[Batch]:
         """Batches of `batch_size` rows in `order` (default: store order).

@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from vqt_cache import recipe
+from vqt_cache import methods, recipe
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
     DEFAULT_CODEC,
@@ -407,9 +407,7 @@ def train(
     store: Annotated[
         str | None, typer.Option(help="store path or URL (default: the only store under --cache-root)")
     ] = None,
-    method: Annotated[
-        str, typer.Option(help="vqt, linear (probe on f_0), pooled (Head2Toe-style); a list")
-    ] = recipe.METHOD,
+    method: Annotated[str, typer.Option(help=f"{methods.describe()}; a list")] = recipe.METHOD,
     lr: Annotated[str, typer.Option(help="base learning rate(s), scaled by batch/256")] = f"{recipe.LR:g}",
     wd: Annotated[str, typer.Option(help="weight decay(s), coupled L2 as in torch Adam")] = f"{recipe.WD:g}",
     seed: Annotated[str, typer.Option(help="seed(s); runs of one seed share a pass")] = str(recipe.SEED),
@@ -502,7 +500,8 @@ def _print_grids(specs, results: list[TrainedRun], evaluated_on: str | None) -> 
     for method, T, seed in dict.fromkeys((s.method, s.queries, s.seed) for s in specs):
         at = {(s.lr, s.wd): found[s.name] for s in specs if (s.method, s.queries, s.seed) == (method, T, seed)}
         best = max((r.final["top1"] for r in at.values() if not r.diverged and "top1" in r.final), default=None)
-        console.print(f"{method}{f' T={T}' if method == 'vqt' else ''}, seed {seed}: {evaluated_on} top-1 (%)")
+        size = methods.get(method).size
+        console.print(f"{method}{f' {size}={T}' if size else ''}, seed {seed}: {evaluated_on} top-1 (%)")
         table = Table()
         wds = sorted({wd for _, wd in at}, reverse=True)
         for column in ("lr ↓  wd →", *(f"{wd:g}" for wd in wds)):
@@ -728,7 +727,7 @@ def _print_report(report: dict) -> None:
         table.add_row(
             r["dataset"],
             r["label"],
-            str(r["T"]) if r["method"] == "vqt" else "-",
+            str(r["T"]) if methods.get(r["method"]).size else "-",
             "-" if r["lr"] is None else f"{r['lr']:g}",
             "-" if r["wd"] is None else f"{r['wd']:g}",
             "-" if r["val_top1"] is None else f"{100 * r['val_top1']:.2f}",

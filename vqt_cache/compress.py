@@ -31,7 +31,7 @@ def _features(model, data: CachedSplit) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     with torch.no_grad():
         for batch in data.batches():
-            feats.append(model.features(batch.final, batch.cache, None, batch.means)[0])
+            feats.append(model.features(batch.final, batch.cache, None, batch.means, batch.probes)[0])
             labels.append(batch.labels)
     return torch.cat(feats), torch.cat(labels)
 
@@ -80,8 +80,9 @@ def compress(
     flush_subnormals()
     loaded = load_run(run_dir, store_url)
     config, store, model = loaded.config, loaded.store, loaded.model
-    if config["model"]["method"] != "vqt":
-        raise VQTError(f"compress applies to VQT runs, not {config['model']['method']!r}")
+    method = model.runs[0].method
+    if not method.compressible:
+        raise VQTError(f"compress applies to VQT runs, not {method.name!r}")
     out = compressed_folder(run_dir)
     if any(name not in OUTPUTS and not name.startswith(".") for name in folder_entries(out)):
         raise VQTError(f"{out} holds {describe_entries(out)}, more than compress writes; move them away first")

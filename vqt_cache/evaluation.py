@@ -123,7 +123,7 @@ def cached_logits(
     labels = []
     with torch.no_grad():
         for batch in data.batches():
-            features = model.features(batch.final, batch.cache, None, batch.means)
+            features = model.features(batch.final, batch.cache, None, batch.means, batch.probes)
             for i, out in enumerate(_outputs(model, features, extra)):
                 logits[i].append(out.float().cpu())
             labels.append(batch.labels.cpu())
@@ -362,8 +362,11 @@ def live_logits(
         for images, ok, errors in loader:
             if not ok.all():
                 raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
-            final, cache = backbone.forward_cache(images.to(device), layout=store.layout, layer_major=True)
-            for i, out in enumerate(_outputs(model, model.features(final, cache), extra)):
+            probes = {} if model.needs("probes") else None  # the probes' arrays, from the same forward
+            final, cache = backbone.forward_cache(
+                images.to(device), layout=store.layout, layer_major=True, probes=probes
+            )
+            for i, out in enumerate(_outputs(model, model.features(final, cache, probes=probes), extra)):
                 logits[i].append(out.float().cpu())
             done += len(images)
             if progress:

@@ -15,24 +15,27 @@ never attend to queries, queries attend to image tokens only), computed by timm'
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vqt_cache.backbones import Backbone
+from vqt_cache import methods
+from vqt_cache.backbones import Backbone, capturing_probes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_QUERY_PATH
-from vqt_cache.heads import assemble_features, feature_dim, linear_head, pooled_features, token_means
+from vqt_cache.heads import linear_head, token_means
+from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
-from vqt_cache.recipe import DROPOUT, METHOD, METHODS
+from vqt_cache.recipe import DROPOUT, METHOD
 
 
 class RunParameters(nn.Module):
-    """One configuration's trainable parameters: queries (T = 0 unless method is "vqt") and a linear head.
+    """One run's trainable parameters: a method (`methods.get`) at one size, with its queries (L, T, D) on the shared
+    query path (T = 0 unless the method has queries), its own probe module (or None) and a linear head.
 
-    Initialisation draws from a generator seeded with `seed`: queries first, then the head.
+    Initialisation draws from a generator seeded with `seed`: queries first, then the probe, then the head.
     """
 
     def __init__(
@@ -45,38 +48,39 @@ class RunParameters(nn.Module):
         patch_size: tuple[int, int],
         dropout: float = DROPOUT,
         seed: int = 0,
+        heads: int = 0,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise VQTError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        if num_queries < 0:
-            raise VQTError(f"the number of queries must be >= 0, got {num_queries}")
+        self.method = methods.get(method)
+        self.size = self.method.check_size(num_queries)
+        geometry = Geometry(depth, dim, heads, tuple(patch_size))
+        self.method.check_geometry(self.size, geometry)
         generator = torch.Generator().manual_seed(seed)
-        self.method = method
-        T = num_queries if method == "vqt" else 0
+        T = self.method.num_queries(self.size)
         self.queries = Queries(depth, T, dim, query_init_bound(patch_size, dim), dropout, generator)
-        in_features = dim * (1 + depth) if method == "pooled" else feature_dim(dim, depth, T)
-        self.head = linear_head(in_features, num_classes, generator)
+        self.probe = self.method.probe(self.size, geometry, generator)
+        self.head = linear_head(self.method.feature_dim(self.size, geometry), num_classes, generator)
 
     @classmethod
     def from_table(cls, table: dict, dropout: float = 0.0) -> RunParameters:
         """Untrained parameters shaped by a run folder's config.json "model" table (KeyError, TypeError or
-        ValueError when it lacks an entry or holds a wrong one)."""
+        ValueError when it lacks an entry or holds a wrong one; VQTError for an unknown method)."""
         dims = (int(table[k]) for k in ("queries", "depth", "dim", "num_classes"))
-        return cls(table["method"], *dims, tuple(table["patch_size"]), dropout)
+        return cls(table["method"], *dims, tuple(table["patch_size"]), dropout, heads=int(table.get("heads", 0)))
 
-    def features(self, final: torch.Tensor, outputs: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
-        """This run's (B, F) features from f_0, its query outputs (B, L, T, D) and the pooled baseline features."""
-        if self.method == "vqt":
-            return assemble_features(final, outputs)
-        if self.method == "linear":
-            return F.normalize(final, dim=-1)
-        return pooled
+    @property
+    def reads_cache(self) -> bool:
+        return self.method.reads_cache(self.size)
+
+    def features(self, inputs: Inputs) -> torch.Tensor:
+        """This run's (B, F) features (`inputs.outputs`: its own query outputs)."""
+        return self.method.features(self.size, self.probe, inputs)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What a run folder stores (model.safetensors, and each checkpoint): queries (L, T, D), head.weight (C, F),
-        head.bias (C,)."""
-        return {"queries": self.queries.prompts, "head.weight": self.head.weight, "head.bias": self.head.bias}
+        """What a run folder stores (model.safetensors, and each checkpoint): queries (L, T, D), the probe's
+        parameters (probe.<name>), head.weight (C, F), head.bias (C,)."""
+        probe = {} if self.probe is None else {f"probe.{k}": v for k, v in self.probe.named_parameters()}
+        return {"queries": self.queries.prompts, **probe, "head.weight": self.head.weight, "head.bias": self.head.bias}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy in what `tensors()` gives (shapes checked by the copy: RuntimeError if they differ)."""
@@ -128,18 +132,22 @@ class CachedVQT(nn.Module):
 
     def reads(self) -> dict:
         """What this model's batches must carry, as `CachedSplit` arguments: the cache (in the query path's dtype)
-        if any run has queries, the mean tokens if any run is the pooled baseline."""
-        return {"dtype": self.path.cache_dtype, "cache": self.reads_cache, "means": self.reads_means}
+        if any run's queries read it, the mean tokens and the probe arrays if any run's method reads them."""
+        return {
+            "dtype": self.path.cache_dtype,
+            "cache": self.reads_cache,
+            "means": self.needs("means"),
+            "probes": self.needs("probes"),
+        }
+
+    def needs(self, what: str) -> bool:
+        """Whether any run's method reads `what` (one of methods.base.INPUTS)."""
+        return any(what in run.method.reads for run in self.runs)
 
     @property
     def reads_cache(self) -> bool:
-        """Whether any run's queries read the cached tokens (else f_0 and, for pooled runs, the means suffice)."""
-        return any(run.queries.num_queries for run in self.runs)
-
-    @property
-    def reads_means(self) -> bool:
-        """Whether any run is the pooled baseline, which reads each layer's mean token."""
-        return any(run.method == "pooled" for run in self.runs)
+        """Whether any run's queries read the cached tokens (else f_0 and what the methods read suffice)."""
+        return any(run.reads_cache for run in self.runs)
 
     def features(
         self,
@@ -147,21 +155,21 @@ class CachedVQT(nn.Module):
         cache: torch.Tensor | None,
         generators: Sequence[torch.Generator | None] | None = None,
         means: torch.Tensor | None = None,
+        probes: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """(B, D) final features + cache -> each run's (B, F) features (dropout masks from `generators`).
 
-        The pooled baseline reads `means` (B, L, D) (`heads.token_means`), computed from the cache when not given.
+        `means` (B, L, D) (`heads.token_means`) is computed from the cache when a method reads it and it is not
+        given; `probes` holds the store's probe arrays (tokens, class_tokens, patch_mean) where a method reads them.
         """
         prompts = _prompts(self.runs, final.shape[0], generators)
         outputs = self.path(prompts, cache)
-        pooled = None
-        if self.reads_means:
-            if means is None:
-                batch_axis = 2 if self.path.layout == "kv" else 1
-                means = token_means(cache.movedim(batch_axis, 0), self.path.layout)
-            pooled = pooled_features(final, means)
+        if means is None and self.needs("means"):
+            batch_axis = 2 if self.path.layout == "kv" else 1
+            means = token_means(cache.movedim(batch_axis, 0), self.path.layout)
+        inputs = Inputs(final, None, means, **(probes or {}))
         return [
-            run.features(final, out, pooled)
+            run.features(replace(inputs, outputs=out))
             for run, out in zip(self.runs, _split_outputs(self.runs, outputs), strict=True)
         ]
 
@@ -171,9 +179,10 @@ class CachedVQT(nn.Module):
         cache: torch.Tensor | None,
         generators: Sequence[torch.Generator | None] | None = None,
         means: torch.Tensor | None = None,
+        probes: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Each run's (B, C) logits."""
-        features = self.features(final, cache, generators, means)
+        features = self.features(final, cache, generators, means, probes)
         return [run.head(f) for run, f in zip(self.runs, features, strict=True)]
 
 
@@ -182,8 +191,9 @@ class LiveVQT(nn.Module):
 
     def __init__(self, backbone: Backbone, vqt: CachedVQT) -> None:
         super().__init__()
-        if any(run.method == "pooled" for run in vqt.runs):
-            raise VQTError("the live path runs vqt and linear runs only, not the pooled baseline")
+        refused = [run.method.name for run in vqt.runs if not run.method.live_predict]
+        if refused:
+            raise VQTError(f"the live path does not run {refused[0]} runs")
         self.backbone = backbone.model
         self.vqt = vqt
 
@@ -217,14 +227,17 @@ class LiveVQT(nn.Module):
         """(B, 3, H, W) preprocessed images -> each run's (B, F) features."""
         runs = self.vqt.runs
         queries = _prompts(runs, images.shape[0], None)
-        if queries.shape[2] == 0:
-            final = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-            return [run.features(final, queries, None) for run in runs]
         outputs: list[torch.Tensor] = []
-        with self._appended_queries(queries, outputs):
+        probes: dict[str, torch.Tensor] = {}
+        with ExitStack() as hooks:
+            if queries.shape[2]:
+                hooks.enter_context(self._appended_queries(queries, outputs))
+            if self.vqt.needs("probes"):  # registered after the queries' hooks: they see the image tokens only
+                hooks.enter_context(capturing_probes(self.backbone, probes))
             final = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-        per_run = _split_outputs(runs, torch.stack(outputs, dim=1))
-        return [run.features(final, out, None) for run, out in zip(runs, per_run, strict=True)]
+        inputs = Inputs(final, **probes)
+        per_run = _split_outputs(runs, torch.stack(outputs, dim=1)) if outputs else [queries] * len(runs)
+        return [run.features(replace(inputs, outputs=out)) for run, out in zip(runs, per_run, strict=True)]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [run.head(f) for run, f in zip(self.vqt.runs, self.features(images), strict=True)]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
+from vqt_cache import methods
 from vqt_cache.errors import VQTError
 
-METHODS = ("vqt", "linear", "pooled")  # VQT; linear probe on f_0; Head2Toe-style pooled intermediate features
-BASELINES = METHODS[1:]
+BASELINES = ("linear", "pooled")  # a pipeline's default: what every store can serve beside VQT (vqt_cache/methods/)
 
 # one run (a RunSpec)
 METHOD = "vqt"
@@ -60,8 +60,7 @@ SWEEPS_ROOT = "data/runs/sweeps"
 
 def check_run(method: str, queries: int, lr: float, wd: float, seed: int) -> None:
     """One run's configuration, or one `VQTError` sentence saying what is wrong with it."""
-    if method not in METHODS:
-        raise VQTError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    methods.check_name(method)
     if queries < 0:
         raise VQTError(f"the number of queries T must be >= 0, got {queries}")
     if not (math.isfinite(lr) and lr > 0 and math.isfinite(wd) and wd >= 0):

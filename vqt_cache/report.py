@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from vqt_cache import methods
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
+from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.run_folder import FinishedRun, compression_record, finished_runs, run_folders
 from vqt_cache.store import describe_weights
 from vqt_cache.sweep import Pipeline, recorded_recipe, select
@@ -23,12 +25,14 @@ from vqt_cache.sweep import Pipeline, recorded_recipe, select
 MANIFEST = "report.json"  # what the report in a folder wrote, so a later report replaces only that
 REPORT_FORMAT = "vqt-cache-report"
 
-LABELS = {"linear": "linear probe", "pooled": "pooled (Head2Toe-style)", "vqt": "VQT"}
-
 
 def _label(method: str, T: int, compressed: bool = False) -> str:
-    name = LABELS[method] + (f" T={T}" if method == "vqt" else "")
+    name = methods.get(method).describe(T)
     return name + " compressed" if compressed else name
+
+
+def _is_vqt(r: dict) -> bool:  # the method the headline, heatmaps and accuracy-against-T plot are about
+    return r["method"] == VQT.name
 
 
 def _check_recipe(p: Pipeline, run: FinishedRun, phase: str) -> None:
@@ -177,23 +181,25 @@ def sample_std(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-HEADLINE = "VQT"  # the headline table's VQT column: each dataset's VQT at its own T
+HEADLINE = VQT.label  # the headline table's VQT column: each dataset's VQT at its own T
 
 
 def headline(p: Pipeline, rows: list[dict]) -> list[dict]:
-    """The paper's table: per dataset, VQT at the pipeline's T for that task (of several Ts listed, the one whose
-    selected configuration scored best on the selection split, ties -> smaller T: never chosen on the test set),
-    under one label, beside the baselines' rows."""
+    """The paper's table: per dataset, one column per method, each at its size for that task (of several sizes, VQT's
+    Ts or linear-multi's n, the one whose selected configuration scored best on the selection split, ties ->
+    smaller: never chosen on the test set), under the method's label."""
     out = []
+    order = {name: i for i, name in enumerate(methods.names())}
     for entry in p.datasets:
         mine = [r for r in rows if r["dataset"] == entry.name]
-        vqt = [r for r in mine if r["label"] == _label("vqt", r["T"]) and r["val_top1"] is not None]
-        if vqt:
-            best = min(vqt, key=lambda r: (-r["val_top1"], r["T"]))
-            out.append({**best, "label": HEADLINE})
-        else:  # every VQT selection run diverged: the headline says so
-            out += [{**r, "label": HEADLINE} for r in mine if r["method"] == "vqt"][:1]
-        out += [r for r in mine if r["method"] != "vqt" and r["label"] == _label(r["method"], r["T"])]
+        for name in sorted({r["method"] for r in mine}, key=order.__getitem__):
+            label = methods.get(name).label
+            own = [r for r in mine if r["method"] == name and r["label"] == _label(name, r["T"])]  # uncompressed
+            scored = [r for r in own if r["val_top1"] is not None]
+            if scored:
+                out.append({**min(scored, key=lambda r: (-r["val_top1"], r["T"])), "label": label})
+            else:  # every selection run of the method diverged: the headline says so
+                out += [{**r, "label": label} for r in own][:1]
     return out
 
 
@@ -428,7 +434,7 @@ def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], rows: list[dict])
                 r, g, b, _ = cmap((value - low) / (high - low))
                 ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=8)
-        chosen = [r for r in rows if r["dataset"] == entry.name and r["label"] == _label("vqt", T)]  # as selected
+        chosen = [r for r in rows if r["dataset"] == entry.name and r["label"] == _label(VQT.name, T)]  # selected
         if chosen and chosen[0]["lr"] in p.grid.lr and chosen[0]["wd"] in p.grid.wd:
             i, j = p.grid.lr.index(chosen[0]["lr"]), p.grid.wd.index(chosen[0]["wd"])
             ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5))
@@ -448,7 +454,7 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
         points = sorted(
             (r["T"], r["test_top1_mean"], r["test_top1_std"] or 0.0)
             for r in rows
-            if r["dataset"] == entry.name and r["label"] == _label("vqt", r["T"]) and r["test_top1_mean"] is not None
+            if r["dataset"] == entry.name and r["label"] == _label(VQT.name, r["T"]) and r["test_top1_mean"] is not None
         )
         if len(points) > 1:
             curves[entry.name] = points
@@ -463,8 +469,8 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
         T, mean, std = zip(*points, strict=True)
         ax.errorbar(T, 100 * np.array(mean), yerr=100 * np.array(std), marker="o", capsize=3, color=colour, label=name)
         for r in rows:
-            if r["dataset"] == name and r["method"] != "vqt" and r["test_top1_mean"] is not None:
-                style = {"linear": "--", "pooled": ":"}[r["method"]]
+            if r["dataset"] == name and not _is_vqt(r) and r["test_top1_mean"] is not None:
+                style = methods.get(r["method"]).style
                 ax.axhline(100 * r["test_top1_mean"], color=colour, linestyle=style, linewidth=1)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(all_T))
@@ -473,10 +479,10 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
     ax.set_xlabel("queries per layer T")
     ax.set_ylabel(f"{p.protocol.final_eval} top-1 (%)")
     handles, labels = ax.get_legend_handles_labels()
-    baselines = sorted({r["method"] for r in rows if r["method"] != "vqt" and r["test_top1_mean"] is not None})
-    for method in baselines:
-        handles.append(plt.Line2D([], [], color="grey", linestyle={"linear": "--", "pooled": ":"}[method]))
-        labels.append(LABELS[method])
+    baselines = sorted({r["method"] for r in rows if not _is_vqt(r) and r["test_top1_mean"] is not None})
+    for name in baselines:
+        handles.append(plt.Line2D([], [], color="grey", linestyle=methods.get(name).style))
+        labels.append(methods.get(name).label)
     ax.legend(handles, labels, fontsize=8)
     title = f"VQT against T (mean ± sample std over {len(p.protocol.final_seeds)} seeds)"
     if left_out:
@@ -493,7 +499,7 @@ def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
 
     written = {}
     for entry in p.datasets:
-        grid_runs = [r for r in runs[entry.name][0] if r.method == "vqt" and r.eval_top1 is not None]
+        grid_runs = [r for r in runs[entry.name][0] if r.method == VQT.name and r.eval_top1 is not None]
         if grid_runs:
             written |= _heatmap(p, entry, grid_runs, rows)
     written |= _accuracy_vs_T(p, rows)

@@ -287,11 +287,16 @@ def load_finished(path: str | Path) -> tuple[dict, dict]:
 
 def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     """The tensors a run folder's model.safetensors must hold, from config.json's "model" table."""
+    from vqt_cache.model import RunParameters
+
     try:
         depth, dim, T, C, F = (int(model[k]) for k in ("depth", "dim", "queries", "num_classes", "feature_dim"))
+        shaped = RunParameters.from_table(model)  # the method's own tensors (a probe's), shaped by the table
     except (KeyError, TypeError, ValueError) as exc:
         raise VQTError(f"config.json's model table is incomplete ({exc})") from exc
-    return {"queries": (depth, T, dim), "head.weight": (C, F), "head.bias": (C,)}
+    probe = {name: tuple(t.shape) for name, t in shaped.tensors().items() if name.startswith("probe.")}
+    T = shaped.queries.num_queries  # the method's queries per layer (its size is T for VQT only)
+    return {"queries": (depth, T, dim), **probe, "head.weight": (C, F), "head.bias": (C,)}
 
 
 def load_model(path: str | Path, model: dict, metrics: dict | None = None) -> dict:

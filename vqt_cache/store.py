@@ -8,6 +8,10 @@
         hidden  (M, L, N, D)         X̂_l = LN1(Z_{l-1})                           [layout "hidden"]
         scale   (M, ..., C / g)      float16 scale per token and group of g channels   [dtype "int8" only]
         final   (M, D)               the backbone's final feature f_0
+        tokens  (M, P, D)            the final block's P patch tokens through the final norm    [extract --probes]
+        tokens_scale (M, P, D / g)   their float16 scales                             [--probes, dtype "int8"]
+        class_tokens (M, L, D)       every block's class token through the final norm, float32  [--probes]
+        patch_mean (M, D)            the mean of the final block's patch tokens, normed, float32 [--probes]
         valid   (M,)                 0 where a bad image was skipped
         checksum (num_shards, 32)    blake2b-256 of the shard's feature rows (in order), final features and valid
                                      flags: everything stage two reads of the shard
@@ -61,12 +65,15 @@ IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
 # what identifies a store's dataset (datasets.Dataset.describe): a split of anything else is refused
 DATASET_IDENTITY = ("name", "root", "columns", "fingerprint", "class_names", "resize", "validation")
 # the root attributes covered by the metadata checksum: everything stage two and live evaluation read from them
-HASHED_ATTRS = ("backbone", "preprocessing", "dataset", "layout", "dtype", "codec")
+# ("probes" only where recorded: stores made before it have none)
+HASHED_ATTRS = ("backbone", "preprocessing", "dataset", "layout", "dtype", "codec", "probes")
+# the probe arrays (extract --probes), chunked by shard and written with its final features, in checksum order
+PROBES = ("tokens", "tokens_scale", "class_tokens", "patch_mean")
 
 
 def metadata_hash(attrs: dict) -> str:
     """blake2b-256 of the root attributes a result depends on (HASHED_ATTRS), as canonical JSON."""
-    canonical = json.dumps({key: attrs[key] for key in HASHED_ATTRS}, sort_keys=True, allow_nan=False)
+    canonical = json.dumps({key: attrs[key] for key in HASHED_ATTRS if key in attrs}, sort_keys=True, allow_nan=False)
     return hashlib.blake2b(canonical.encode(), digest_size=32).hexdigest()
 
 
@@ -96,13 +103,38 @@ def _bytes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def shard_checksum(rows_digest: bytes, final: np.ndarray, valid: np.ndarray, version: int = FORMAT_VERSION) -> bytes:
-    """A shard's checksum: its rows' digest, then its final features and valid flags, in row order."""
+def shard_checksum(
+    rows_digest: bytes,
+    final: np.ndarray,
+    valid: np.ndarray,
+    version: int = FORMAT_VERSION,
+    probes: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """A shard's checksum: its rows' digest, then its final features and valid flags, in row order; then, in a store
+    with probe arrays, each of them (PROBES order) as stored."""
     digest = row_checksum(version)
     digest.update(rows_digest)
     digest.update(np.ascontiguousarray(final, dtype=np.float32).tobytes())
     digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    for name in PROBES:
+        if probes and name in probes:
+            digest.update(_bytes(probes[name]))
     return digest.digest()
+
+
+def probe_shapes(n: int, backbone: dict, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The probe arrays of n images (extract --probes): name -> (shape, dtype). The patch tokens are kept in the
+    store's dtype (int8 with float16 scales per group of channels); the class tokens and patch mean in float32."""
+    L, D, P = backbone["depth"], backbone["dim"], backbone["tokens"] - backbone["prefix_tokens"]
+    shapes = {"tokens": ((n, P, D), dtype)}
+    if dtype == "int8":
+        shapes["tokens_scale"] = ((n, P, D // group_for(D)), "float16")
+    return shapes | {"class_tokens": ((n, L, D), "float32"), "patch_mean": ((n, D), "float32")}
+
+
+def probe_bytes(backbone: dict, dtype: str) -> int:
+    """Bytes of one image's probe arrays, uncompressed."""
+    return sum(math.prod(shape) * np.dtype(kind).itemsize for shape, kind in probe_shapes(1, backbone, dtype).values())
 
 
 # what the root attributes must hold (and of which type) for a store to be opened at all
@@ -333,40 +365,64 @@ class Images:
         if scales is not None:
             self.scales.with_config(whole)[start : start + len(scales)] = scales
 
-    def finish_shard(self, shard: int, final: np.ndarray, valid: np.ndarray, rows_digest: bytes) -> None:
-        """Write the shard's final features, valid flags and checksum, then (last) its completion flag.
+    @property
+    def probes(self) -> bool:
+        """Whether the table holds the probe arrays (extract --probes)."""
+        return "class_tokens" in self.group.array_keys()
+
+    def finish_shard(
+        self,
+        shard: int,
+        final: np.ndarray,
+        valid: np.ndarray,
+        rows_digest: bytes,
+        probes: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Write the shard's final features, valid flags, probe arrays (a store with them) and checksum, then (last)
+        its completion flag.
 
         rows_digest: the `row_checksum()` digest of the shard's feature rows as written, in row order.
         """
         start, stop = self.shard_range(shard)
         self.group["final"][start:stop] = final
         self.group["valid"][start:stop] = valid
-        checksum = shard_checksum(rows_digest, final, valid, self.version)
+        if self.probes != (probes is not None):
+            raise VQTError(f"{self.where(shard)}: the probe arrays are {'missing' if self.probes else 'unexpected'}")
+        for name, values in (probes or {}).items():
+            self.group[name][start:stop] = values
+        checksum = shard_checksum(rows_digest, final, valid, self.version, probes)
         self.group["checksum"][shard] = np.frombuffer(checksum, np.uint8)
         self.group["shard_done"][shard] = 1
 
-    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    def read_shard(self, shard: int, probes: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
         """A complete shard's feature rows and scales, with its faults: unreadable chunks, NaN/Inf, or data that
-        differs from its checksum (a missing chunk reads as zeros and is caught here)."""
+        differs from its checksum (a missing chunk reads as zeros and is caught here). The shard's probe arrays (a
+        store with them) are checked with it, and put into `probes` when given."""
         start, stop = self.shard_range(shard)
         where = self.where(shard)
         try:
             features = self.features[start:stop]
             scales = self.scales[start:stop] if self.quantized else None
             final, valid = self.group["final"][start:stop], self.group["valid"][start:stop]
+            read = {name: self.group[name][start:stop] for name in PROBES if self.probes and name in self.group}
             recorded = self.group["checksum"][shard].tobytes()
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
             return np.empty(0), None, [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
         finite = np.isfinite(scales if self.quantized else features).reshape(stop - start, -1).all(axis=1)
+        for values in read.values():
+            if values.dtype != np.int8:
+                finite &= np.isfinite(values).reshape(stop - start, -1).all(axis=1)
         if not finite.all():
             return features, scales, [f"{where}: row {start + int(np.argmin(finite))} holds NaN or Inf"]
         digest = self.row_checksum()
         hash_rows(digest, features, scales)
-        if shard_checksum(digest.digest(), final, valid, self.version) != recorded:
+        if shard_checksum(digest.digest(), final, valid, self.version, read or None) != recorded:
             faults = [
                 f"{where}: data differs from the checksum recorded when it was written (missing or altered chunks)"
             ]
             return features, scales, faults
+        if probes is not None:
+            probes.update(read)
         return features, scales, []
 
     def check_metadata(self, backbone: dict) -> None:
@@ -383,6 +439,9 @@ class Images:
             _check_array(self.group, "scale", scales, "float16", (1, *scales[1:]), **grows)
         D = backbone["dim"]
         _check_array(self.group, "final", (M, D), "float32", (shard_size, D), **grows)
+        if self.probes:
+            for name, (shape, dtype) in probe_shapes(M, backbone, self.dtype).items():
+                _check_array(self.group, name, shape, dtype, (shard_size, *shape[1:]), **grows)
         _check_array(self.group, "valid", (M,), "uint8", (shard_size,), **grows)
         _check_array(self.group, "shard_done", (self.num_shards,), "uint8", (1,), **grows)
         _check_array(self.group, "checksum", (self.num_shards, 32), "uint8", (1, 32), **grows)
@@ -498,12 +557,14 @@ class Split:
         """One sample's features (float16/float32 as stored, int8 dequantized to float32)."""
         return self.images.row(int(self.rows()[sample]))
 
-    def checked_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    def checked_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]]:
         """Shard by shard, each checked against its checksum: (the split positions it holds, their features, their
-        int8 scales or None), in split order within a shard."""
+        int8 scales or None, their probe arrays by name (none in a store without them)), in split order within a
+        shard."""
         rows = self.rows()
         for shard in self.shards():
-            shard_features, shard_scales, faults = self.images.read_shard(shard)
+            probes: dict[str, np.ndarray] = {}
+            shard_features, shard_scales, faults = self.images.read_shard(shard, probes)
             if faults:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
             start, _ = self.images.shard_range(shard)
@@ -511,14 +572,15 @@ class Split:
             at = rows[here] - start
             if len(at) == len(shard_features) and (at == np.arange(len(at))).all():
                 at = slice(None)  # the whole shard in order (the usual case): a view, not a copy
-            yield here, shard_features[at], None if shard_scales is None else shard_scales[at]
+            scales = None if shard_scales is None else shard_scales[at]
+            yield here, shard_features[at], scales, {name: values[at] for name, values in probes.items()}
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
         n = self.num_samples
         features = np.empty((n, *self.row_shape), dtype=self.images.features.dtype)
         scales = np.empty((n, *self.images.scales.shape[1:]), dtype=np.float16) if self.quantized else None
-        for here, shard_features, shard_scales in self.checked_shards():
+        for here, shard_features, shard_scales, _ in self.checked_shards():
             features[here] = shard_features
             if scales is not None:
                 scales[here] = shard_scales
@@ -785,6 +847,10 @@ def _create_images(group: zarr.Group, attrs: dict[str, Any], shard_size: int) ->
         )
     D = attrs["backbone"]["dim"]
     images.create_array("final", shape=(0, D), chunks=(shard_size, D), dtype="float32", compressors=None, fill_value=0)
+    if attrs.get("probes"):
+        for name, (shape, dtype) in probe_shapes(0, attrs["backbone"], attrs["dtype"]).items():
+            chunks = (shard_size, *shape[1:])
+            images.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors, fill_value=0)
     images.create_array("valid", shape=(0,), chunks=(shard_size,), dtype="uint8", compressors=None, fill_value=0)
     images.create_array("shard_done", shape=(0,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
     images.create_array("checksum", shape=(0, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0)
@@ -939,6 +1005,9 @@ def _check_same(have: dict, want: dict, url: str) -> None:
                 "use another --out or delete the store"
             )
     _check_dataset(have["dataset"], want["dataset"], url)
+    if bool(have.get("probes")) != bool(want.get("probes")):
+        held = "holds" if have.get("probes") else "does not hold"
+        raise VQTError(f"store {url} {held} probe arrays (extract --probes); use another --out or delete the store")
     for key in IDENTITY_KEYS:
         if have[key] != want[key]:
             raise VQTError(

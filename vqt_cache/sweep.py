@@ -23,11 +23,12 @@ from typing import Any
 
 import pydantic
 
-from vqt_cache import recipe
+from vqt_cache import methods, recipe
 from vqt_cache.backbones import resolve_device
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate, read_evaluation
 from vqt_cache.formats import DEFAULT_PRECISION
+from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.query import resolve_precision
 from vqt_cache.run_folder import FinishedRun, finished_runs, is_compressed, run_folders
 from vqt_cache.store import default_store_path, open_store
@@ -177,9 +178,10 @@ def _check(p: Pipeline, path: Path) -> None:
         raise VQTError(f"pipeline file {path}: the grid (lr, wd) and final_seeds must not be empty")
     if not 0 < p.keep <= 1:
         raise VQTError(f"pipeline file {path}: keep must be in (0, 1], got {p.keep}")
-    bad = [b for b in p.baselines if b not in recipe.BASELINES]
+    others = [name for name in methods.names() if name != VQT.name]
+    bad = [b for b in p.baselines if b not in others]
     if bad:
-        raise VQTError(f"pipeline file {path}: unknown baseline {bad[0]!r} (use {', '.join(recipe.BASELINES)})")
+        raise VQTError(f"pipeline file {path}: unknown baseline {bad[0]!r} (use {', '.join(others)})")
     names = [d.name for d in p.datasets]
     if len(set(names)) != len(names):
         raise VQTError(f"pipeline file {path}: a dataset is listed twice")
@@ -250,9 +252,12 @@ def select(runs: list[FinishedRun]) -> dict[tuple[str, int], dict[str, Any]]:
 
 def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...]:
     seeds = [p.protocol.select_seed]
-    return grid(["vqt"], list(entry.queries), list(p.grid.lr), list(p.grid.wd), seeds) + grid(
-        list(p.baselines), [0], list(p.grid.lr), list(p.grid.wd), seeds
-    )
+    return grid([VQT.name, *p.baselines], list(entry.queries), list(p.grid.lr), list(p.grid.wd), seeds)
+
+
+def _configurations(p: Pipeline, entry: DatasetEntry) -> int:
+    """The (method, size) pairs the protocol selects for a dataset: each has one final run per seed."""
+    return sum(len(methods.get(name).sizes(list(entry.queries))) for name in (VQT.name, *p.baselines))
 
 
 def _recipe(p: Pipeline) -> dict[str, Any]:
@@ -310,7 +315,7 @@ def run_sweep(
     mine = [d for i, d in enumerate(p.datasets) if i % part[1] == part[0]]
     _check_stores(p, mine)
     seeds = len(p.protocol.final_seeds)
-    total = sum(len(_specs_for_selection(p, d)) + (len(d.queries) + len(p.baselines)) * seeds for d in mine)
+    total = sum(len(_specs_for_selection(p, d)) + _configurations(p, d) * seeds for d in mine)
     done = 0
     if on_run:
         on_run(0, total)
@@ -353,16 +358,17 @@ def run_sweep(
             )
         )
         if entry.compress if entry.compress is not None else p.compress:
+            compressible = {spec.name for spec in finals if methods.get(spec.method).compressible}
             for result in results:
                 folder = Path(result.dir)
                 compressed = is_compressed(folder)
-                if result.name.startswith("vqt-") and not result.diverged and not compressed:
+                if result.name in compressible and not result.diverged and not compressed:
                     compress(folder, keep=p.keep)
         if live:  # one forward of the backbone over the test images serves every final run (and compressed head)
             untested = [r.dir for r in results if not r.diverged and not _tested(r.dir, p.protocol.final_eval)]
             if untested:
                 evaluate(untested, p.protocol.final_eval, progress=progress)
-        done += (len(entry.queries) + len(p.baselines)) * seeds
+        done += _configurations(p, entry) * seeds
         if on_run:
             on_run(done, total)
     return [d.name for d in mine]

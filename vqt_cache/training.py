@@ -20,13 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vqt_cache import recipe, schedule
+from vqt_cache import methods, recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
-from vqt_cache.batches import CachedSplit, default_memory_budget
+from vqt_cache.batches import NO_PROBES, CachedSplit, default_memory_budget
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
 from vqt_cache.formats import DEFAULT_PRECISION, DEFAULT_QUERY_PATH, QUERY_PATHS
+from vqt_cache.methods.base import Geometry
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
 from vqt_cache.run_folder import RunFolder, check_parent, claimed
@@ -49,13 +50,11 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         recipe.check_run(self.method, self.queries, self.lr, self.wd, self.seed)
-        if self.method != "vqt":
-            object.__setattr__(self, "queries", 0)  # the baselines have no queries
+        object.__setattr__(self, "queries", methods.get(self.method).check_size(self.queries))  # 0 without sizes
 
     @property
     def name(self) -> str:
-        queries = f"-T{self.queries}" if self.method == "vqt" else ""
-        return f"{self.method}{queries}-lr{self.lr:g}-wd{self.wd:g}-seed{self.seed}"
+        return f"{methods.get(self.method).run_name(self.queries)}-lr{self.lr:g}-wd{self.wd:g}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -170,14 +169,23 @@ class _Trainer:
         num_classes = store.attrs["dataset"]["num_classes"]
         runs = [
             RunParameters(
-                s.method, s.queries, backbone.depth, backbone.dim, num_classes, backbone.patch_size, cfg.dropout, s.seed
+                s.method,
+                s.queries,
+                backbone.depth,
+                backbone.dim,
+                num_classes,
+                backbone.patch_size,
+                cfg.dropout,
+                s.seed,
+                backbone.heads,
             )
             for s in specs
         ]
         self.model = CachedVQT(backbone.blocks, runs, store.layout, cfg.precision, cfg.query_path).to(device)
         self.optimizers = []
         for run, spec in zip(runs, specs, strict=True):
-            self.optimizers.append(schedule.adam([run.queries.prompts, run.head.weight], [run.head.bias], spec.wd))
+            decayed, plain = _parameter_groups(run)
+            self.optimizers.append(schedule.adam(decayed, plain, spec.wd))
         self.history: list[list[dict]] = [[] for _ in specs]
         self.diverged: list[str | None] = [None] * len(specs)  # why, once a run has diverged
         self.start_epoch = self._resume()
@@ -259,7 +267,7 @@ class _Trainer:
             for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
                 per_run = [
                     F.cross_entropy(out, batch.labels)
-                    for out in self.model(batch.final, batch.cache, generators, batch.means)
+                    for out in self.model(batch.final, batch.cache, generators, batch.means, batch.probes)
                 ]
                 torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
                 for optimizer, diverged in zip(self.optimizers, self.diverged, strict=True):
@@ -319,6 +327,14 @@ class _Trainer:
         return results
 
 
+def _parameter_groups(run: RunParameters) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A run's parameters with weight decay (queries, matrices) and without (biases, norms): VQT's recipe decays
+    the queries and the head's weight, not its bias; a probe's parameters follow the same rule by shape."""
+    probe = [] if run.probe is None else list(run.probe.parameters())
+    decayed = [run.queries.prompts, *(p for p in probe if p.dim() > 1), run.head.weight]
+    return decayed, [*(p for p in probe if p.dim() <= 1), run.head.bias]
+
+
 def _run_tensors(saved: dict) -> dict:
     """A checkpoint's run tensors, named as in model.safetensors; checkpoints of vqt-cache 0.1 before issue 15
     saved the module's state_dict, whose queries are named "queries.prompts"."""
@@ -340,8 +356,7 @@ def _result(spec: RunSpec, folder: RunFolder, metrics: dict, skipped: bool) -> T
 def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str, str], backbone: Backbone) -> dict:
     attrs = store.attrs
     num_classes = attrs["dataset"]["num_classes"]
-    depth, dim = backbone.depth, backbone.dim
-    T = spec.queries if spec.method == "vqt" else 0
+    method, geometry = methods.get(spec.method), Geometry.of(backbone)
     return {
         "run": asdict(spec),
         "recipe": cfg.recipe(),
@@ -360,12 +375,13 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
         },
         "model": {
             "method": spec.method,
-            "queries": T,
-            "depth": depth,
-            "dim": dim,
+            "queries": spec.queries,  # the method's size: T for VQT, n for linear-multi, else 0
+            "depth": geometry.depth,
+            "dim": geometry.dim,
+            "heads": geometry.heads,
             "num_classes": num_classes,
-            "patch_size": list(backbone.patch_size),
-            "feature_dim": dim * (1 + depth) if spec.method == "pooled" else dim * (1 + depth * T),
+            "patch_size": list(geometry.patch_size),
+            "feature_dim": method.feature_dim(spec.queries, geometry),
         },
         "extra": cfg.extra,
     }
@@ -387,6 +403,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
     train_split = store.split(splits["train"])
     eval_split = None if no_eval else store.split(splits["eval"])
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
+    for spec in cfg.runs:  # refused before any run folder is made
+        method = methods.get(spec.method)
+        method.check_geometry(spec.queries, Geometry.of(backbone))
+        if "probes" in method.reads and not store.images.probes:
+            raise VQTError(f"store {store.url} {NO_PROBES}")
     device = resolve_device(cfg.device)
     dirs = run_dirs(cfg, store)
     if not (cfg.out and len(cfg.runs) == 1):
@@ -414,10 +435,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
         budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
         budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
         num_classes = store.attrs["dataset"]["num_classes"]
-        reads = {  # what the runs still to train read: the cache only for queries, the means only for pooled
+        reads = {  # what the runs still to train read: the cache only for queries, the rest as their methods say
             "dtype": CACHE_DTYPES[cfg.precision],
-            "cache": any(s.method == "vqt" and s.queries > 0 for s in todo),
-            "means": any(s.method == "pooled" for s in todo),
+            "cache": any(methods.get(s.method).reads_cache(s.queries) for s in todo),
+            **{k: any(k in methods.get(s.method).reads for s in todo) for k in ("means", "probes")},
         }
         train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device, num_classes, **reads)
         eval_data = eval_split and CachedSplit(
@@ -434,12 +455,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
 
 
 def grid(
-    methods: list[str], queries: list[int], lrs: list[float], wds: list[float], seeds: list[int]
+    names: list[str], queries: list[int], lrs: list[float], wds: list[float], seeds: list[int]
 ) -> tuple[RunSpec, ...]:
-    """Every combination, with T ignored (and deduplicated) for the baselines."""
+    """Every combination; each method trains its own sizes for the `queries` asked (`Method.sizes`: VQT those T,
+    linear-multi n = 1 and 4, the others one), duplicates dropped."""
     specs = []
-    for method in methods:
-        for T in queries if method == "vqt" else [0]:
+    for method in names:
+        for T in methods.get(method).sizes(queries):
             for lr in lrs:
                 for wd in wds:
                     for seed in seeds:
