@@ -381,7 +381,8 @@ def load_backbone(name: str, weights: str | Path | None = None, **kwargs: Any) -
 
 
 def geometry(name: str, **kwargs: Any) -> dict[str, int]:
-    """depth, dim, heads and tokens of a backbone, without weights (built on the meta device: no memory, no hub)."""
+    """depth, dim, heads, tokens and prefix tokens of a backbone, without weights (built on the meta device: no
+    memory, no hub)."""
     timm_name, defaults = resolve_name(name)
     try:
         with torch.device("meta"):
@@ -390,7 +391,8 @@ def geometry(name: str, **kwargs: Any) -> dict[str, int]:
         raise VQTError(f"bad model arguments {kwargs} for {timm_name!r}: {exc}") from exc
     check_supported(model, name)
     shape = Backbone(name, timm_name, kwargs, model, fingerprint="")
-    return {"depth": shape.depth, "dim": shape.dim, "heads": shape.heads, "tokens": shape.tokens}
+    keys = ("depth", "dim", "heads", "tokens", "prefix_tokens")
+    return {key: getattr(shape, key) for key in keys}
 
 
 def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.ndarray]) -> Backbone:

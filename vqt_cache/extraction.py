@@ -83,6 +83,7 @@ class ExtractConfig:
     val_fraction: float | None = None  # carve a validation split of this share out of train (datasets without one)
     image_column: str = HF_COLUMNS["image"]  # --dataset hf: the image and label columns
     label_column: str = HF_COLUMNS["label"]
+    probes: bool = False  # also store what the attentive and linear-multi probes read (store.probe_shapes)
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -169,6 +170,7 @@ def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dic
         "layout": cfg.layout,
         "dtype": cfg.dtype,
         "codec": cfg.codec,
+        **({"probes": True} if cfg.probes else {}),  # absent otherwise: stores made before it read the same
         "versions": package_versions(),
     }
 
@@ -188,6 +190,7 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
         dtype=cfg.dtype,
         model_kwargs=cfg.model_kwargs,
         opened=dataset,
+        probes=cfg.probes,
     )
     if not plan.fits:
         raise VQTError(
@@ -325,7 +328,7 @@ def extract_shards(
     with ShardWriter(images) as writer:
         for shard in shards:
             start, stop = images.shard_range(shard)
-            finals, valid = [], []
+            finals, valid, probes = [], [], []
             checksum = images.row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
@@ -334,10 +337,15 @@ def extract_shards(
                 if bad and cfg.on_bad_image == "fail":
                     raise VQTError(f"{errors[bad[0]]}; fix or remove it, or pass --on-bad-image skip")
                 skipped += [sources[position + i] for i in bad]
-                final, layers = backbone.forward_cache(batch.to(device), layout=cfg.layout, dtype=dtype)
+                batch_probes = {} if cfg.probes else None
+                final, layers = backbone.forward_cache(
+                    batch.to(device), layout=cfg.layout, dtype=dtype, probes=batch_probes
+                )
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
                 _check_finite(final, layers, position, sources, cfg.dtype)
+                if batch_probes is not None:
+                    probes.append(_stored_probes(batch_probes, bad, position, sources, cfg.dtype))
                 scales = None
                 if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
@@ -348,7 +356,10 @@ def extract_shards(
                 position += len(batch)
                 if position == stop:
                     writer.wait()  # re-raises a failed write before the shard is marked complete
-                    images.finish_shard(shard, np.concatenate(finals), np.concatenate(valid), checksum.digest())
+                    shard_probes = {k: np.concatenate([p[k] for p in probes]) for k in probes[0]} if probes else None
+                    images.finish_shard(
+                        shard, np.concatenate(finals), np.concatenate(valid), checksum.digest(), shard_probes
+                    )
                 advance(len(batch))
     return skipped
 
@@ -370,6 +381,25 @@ def _check_finite(final: torch.Tensor, layers: torch.Tensor, start: int, sources
         f"the features of image {sources[row]} (row {row}) are not finite in {dtype} (overflow or NaN); "
         f"nothing of that shard was marked complete: {hint}"
     )
+
+
+def _stored_probes(
+    probes: dict[str, torch.Tensor], bad: list[int], start: int, sources: list[str], dtype: str
+) -> dict[str, np.ndarray]:
+    """A batch's probe arrays as the store keeps them (store.probe_shapes): the patch tokens in the store's dtype
+    (int8 with float16 scales), the class tokens and patch mean in float32; zero for a skipped image."""
+    stored = {}
+    tokens = probes["tokens"].float()
+    _check_finite(probes["patch_mean"], tokens.flatten(1), start, sources, dtype)
+    if dtype == "int8":
+        stored["tokens"], stored["tokens_scale"] = quantize(tokens, "int8", group_for(tokens.shape[-1]))
+        _check_finite_scales(stored["tokens_scale"], start, sources)
+    else:
+        stored["tokens"] = tokens.to(getattr(torch, dtype))
+    stored |= {"class_tokens": probes["class_tokens"].float(), "patch_mean": probes["patch_mean"].float()}
+    for values in stored.values():
+        values[bad] = 0
+    return {name: values.cpu().numpy() for name, values in stored.items()}
 
 
 def _check_finite_scales(scales: torch.Tensor, start: int, sources: list[str]) -> None:
@@ -394,6 +424,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
     for name in split_names:
         dataset.split(name)  # unknown or empty splits fail before anything is written
     backbone = load_backbone(cfg.backbone, weights=cfg.weights, **cfg.model_kwargs)
+    if cfg.probes and not backbone.has_class_token:
+        raise VQTError(f"backbone {cfg.backbone!r} has no class token, which --probes stores for linear-multi")
     device = resolve_device(cfg.device)
     backbone.model.to(device)
     attrs = store_attrs(backbone, dataset, cfg)

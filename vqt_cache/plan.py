@@ -19,7 +19,7 @@ from vqt_cache.backbones import geometry
 from vqt_cache.datasets import Dataset, open_dataset, published_sizes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
-from vqt_cache.store import found_at, image_bytes, key_source, open_store
+from vqt_cache.store import found_at, image_bytes, key_source, open_store, probe_bytes
 
 
 @dataclass
@@ -71,9 +71,10 @@ def free_space(url: str) -> int | None:
     return shutil.disk_usage(path).free
 
 
-def per_image_bytes(backbone: str, model_kwargs: dict, layout: str, dtype: str) -> int:
+def per_image_bytes(backbone: str, model_kwargs: dict, layout: str, dtype: str, probes: bool = False) -> int:
+    """Stored bytes per image: its layers, final feature (float32) and valid flag, and (--probes) its probe arrays."""
     shape = geometry(backbone, **model_kwargs)
-    return image_bytes(shape, layout, dtype) + 4 * shape["dim"] + 1  # + final feature (float32) and valid flag
+    return image_bytes(shape, layout, dtype) + 4 * shape["dim"] + 1 + (probe_bytes(shape, dtype) if probes else 0)
 
 
 def _stored_sources(url: str) -> tuple[set[str], set[str]]:
@@ -138,13 +139,14 @@ def plan_extract(
     dtype: str = DEFAULT_DTYPE,
     model_kwargs: dict | None = None,
     opened: Dataset | None = None,
+    probes: bool = False,
 ) -> DatasetPlan:
     """The plan of one extract command (`opened`: the dataset, when the caller has it open already)."""
     if opened is None and splits is None:
         opened = open_dataset(dataset, root)  # every split of it: they must be known
     cached = list(splits) if splits else list(opened.splits)
     plans, sizes_from = _split_plans(opened, dataset, root, cached, url)
-    per_image = per_image_bytes(backbone, model_kwargs or {}, layout, dtype)
+    per_image = per_image_bytes(backbone, model_kwargs or {}, layout, dtype, probes)
     return DatasetPlan(dataset, url, layout, dtype, per_image, plans, free_space(url), sizes_from)
 
 

@@ -192,7 +192,8 @@ class _Trainer:
 
     def _lr(self, spec: RunSpec, epoch: int) -> float:
         cfg = self.cfg
-        return schedule.epoch_lr(spec.lr, cfg.batch_size, epoch, cfg.epochs, cfg.warmup_epochs)
+        lr = spec.lr * methods.get(spec.method).lr_scale
+        return schedule.epoch_lr(lr, cfg.batch_size, epoch, cfg.epochs, cfg.warmup_epochs)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _resume(self) -> int:

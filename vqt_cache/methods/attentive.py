@@ -62,6 +62,7 @@ class Attentive(Method):
     name = "attentive"
     label = "attentive probe"
     reads = frozenset({"probes"})
+    lr_scale = 0.01  # the grid's base lrs 1 .. 0.05 become 0.01 .. 5e-4, around V-JEPA's probe lr (Adam over a block)
     style = (0, (5, 1, 1, 1))  # dash-dot-dot: beside linear-multi's dash-dot
 
     def check_geometry(self, size: int, geometry: Geometry) -> None:

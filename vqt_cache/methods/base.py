@@ -62,6 +62,7 @@ class Method:
     compressible: bool = False  # group-lasso compression (docs/method.md §6) applies
     live_predict: bool = True  # `predict` and exports can run it on images
     style: str = "--"  # its line in the report's plots (VQT's are solid)
+    lr_scale: float = 1.0  # its learning rate is the grid's times this (a deep probe needs smaller steps)
 
     # -- sizes and names ---------------------------------------------------------------------------------------
     def sizes(self, requested: Sequence[int]) -> list[int]:

@@ -1,0 +1,173 @@
+"""The methods as objects (vqt_cache/methods/) and the two probes that read the store's probe arrays: the attentive
+probe and DINOv2's linear protocol (linear-multi). Each is exact against its reference, as VQT is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqt_cache import methods
+from vqt_cache.methods.base import Inputs, Method
+from vqt_cache.methods.linear_multi import METHOD as LINEAR_MULTI
+
+from conftest import TINY_EXTRACT, error_line, images_for, run_cli, tiny_backbone
+
+DEEP = {**TINY_EXTRACT["model_kwargs"], "depth": 4}  # linear-multi's n = 4 needs four blocks
+
+
+def _extract_args(out: str, dtype: str, *options: str) -> list[str]:
+    return [
+        "extract",
+        "--backbone",
+        TINY_EXTRACT["backbone"],
+        "--weights",
+        "random",
+        *(f"--model-arg={k}={v}" for k, v in DEEP.items()),
+        "--dataset",
+        "digits",
+        "--splits",
+        "train800,val200",
+        "--layout",
+        "hidden",
+        "--dtype",
+        dtype,
+        "--workers",
+        "0",
+        "--out",
+        out,
+        *options,
+    ]
+
+
+@pytest.fixture(scope="module")
+def probe_store(tmp_path_factory) -> str:
+    """digits through a four-block tiny ViT, hidden float32, with probe arrays."""
+    out = str(tmp_path_factory.mktemp("probes") / "digits.zarr")
+    code, text = run_cli(*_extract_args(out, "float32", "--probes"))
+    assert code == 0, text
+    return out
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers", "deit_distilled", "gap_fc_norm", "pre_norm"])
+def test_linear_multi_features_equal_dinov2s_from_forward_intermediates(variant):
+    """dinov2's create_linear_input over timm's forward_intermediates(norm=True): the class tokens of the last n
+    blocks, then the mean of the last block's patch tokens."""
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    probes: dict[str, torch.Tensor] = {}
+    final, _ = backbone.forward_cache(images, probes=probes)
+    for n in (1, backbone.depth):
+        ours = LINEAR_MULTI.features(n, None, Inputs(final, **probes))
+        blocks = backbone.model.forward_intermediates(
+            images, indices=n, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        reference = torch.cat([prefix[:, 0] for _, prefix in blocks] + [blocks[-1][0].mean(dim=1)], dim=-1)
+        assert ours.shape == (len(images), backbone.dim * (n + 1))
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_both_probes_cached_equal_live_and_the_store_checks_their_arrays(probe_store, tmp_path):
+    """Trained from the store's probe arrays, evaluated from them and live from the images: the same logits."""
+    from vqt_cache.batches import CachedSplit
+    from vqt_cache.evaluation import cached_logits, live_logits, load_runs
+    from vqt_cache.training import RunSpec, TrainConfig, train
+
+    specs = (RunSpec("attentive", 0, 1.0, 1e-3, 3), RunSpec("linear-multi", 4, 0.5, 0.0, 3))
+    cfg = TrainConfig(
+        store=probe_store, runs=specs, epochs=2, warmup_epochs=1, precision="float32", out=str(tmp_path / "runs")
+    )
+    results = train(cfg)
+    assert [r.name for r in results] == ["attentive-lr1-wd0.001-seed3", "linear-multi-n4-lr0.5-wd0-seed3"]
+    dirs = [r.dir for r in results]
+    _, store, backbone, model = load_runs(dirs)
+    cached, labels = cached_logits(model, CachedSplit(store.split("val200"), **model.reads()))
+    live, live_labels = live_logits(model, backbone, store, "val200", dirs, None, 64, torch.device("cpu"), 0, None)
+    assert torch.equal(labels, live_labels)
+    for c, v in zip(cached, live, strict=True):  # 1e-4, relative to logits that reach 100s after training
+        torch.testing.assert_close(c, v, rtol=1e-5, atol=1e-4)
+        assert torch.equal(c.argmax(1), v.argmax(1))
+
+    # an altered class token is caught by its shard's checksum
+    import zarr
+
+    group = zarr.open_group(probe_store, mode="r+")
+    saved = group["images/class_tokens"][0]
+    group["images/class_tokens"][0] = saved + 1
+    try:
+        code, out = run_cli("verify", probe_store)
+        assert code != 0 and "differs from the checksum" in out, out
+    finally:
+        group["images/class_tokens"][0] = saved
+
+
+def test_a_store_without_probe_arrays_refuses_the_probes_in_one_sentence(tiny_store, tmp_path):
+    out = tmp_path / "runs"
+    args = ["--store", tiny_store, "--method", "attentive", "--out", str(out), "--epochs", "2", "--warmup-epochs", "1"]
+    code, text = run_cli("train", *args)
+    line = error_line(code, text)
+    assert "holds no probe arrays" in line and "extract with --probes into another --out" in line
+    assert not out.exists()
+
+
+def test_a_probe_store_is_not_resumed_without_probes(probe_store):
+    code, text = run_cli(*_extract_args(probe_store, "float32"))
+    assert "holds probe arrays" in error_line(code, text)
+
+
+def test_int8_probe_tokens_stay_within_the_quantization_bound(probe_store, tmp_path):
+    """int8 keeps the patch tokens to half a step of their group's scale; the class tokens and patch mean are
+    float32 in every dtype, so linear-multi reads the same values from both stores."""
+    import zarr
+
+    out = str(tmp_path / "int8.zarr")
+    code, text = run_cli(*_extract_args(out, "int8", "--probes"))
+    assert code == 0, text
+    exact, packed = zarr.open_group(probe_store, mode="r")["images"], zarr.open_group(out, mode="r")["images"]
+    for name in ("class_tokens", "patch_mean"):
+        np.testing.assert_array_equal(exact[name][:64], packed[name][:64])
+    tokens, scales = packed["tokens"][:64].astype(np.float32), packed["tokens_scale"][:64].astype(np.float32)
+    group = tokens.shape[-1] // scales.shape[-1]
+    widened = (tokens.reshape(*scales.shape, group) * scales[..., None]).reshape(tokens.shape)
+    error = np.abs(widened - exact["tokens"][:64]).reshape(*scales.shape, group).max(axis=-1)
+    assert (error <= 0.5 * scales + 1e-6).all()
+
+
+class Doubled(Method):
+    """A toy method: a linear head on 2·f_0 (not normalised), with nothing but its own module and a registry line."""
+
+    name = "toy-doubled"
+    label = "toy (2·f_0)"
+
+    def features(self, size, probe, inputs):
+        return 2 * inputs.final
+
+
+def test_a_method_added_through_the_registry_alone_trains_evaluates_and_is_named(tiny_store, tmp_path):
+    from vqt_cache.evaluation import evaluate
+    from vqt_cache.training import RunSpec, TrainConfig, train
+
+    methods.register(Doubled())
+    assert "toy-doubled" in methods.names() and "toy-doubled" in methods.describe()
+    spec = RunSpec("toy-doubled", 5, 0.5, 0.0, 1)
+    assert spec.queries == 0 and spec.name == "toy-doubled-lr0.5-wd0-seed1"
+    [result] = train(TrainConfig(store=tiny_store, runs=(spec,), epochs=1, warmup_epochs=0, out=str(tmp_path / "r")))
+    [evaluation] = evaluate([result.dir], "val200")
+    assert evaluation.top1 == result.final["top1"]
+    with pytest.raises(Exception, match="built in"):
+        methods.register(type("Shadow", (Doubled,), {"name": "vqt"})())
+
+
+def test_unknown_methods_are_named_from_the_catalog():
+    code, text = run_cli("train", "--method", "probe", "--store", "nowhere.zarr")
+    line = error_line(code, text)
+    assert "unknown method 'probe'" in line and all(name in line for name in methods.CATALOG)
+
+
+def test_the_pooled_features_are_unchanged_by_the_method_objects():
+    """The Head2Toe-style baseline's features, as `heads.pooled_features` defines them."""
+    final, means = torch.randn(4, 8), torch.randn(4, 3, 8)
+    ours = methods.get("pooled").features(0, None, Inputs(final, means=means))
+    reference = torch.cat([F.normalize(final, dim=-1), F.normalize(means, dim=-1).flatten(1)], dim=1)
+    assert torch.equal(ours, reference)
