@@ -21,6 +21,7 @@ from bench import (
     live_eval,
     object_storage,
     precision,
+    probes,
     protocol,
     quantization,
     readme,
@@ -41,6 +42,7 @@ BENCHES = {
     "precision": precision.run,
     "protocol": protocol.run,
     "sizing": sizing.run,
+    "probes": probes.run,
     "live_eval": live_eval.run,
     "gpu": gpu.run,  # every GPU figure in one call (on the GPU machine); not part of a plain `python -m bench`
 }

@@ -674,9 +674,10 @@ def demo(
     for column in ("method", "T", "val top-1", "test top-1", f"{len(LRS)}-lr pass s", "pass img/s"):
         table.add_column(column, justify="right")
     for r in rows:
+        size = methods.get(r["method"]).size
         table.add_row(
             r["method"],
-            str(r["T"]),
+            str(r["T"]) if size in (None, "T") else f"{size}={r['T']}",
             f"{100 * r['val']:.1f}",
             f"{100 * r['test']:.1f}",
             f"{r['seconds']:.1f}",

@@ -71,6 +71,7 @@ def extract_config(weights: Path, out: str, splits: tuple[str, ...], **options: 
         splits=splits,
         out=out,
         workers=0,
+        probes=True,  # every method of the demo's table reads this one store
         **options,
     )
 
@@ -91,7 +92,7 @@ def run_demo(
     say(f"stage one: extracting digits once into {store}")
     extract(extract_config(weights, store, ("train800", "val200", "train800val200", "test")), progress=progress)
     say("stage two: training from the cache alone (lr grid per method, selected on val200)")
-    groups = [("linear", [0]), ("pooled", [0]), ("vqt", [1]), ("vqt", [4])]
+    groups = [("linear", [0]), ("pooled", [0]), ("linear-multi", [0]), ("attentive", [0]), ("vqt", [1]), ("vqt", [4])]
     rows = []
     for method, queries in groups:
         specs = grid([method], queries, LRS, [0.0], [SEED])
@@ -114,7 +115,7 @@ def run_demo(
         rows.append(
             {
                 "method": method,
-                "T": queries[0],
+                "T": next(s.queries for s in specs if s.name == best.name),  # linear-multi: n, selected on val
                 "run": best.name,
                 "val": best.final["top1"],
                 "test": evaluate(best.dir, "test")[0].top1,
