@@ -171,3 +171,10 @@ def test_the_pooled_features_are_unchanged_by_the_method_objects():
     ours = methods.get("pooled").features(0, None, Inputs(final, means=means))
     reference = torch.cat([F.normalize(final, dim=-1), F.normalize(means, dim=-1).flatten(1)], dim=1)
     assert torch.equal(ours, reference)
+
+
+def test_linear_multi_on_a_backbone_too_shallow_for_its_grid_is_one_sentence(tiny_store, tmp_path):
+    out = tmp_path / "runs"
+    args = ["--store", tiny_store, "--method", "linear-multi", "--out", str(out), "--epochs", "2"]
+    line = error_line(*run_cli("train", *args, "--warmup-epochs", "1"))
+    assert "linear-multi n=4 needs 4 blocks, but the backbone has 2" in line and not out.exists()

@@ -404,11 +404,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
     train_split = store.split(splits["train"])
     eval_split = None if no_eval else store.split(splits["eval"])
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    for spec in cfg.runs:  # refused before any run folder is made
-        method = methods.get(spec.method)
-        method.check_geometry(spec.queries, Geometry.of(backbone))
-        if "probes" in method.reads and not store.images.probes:
-            raise VQTError(f"store {store.url} {NO_PROBES}")
+    for spec in cfg.runs:  # refused before any run folder is made: what no store can serve, then what this one lacks
+        methods.get(spec.method).check_geometry(spec.queries, Geometry.of(backbone))
+    if any("probes" in methods.get(spec.method).reads for spec in cfg.runs) and not store.images.probes:
+        raise VQTError(f"store {store.url} {NO_PROBES}")
     device = resolve_device(cfg.device)
     dirs = run_dirs(cfg, store)
     if not (cfg.out and len(cfg.runs) == 1):

@@ -33,7 +33,10 @@ class LinearMulti(Method):
 
     def check_geometry(self, size: int, geometry: Geometry) -> None:
         if size > geometry.depth:
-            raise VQTError(f"linear-multi n={size} needs {size} blocks, but the backbone has {geometry.depth}")
+            raise VQTError(
+                f"linear-multi n={size} needs {size} blocks, but the backbone has {geometry.depth} (a grid trains "
+                f"n = {' and '.join(map(str, self.default_sizes))}; RunSpec('linear-multi', n, ...) trains one n)"
+            )
 
     def feature_dim(self, size: int, geometry: Geometry) -> int:
         return geometry.dim * (size + 1)
