@@ -305,6 +305,10 @@ def _markdown(p: Pipeline, rows: list[dict], top: list[dict]) -> str:
         f"selected on `{proto.select_eval}`).",
         "",
     ]
+    for name in dict.fromkeys(r["method"] for r in top if not _is_vqt(r) and methods.get(r["method"]).size):
+        method = methods.get(name)  # another method with sizes (linear-multi's n): the size selected, as VQT's T
+        sizes = ", ".join(f"{r['dataset']}: {r['T']}" for r in top if r["method"] == name)
+        lines += [f"{method.label} at each dataset's {method.size} ({sizes}; selected the same way).", ""]
     lines += _table(p, top, list(dict.fromkeys(r["label"] for r in top)))
     lines += ["", "## Every configuration", ""]
     lines += _table(p, rows, list(dict.fromkeys(r["label"] for r in rows)))
