@@ -69,3 +69,30 @@ def test_new_stores_default_to_hidden_int8():
     code, out = run_cli("plan", "--dataset", "digits", "--json")
     [plan] = json.loads(out)
     assert code == 0 and (plan["layout"], plan["dtype"]) == ("hidden", "int8")
+
+
+def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkeypatch):
+    """The default path names the weights and model arguments; --probes adds its arrays: plan sizes what extract
+    writes, where extract writes it."""
+    monkeypatch.chdir(tmp_path)
+    args = tiny_extract_args("val200", "--probes", "--dtype", "int8", "--layout", "hidden")[1:]
+    code, text = run_cli("plan", *[a for a in args if a not in ("--workers", "0")], "--json")
+    assert code == 0, text
+    [planned] = json.loads(text)
+    code, text = run_cli("extract", *args, "--json")
+    assert code == 0, text
+    store = Path(planned["store"])
+    assert store.name == "vit_tiny_patch16_224-random-depth=2-embed_dim=48-img_size=32-num_heads=3-patch_size=8.zarr"
+    assert open_store(str(store)).attrs["probes"] is True
+    import math
+
+    import zarr
+
+    images = zarr.open_group(str(store / "images"), mode="r")
+    per_row = {  # every array with one row per image, uncompressed
+        name: math.prod(a.shape[1:]) * a.dtype.itemsize
+        for name, a in images.arrays()
+        if name not in ("shard_done", "checksum")
+    }
+    assert {"tokens", "tokens_scale", "class_tokens", "patch_mean"} <= set(per_row)
+    assert sum(per_row.values()) == planned["bytes_per_image"]

@@ -265,6 +265,7 @@ def plan(
     dtype: Annotated[str, typer.Option(help="int8, float16 or float32")] = DEFAULT_DTYPE,
     out: Annotated[str | None, typer.Option(help="as for extract")] = None,
     cache_root: Annotated[str, typer.Option(help="as for extract")] = recipe.CACHE_ROOT,
+    weights: Annotated[str | None, typer.Option(help="as for extract (names the default store path)")] = None,
     model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,
     probes: Annotated[bool, _flag("--probes", help="as for extract")] = False,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
@@ -287,8 +288,20 @@ def plan(
         raise VQTError("plan takes a pipeline file, or --dataset (and --backbone) as for extract")
     else:
         split_names = tuple(splits.split(",")) if splits else None
-        cfg = ExtractConfig(backbone, dataset, root, split_names, layout, dtype, out=out, cache_root=cache_root)
         kwargs = _model_kwargs(model_arg or [])
+        cfg = ExtractConfig(
+            backbone,
+            dataset,
+            root,
+            split_names,
+            layout,
+            dtype,
+            out=out,
+            cache_root=cache_root,
+            weights=weights,
+            model_kwargs=kwargs,
+            probes=probes,
+        )
         plans = [
             plan_extract(backbone, dataset, cfg.store_url, root, split_names, layout, dtype, kwargs, probes=probes)
         ]
