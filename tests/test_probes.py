@@ -178,3 +178,38 @@ def test_linear_multi_on_a_backbone_too_shallow_for_its_grid_is_one_sentence(tin
     args = ["--store", tiny_store, "--method", "linear-multi", "--out", str(out), "--epochs", "2"]
     line = error_line(*run_cli("train", *args, "--warmup-epochs", "1"))
     assert "linear-multi n=4 needs 4 blocks, but the backbone has 2" in line and not out.exists()
+
+
+def test_the_probes_resume_from_a_checkpoint_to_the_uninterrupted_result(probe_store, tmp_path):
+    """A probe's own module and its optimizer state go into the checkpoint: a resumed run ends bit-identical."""
+    import json
+    from pathlib import Path
+
+    from vqt_cache.training import RunSpec, TrainConfig, train
+
+    specs = (RunSpec("attentive", 0, 1.0, 1e-3, 5), RunSpec("linear-multi", 1, 0.5, 0.0, 5))
+
+    def config(out):
+        return TrainConfig(
+            store=probe_store, runs=specs, epochs=4, warmup_epochs=1, checkpoint_every=2, train_split="val200",
+            eval_split="none", out=str(out),
+        )  # fmt: skip
+
+    full = train(config(tmp_path / "full"))
+
+    def interrupt(_label, step, _total):
+        if step == 3 * 2 + 1:  # two steps per epoch: inside epoch 4, after the checkpoint of epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "resumed"), progress=interrupt)
+    seen = []
+    resumed = train(config(tmp_path / "resumed"), progress=lambda _l, step, _t: seen.append(step))
+    assert seen[0] == 2 * 2  # continued after the checkpoint of epoch 2, not from scratch
+    for a, b in zip(full, resumed, strict=True):
+        assert (Path(a.dir) / "model.safetensors").read_bytes() == (Path(b.dir) / "model.safetensors").read_bytes()
+        losses = [
+            [e["train_loss"] for e in json.loads((Path(d) / "metrics.json").read_text())["epochs"]]
+            for d in (a.dir, b.dir)
+        ]
+        assert losses[0] == losses[1]
