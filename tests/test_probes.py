@@ -111,7 +111,11 @@ def test_a_store_without_probe_arrays_refuses_the_probes_in_one_sentence(tiny_st
     assert not out.exists()
 
 
-def test_a_probe_store_is_not_resumed_without_probes(probe_store):
+def test_a_probe_store_says_so_and_is_not_resumed_without_probes(probe_store):
+    import json
+
+    code, text = run_cli("info", probe_store, "--json")
+    assert code == 0 and json.loads(text)["probes"] is True, text
     code, text = run_cli(*_extract_args(probe_store, "float32"))
     assert "holds probe arrays" in error_line(code, text)
 

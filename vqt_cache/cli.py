@@ -375,6 +375,7 @@ def info(
     console.print(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "
         f"{data['bytes_per_image'] / 1e6:.2f} MB per image"
+        + (f", probe arrays {data['probe_bytes_per_image'] / 1e3:.1f} kB per image" if data["probes"] else "")
     )
     images = data["images"]
     console.print(

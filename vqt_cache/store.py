@@ -817,6 +817,10 @@ class Store:
             "url": self.url,
             **{k: self.attrs[k] for k in keys},
             "bytes_per_image": self.bytes_per_image(),
+            "probes": bool(self.attrs.get("probes")),  # extract --probes: the probe arrays beside the layers
+            "probe_bytes_per_image": probe_bytes(self.attrs["backbone"], self.attrs["dtype"])
+            if self.attrs.get("probes")
+            else 0,
             "images": images_info,
             "splits": splits,
         }
