@@ -87,7 +87,9 @@ def test_the_closure_sees_what_python_loads():
     assert package == {m for m in imported_with("vqt_cache.sweep") if m.startswith("vqt_cache")}
 
 
-@pytest.mark.parametrize("module", ["vqt_cache.recipe", "vqt_cache.formats"])
+@pytest.mark.parametrize(
+    "module", ["vqt_cache.recipe", "vqt_cache.formats", "vqt_cache.dataset_catalog", "vqt_cache.methods"]
+)
 def test_the_defaults_import_no_torch(module):
     """The CLI shows them in --help, and a notebook reads them, without loading torch."""
     loaded = loaded_after_import(module)

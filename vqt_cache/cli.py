@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from vqt_cache import methods, recipe
+from vqt_cache import dataset_catalog, methods, recipe
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
     DEFAULT_CODEC,
@@ -150,7 +150,7 @@ def _progress(unit: str):
 @app.command()
 def extract(
     backbone: Annotated[str, typer.Option(help="short name (vit_b16, vit_b16_mae, ...) or any timm ViT name")],
-    dataset: Annotated[str, typer.Option(help="cub, fgvc/<task>, vtab1k/<task>, imagefolder or digits")],
+    dataset: Annotated[str, typer.Option(help=f"{dataset_catalog.names()}, or a registered name")],
     root: Annotated[str | None, typer.Option(help="dataset folder (default data/downloads/<dataset>)")] = None,
     splits: Annotated[str | None, typer.Option(help="comma-separated splits (default: all)")] = None,
     layout: Annotated[

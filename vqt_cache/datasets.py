@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
+from vqt_cache.dataset_catalog import DATASETS, FAMILIES, family
 from vqt_cache.errors import VQTError, first_line
 from vqt_cache.formats import HF_COLUMNS
 from vqt_cache.recipe import EVAL_SPLITS
@@ -605,22 +606,34 @@ def digits() -> Dataset:
     return Dataset("digits", None, [str(d) for d in range(10)], splits, resize="squash", loader=load)
 
 
+# the built-in adapters, one per name of the torch-free catalog (dataset_catalog.DATASETS): family -> a function of
+# (task after the slash, root folder, a Hugging Face dataset's columns)
+ADAPTERS: dict[str, Callable[[str, Path, dict[str, str]], Dataset]] = {
+    "cub": lambda task, root, columns: cub(root),
+    "fgvc": lambda task, root, columns: fgvc(task, root),
+    "vtab1k": lambda task, root, columns: vtab1k(task, root),
+    "imagefolder": lambda task, root, columns: imagefolder(root),
+    "classfolder": lambda task, root, columns: classfolder(root),
+    "hf": lambda task, root, columns: hf_dataset(root, columns["image"], columns["label"]),
+    "digits": lambda task, root, columns: digits(),
+}
+BUILT_IN = tuple(DATASETS)
+
 # datasets a user added by name (`register_dataset`): name -> a function of the root folder (or None)
 _REGISTERED: dict[str, Callable[[Path | None], Dataset]] = {}
-BUILT_IN = ("cub", "fgvc/<task>", "vtab1k/<task>", "imagefolder", "classfolder", "hf", "digits")
 
 
 def register_dataset(name: str, make: Callable[[Path | None], Dataset]) -> None:
     """Make `name` a dataset that `open_dataset` (so `extract`, and live evaluation) opens by calling
     `make(root)`, root being the folder given to extract (or None). Registration lasts for this process."""
-    if name.partition("/")[0] in {built_in.partition("/")[0] for built_in in BUILT_IN}:
+    if family(name) in FAMILIES:
         raise VQTError(f"dataset name {name!r} is built in; register yours under another name")
     _REGISTERED[name] = make
 
 
 def list_datasets() -> list[str]:
     """The dataset names `open_dataset` accepts: the built-in families, then the registered ones."""
-    return [*BUILT_IN, *sorted(_REGISTERED)]
+    return [*DATASETS, *sorted(_REGISTERED)]
 
 
 def open_dataset(name: str, root: str | Path | None = None, columns: dict[str, str] | None = None) -> Dataset:
@@ -636,24 +649,11 @@ def open_dataset(name: str, root: str | Path | None = None, columns: dict[str, s
         if not isinstance(dataset, Dataset):
             raise VQTError(f"the function registered for dataset {name!r} returned {type(dataset).__name__}")
         return dataset
-    family, _, task = name.partition("/")
-    if family == "digits":
-        return digits()
+    adapter = ADAPTERS.get(family(name))
+    if adapter is None:
+        raise VQTError(f"unknown dataset {name!r}: use {', '.join(list_datasets())}")
     path = Path(root) if root is not None else Path("data/downloads") / name
-    if family == "cub":
-        return cub(path)
-    if family == "fgvc":
-        return fgvc(task, path)
-    if family == "vtab1k":
-        return vtab1k(task, path)
-    if family == "imagefolder":
-        return imagefolder(path)
-    if family == "classfolder":
-        return classfolder(path)
-    if family == "hf":
-        chosen = {**HF_COLUMNS, **(columns or {})}
-        return hf_dataset(path, chosen["image"], chosen["label"])
-    raise VQTError(f"unknown dataset {name!r}: use {', '.join(list_datasets())}")
+    return adapter(name.partition("/")[2], path, {**HF_COLUMNS, **(columns or {})})
 
 
 def preprocessing(data_config: dict[str, Any], resize: str) -> dict[str, Any]:
