@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vqt_cache.errors import VQTError, first_line
+from vqt_cache.formats import batch_axis, layer_shape
 
 # Short name -> (timm name with pretrained tag, model kwargs). Any other timm ViT name is accepted as is.
 BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -141,10 +142,8 @@ class Backbone:
         probes: filled, when given, by the same forward with the probe arrays (`capturing_probes`).
         """
         B, L, N, D, H = images.shape[0], self.depth, self.tokens, self.dim, self.heads
-        if layer_major:
-            shape = (L, B, N, D) if layout == "hidden" else (L, 2, B, H, N, D // H)
-        else:
-            shape = (B, L, N, D) if layout == "hidden" else (B, L, 2, H, N, D // H)
+        row = list(layer_shape(layout, L, H, N, D))
+        shape = row[: batch_axis(layout)] + [B] + row[batch_axis(layout) :] if layer_major else [B, *row]
         out = torch.empty(shape, dtype=dtype, device=images.device)
         per_layer = out if layer_major else out.transpose(0, 1)  # indexed by layer first either way
 

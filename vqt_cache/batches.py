@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import group_for
+from vqt_cache.formats import batch_axis, group_for
 from vqt_cache.heads import token_means
 from vqt_cache.recipe import BATCH_SIZE
 from vqt_cache.schedule import epoch_order
@@ -116,7 +116,7 @@ class CachedSplit:
         self.reads_cache = cache
         images = split.images
         self.layout, self.group, self.row_shape = split.layout, images.group_size, split.row_shape
-        self.batch_axis = 2 if split.layout == "kv" else 1  # (L, 2, B, ...) or (L, B, ...)
+        self.batch_axis = batch_axis(split.layout)  # (L, 2, B, ...) or (L, B, ...)
         self.stored_dtype = torch.from_numpy(np.empty(0, images.features.dtype)).dtype
         self.scale_shape = tuple(images.scales.shape[1:]) if split.quantized else None
         self.row_bytes = int(np.prod(self.row_shape)) * self.stored_dtype.itemsize

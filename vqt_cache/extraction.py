@@ -45,7 +45,9 @@ from vqt_cache.formats import (
     ON_BAD_IMAGE,
     SHARD_SIZE,
     WORKERS,
+    forward_dtype,
     group_for,
+    quantized,
 )
 from vqt_cache.quantize import quantize
 from vqt_cache.recipe import CACHE_ROOT, DEVICE
@@ -323,7 +325,7 @@ def extract_shards(
         batch_sampler=_shard_batches(images, shards, cfg.batch_size),
     )
     batches = iter(loader)
-    dtype = torch.float32 if cfg.dtype == "int8" else getattr(torch, cfg.dtype)  # int8: quantized after the forward
+    dtype = getattr(torch, forward_dtype(cfg.dtype))  # int8: quantized after the forward
     skipped: list[str] = []
     with ShardWriter(images) as writer:
         for shard in shards:
@@ -347,7 +349,7 @@ def extract_shards(
                 if batch_probes is not None:
                     probes.append(_stored_probes(batch_probes, bad, position, sources, cfg.dtype))
                 scales = None
-                if cfg.dtype == "int8":  # on the device, before the copy: a quarter of the bytes cross
+                if quantized(cfg.dtype):  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
                     _check_finite_scales(scales, position, sources)
                 writer.submit(position, layers, scales, checksum)
@@ -391,7 +393,7 @@ def _stored_probes(
     stored = {}
     tokens = probes["tokens"].float()
     _check_finite(probes["patch_mean"], tokens.flatten(1), start, sources, dtype)
-    if dtype == "int8":
+    if quantized(dtype):
         stored["tokens"], stored["tokens_scale"] = quantize(tokens, "int8", group_for(tokens.shape[-1]))
         _check_finite_scales(stored["tokens_scale"], start, sources)
     else:

@@ -32,6 +32,29 @@ QUERY_PATHS = ("auto", "eager", "batched")
 DEFAULT_QUERY_PATH = "auto"
 
 
+def quantized(dtype: str) -> bool:
+    """Whether a store dtype keeps 8-bit values with float16 scales (int8), rather than the floats themselves."""
+    return dtype == "int8"
+
+
+def forward_dtype(dtype: str) -> str:
+    """The dtype features leave the frozen forward in, for a store of `dtype` (int8 is quantized after it)."""
+    return "float32" if quantized(dtype) else dtype
+
+
+def layer_shape(layout: str, depth: int, heads: int, tokens: int, dim: int) -> tuple[int, ...]:
+    """One image's features, all layers: (L, 2, H, N, dh) keys and values for "kv", (L, N, D) LN1 outputs for
+    "hidden"."""
+    if layout == "kv":
+        return (depth, 2, heads, tokens, dim // heads)
+    return (depth, tokens, dim)
+
+
+def batch_axis(layout: str) -> int:
+    """Where a layer-major batch (the query path's order) puts its images: (L, 2, B, H, N, dh) or (L, B, N, D)."""
+    return 2 if layout == "kv" else 1
+
+
 def group_for(channels: int) -> int:
     """The channel group of a feature axis: 64, or the largest divisor of 64 that divides `channels`."""
     return math.gcd(channels, GROUP)

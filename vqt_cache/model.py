@@ -24,7 +24,7 @@ from torch import nn
 from vqt_cache import methods
 from vqt_cache.backbones import Backbone, capturing_probes
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import DEFAULT_QUERY_PATH
+from vqt_cache.formats import DEFAULT_QUERY_PATH, batch_axis
 from vqt_cache.heads import linear_head, token_means
 from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
@@ -165,8 +165,7 @@ class CachedVQT(nn.Module):
         prompts = _prompts(self.runs, final.shape[0], generators)
         outputs = self.path(prompts, cache)
         if means is None and self.needs("means"):
-            batch_axis = 2 if self.path.layout == "kv" else 1
-            means = token_means(cache.movedim(batch_axis, 0), self.path.layout)
+            means = token_means(cache.movedim(batch_axis(self.path.layout), 0), self.path.layout)
         inputs = Inputs(final, None, means, **(probes or {}))
         return [
             run.features(replace(inputs, outputs=out))

@@ -54,7 +54,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from vqt_cache.errors import VQTError
 from vqt_cache.files import describe_names
-from vqt_cache.formats import CODECS, DTYPES, LAYOUTS, bytes_per_value, group_for
+from vqt_cache.formats import CODECS, DTYPES, LAYOUTS, bytes_per_value, group_for, layer_shape, quantized
 
 FORMAT = "vqt-cache"
 # 2: labels and valid flags inside the shard checksums; 3: each image stored once; 4: blake3 shard checksums
@@ -127,7 +127,7 @@ def probe_shapes(n: int, backbone: dict, dtype: str) -> dict[str, tuple[tuple[in
     store's dtype (int8 with float16 scales per group of channels); the class tokens and patch mean in float32."""
     L, D, P = backbone["depth"], backbone["dim"], backbone["tokens"] - backbone["prefix_tokens"]
     shapes = {"tokens": ((n, P, D), dtype)}
-    if dtype == "int8":
+    if quantized(dtype):
         shapes["tokens_scale"] = ((n, P, D // group_for(D)), "float16")
     return shapes | {"class_tokens": ((n, L, D), "float32"), "patch_mean": ((n, D), "float32")}
 
@@ -227,8 +227,8 @@ def dequantized(values: np.ndarray, scales: np.ndarray, group: int) -> np.ndarra
 def array_shapes(n: int, backbone: dict, layout: str, dtype: str) -> tuple[tuple, tuple | None]:
     """The shapes of a split's feature array and (int8 stores) its scale array, for n images."""
     L, D, H, N = backbone["depth"], backbone["dim"], backbone["heads"], backbone["tokens"]
-    shape = (n, L, 2, H, N, D // H) if layout == "kv" else (n, L, N, D)
-    scales = (*shape[:-1], shape[-1] // group_for(shape[-1])) if dtype == "int8" else None
+    shape = (n, *layer_shape(layout, L, H, N, D))
+    scales = (*shape[:-1], shape[-1] // group_for(shape[-1])) if quantized(dtype) else None
     return shape, scales
 
 
@@ -283,7 +283,7 @@ class Images:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype == "int8"
+        return quantized(self.dtype)
 
     @property
     def shard_size(self) -> int:

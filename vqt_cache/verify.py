@@ -17,6 +17,7 @@ import torch
 
 from vqt_cache.backbones import backbone_from_weights
 from vqt_cache.errors import VQTError
+from vqt_cache.formats import forward_dtype
 from vqt_cache.store import open_store
 
 
@@ -68,7 +69,7 @@ def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
     dataset = reopen_dataset(attrs["dataset"])
     # fp16 keeps ~3 significant digits; int8 is within half a step, 1/254 of a row's largest value
     tolerance = {"float32": 1e-4, "float16": 2e-3, "int8": 5e-3}[attrs["dtype"]]
-    dtype = torch.float32 if attrs["dtype"] == "int8" else getattr(torch, attrs["dtype"])
+    dtype = getattr(torch, forward_dtype(attrs["dtype"]))
     done = 0
     rng = np.random.default_rng(seed)
     for name in store.split_names():
