@@ -23,8 +23,9 @@ import torch
 
 from bench.synthetic import new_store, synthetic_dataset
 from vqt_cache.backbones import load_backbone
+from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import Dataset, ImageSplit
-from vqt_cache.extraction import WRITERS, ExtractConfig, ShardWriter, extract_shards
+from vqt_cache.extraction import WRITERS, ShardWriter, extract_shards
 from vqt_cache.formats import CODECS
 from vqt_cache.quantize import quantize
 from vqt_cache.store import row_checksum

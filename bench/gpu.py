@@ -144,7 +144,8 @@ def profile_grid(store: str, out: Path, device: str) -> tuple[list[dict], str]:
     per step (and, on a GPU, the device's idle share of the steps' wall time), and a summary with the top kernels."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.config import RunSpec, TrainConfig
+    from vqt_cache.training import train
 
     lrs, wds = (1.0, 0.5, 0.25, 0.1, 0.05), (0.01, 0.001, 0.0001, 0.0)
     runs = tuple(RunSpec("vqt", 1, lr, wd, 0) for lr in lrs for wd in wds)

@@ -22,7 +22,8 @@ import torch
 
 from bench.synthetic import new_store, synthetic_dataset
 from vqt_cache.backbones import load_backbone
-from vqt_cache.extraction import WRITERS, ExtractConfig, ShardWriter
+from vqt_cache.config import ExtractConfig
+from vqt_cache.extraction import WRITERS, ShardWriter
 from vqt_cache.quantize import quantize
 from vqt_cache.store import hash_rows, row_checksum
 

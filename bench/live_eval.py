@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from vqt_cache.backbones import load_backbone
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.datasets import ImageSplit, open_dataset
 from vqt_cache.evaluation import evaluate
-from vqt_cache.extraction import ExtractConfig, extract
-from vqt_cache.training import NO_EVAL, RunSpec, TrainConfig, train
+from vqt_cache.extraction import extract
+from vqt_cache.training import NO_EVAL, train
 
 SEEDS = (42, 44, 82, 100, 800)
 BATCH = 32

@@ -29,10 +29,10 @@ import torch
 from bench.extraction import extract_rate
 from bench.synthetic import new_store, synthetic_dataset, synthetic_store
 from vqt_cache.backbones import load_backbone
-from vqt_cache.extraction import ExtractConfig
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.run_folder import read_timing
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 
 @contextmanager

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from vqt_cache.batches import CachedSplit
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.demo import extract_config, pretrain_parity
 from vqt_cache.evaluation import cached_logits, evaluate, load_runs
 from vqt_cache.extraction import extract
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 SEEDS = (42, 44, 82, 100, 800)
 PRECISIONS = ("float32", "bf16")

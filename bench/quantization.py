@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from vqt_cache.batches import CachedSplit
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.demo import extract_config, pretrain_parity
 from vqt_cache.evaluation import cached_logits, evaluate, load_run
 from vqt_cache.extraction import extract
 from vqt_cache.formats import bytes_per_value, group_for
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 DTYPES = ("float32", "float16", "int8")
 SEEDS = (42, 44, 82, 100, 800)

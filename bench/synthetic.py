@@ -8,8 +8,9 @@ import math
 import numpy as np
 from PIL import Image
 
+from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import Dataset, index_hash
-from vqt_cache.extraction import ExtractConfig, store_attrs
+from vqt_cache.extraction import store_attrs
 from vqt_cache.store import create_store, hash_rows, row_checksum
 
 

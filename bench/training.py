@@ -144,7 +144,8 @@ def run_grid(quick: bool = False) -> list[dict]:
 MEASURE = """
 import json, sys
 from vqt_cache.run_folder import read_timing
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.config import RunSpec, TrainConfig
+from vqt_cache.training import train
 store, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train(TrainConfig(store=store, runs=(RunSpec("vqt", 1, 0.5, 1e-3, 0),), epochs=1, warmup_epochs=0, batch_size=32,
                   out=out, memory_budget=budget))

@@ -163,7 +163,8 @@ def make_imagefolder(root, per_class: int = 5, classes=("cat", "dog", "owl"), sp
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> str:
     """digits train800/val200 through the tiny random ViT, kv float16 (session-wide, read-only for tests)."""
-    from vqt_cache.extraction import ExtractConfig, extract
+    from vqt_cache.config import ExtractConfig
+    from vqt_cache.extraction import extract
 
     out = str(tmp_path_factory.mktemp("store") / "digits.zarr")
     kind = dict(layout="kv", dtype="float16")  # pinned: tests alter its kv chunks

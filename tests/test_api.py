@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vqt_cache
-from vqt_cache.training import RunSpec
+from vqt_cache.config import RunSpec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 from conftest import GOOD_PIPELINE, error_line, run_cli, tiny_extract_args
 

@@ -7,9 +7,10 @@ import torch
 
 from vqt_cache import evaluation as evaluate_module
 from vqt_cache.batches import CachedSplit
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.evaluation import cached_logits, evaluate, evaluation_path, live_logits, load_runs, read_evaluation
-from vqt_cache.extraction import ExtractConfig, extract
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.extraction import extract
+from vqt_cache.training import train
 
 from conftest import TINY_EXTRACT, run_cli
 

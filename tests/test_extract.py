@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from vqt_cache.backbones import load_backbone
+from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import ImageSplit, open_dataset
 from vqt_cache.errors import VQTError
-from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.extraction import extract
 from vqt_cache.store import open_store
 
 from conftest import TINY_EXTRACT, make_imagefolder, run_cli, tiny_extract_args
@@ -290,7 +291,8 @@ def _bytes_under(path: Path) -> int:
 
 
 def test_an_image_two_splits_list_is_stored_once_and_trains_the_same(tmp_path):
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.config import RunSpec, TrainConfig
+    from vqt_cache.training import train
 
     small = dict(dtype="float32", shard_size=64, batch_size=32)
     shared = config(tmp_path, "shared.zarr", splits=("train800", "val200", "train800val200"), **small)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
+from vqt_cache.extraction import extract
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 from conftest import TINY_EXTRACT
 

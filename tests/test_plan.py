@@ -3,12 +3,15 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from vqt_cache import plan as plan_module
+from vqt_cache.config import ExtractConfig
 from vqt_cache.plan import plan_extract, plan_pipeline
 from vqt_cache.store import image_bytes, open_store
 from vqt_cache.sweep import load_pipeline
 
-from conftest import TINY_EXTRACT, error_line, run_cli, tiny_extract_args
+from conftest import TINY_EXTRACT, error_line, make_imagefolder, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train800", "val200", "train800val200")
@@ -16,8 +19,8 @@ SPLITS = ("train800", "val200", "train800val200")
 
 def test_the_plan_of_an_extract_command_is_what_extract_writes(tmp_path):
     out = tmp_path / "s.zarr"
-    kwargs = TINY_EXTRACT["model_kwargs"]
-    plan = plan_extract(TINY_EXTRACT["backbone"], "digits", str(out), None, SPLITS, "kv", "float16", kwargs)
+    cfg = ExtractConfig(**TINY_EXTRACT, dataset="digits", out=str(out), splits=SPLITS, layout="kv", dtype="float16")
+    plan = plan_extract(cfg)
     assert [(s.name, s.images, s.cached, s.new_images) for s in plan.splits] == [
         ("train800", 800, True, 800),
         ("val200", 200, True, 200),
@@ -33,7 +36,7 @@ def test_the_plan_of_an_extract_command_is_what_extract_writes(tmp_path):
     on_disk = sum(f.stat().st_size for f in chunks)
     assert on_disk == 1000 * layers  # the plan's bytes per image, uncompressed, for each image once
     assert plan.total_bytes == 1000 * plan.bytes_per_image
-    again = plan_extract(TINY_EXTRACT["backbone"], "digits", str(out), None, SPLITS, "kv", "float16", kwargs)
+    again = plan_extract(cfg)
     assert again.total_bytes == 0  # a complete store has nothing left to write
 
 
@@ -71,19 +74,34 @@ def test_new_stores_default_to_hidden_int8():
     assert code == 0 and (plan["layout"], plan["dtype"]) == ("hidden", "int8")
 
 
-def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkeypatch):
-    """The default path names the weights and model arguments; --probes adds its arrays: plan sizes what extract
-    writes, where extract writes it."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--probes", "--dtype", "int8", "--layout", "hidden"),
+        ("--dtype", "float32", "--layout", "hidden", "--codec", "zstd", "--shard-size", "16"),
+        ("--probes", "--dtype", "float16", "--layout", "kv", "--val-fraction", "0.2", "--batch-size", "8"),
+    ],
+)
+def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkeypatch, options):
+    """Plan takes every option of extract, with the same command line. The default path names the weights and
+    model arguments; --probes adds its arrays; --val-fraction carves the split: plan sizes what extract writes,
+    where extract writes it."""
     monkeypatch.chdir(tmp_path)
-    args = tiny_extract_args("val200", "--probes", "--dtype", "int8", "--layout", "hidden")[1:]
-    code, text = run_cli("plan", *[a for a in args if a not in ("--workers", "0")], "--json")
+    if "--val-fraction" in options:  # an image folder without a validation split: its path names the folder
+        splits, folder = "val", make_imagefolder(tmp_path / "images", per_class=8)
+        args = tiny_extract_args(splits, *options, "--root", str(folder), dataset="imagefolder")[1:]
+    else:
+        splits = "val200"
+        args = tiny_extract_args(splits, *options)[1:]
+    code, text = run_cli("plan", *args, "--json")
     assert code == 0, text
     [planned] = json.loads(text)
     code, text = run_cli("extract", *args, "--json")
     assert code == 0, text
     store = Path(planned["store"])
     assert store.name == "vit_tiny_patch16_224-random-depth=2-embed_dim=48-img_size=32-num_heads=3-patch_size=8.zarr"
-    assert open_store(str(store)).attrs["probes"] is True
+    assert store.parent.name == ("imagefolder-images" if "--val-fraction" in options else "digits")
+    assert bool(open_store(str(store)).attrs.get("probes")) == ("--probes" in options)
     import math
 
     import zarr
@@ -94,5 +112,8 @@ def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkey
         for name, a in images.arrays()
         if name not in ("shard_done", "checksum")
     }
-    assert {"tokens", "tokens_scale", "class_tokens", "patch_mean"} <= set(per_row)
+    if "--probes" in options:
+        assert {"tokens", "class_tokens", "patch_mean"} <= set(per_row)
     assert sum(per_row.values()) == planned["bytes_per_image"]
+    written = len(open_store(str(store)).split(splits).labels())
+    assert [s["new_images"] for s in planned["splits"] if s["cached"]] == [written]

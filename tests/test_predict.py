@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from vqt_cache.batches import CachedSplit
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.evaluation import load_run
-from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.extraction import extract
 from vqt_cache.prediction import predict
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 from conftest import TINY_EXTRACT, make_imagefolder, run_cli
 

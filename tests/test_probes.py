@@ -71,8 +71,9 @@ def test_linear_multi_features_equal_dinov2s_from_forward_intermediates(variant)
 def test_both_probes_cached_equal_live_and_the_store_checks_their_arrays(probe_store, tmp_path):
     """Trained from the store's probe arrays, evaluated from them and live from the images: the same logits."""
     from vqt_cache.batches import CachedSplit
+    from vqt_cache.config import RunSpec, TrainConfig
     from vqt_cache.evaluation import cached_logits, live_logits, load_runs
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.training import train
 
     specs = (RunSpec("attentive", 0, 1.0, 1e-3, 3), RunSpec("linear-multi", 4, 0.5, 0.0, 3))
     cfg = TrainConfig(
@@ -149,8 +150,9 @@ class Doubled(Method):
 
 
 def test_a_method_added_through_the_registry_alone_trains_evaluates_and_is_named(tiny_store, tmp_path):
+    from vqt_cache.config import RunSpec, TrainConfig
     from vqt_cache.evaluation import evaluate
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.training import train
 
     methods.register(Doubled())
     assert "toy-doubled" in methods.names() and "toy-doubled" in methods.describe()
@@ -189,7 +191,8 @@ def test_the_probes_resume_from_a_checkpoint_to_the_uninterrupted_result(probe_s
     import json
     from pathlib import Path
 
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.config import RunSpec, TrainConfig
+    from vqt_cache.training import train
 
     specs = (RunSpec("attentive", 0, 1.0, 1e-3, 5), RunSpec("linear-multi", 1, 0.5, 0.0, 5))
 

@@ -80,7 +80,8 @@ def test_query_path_logits_on_a_dequantized_cache(kind, layout, massive):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, str]:
-    from vqt_cache.extraction import ExtractConfig, extract
+    from vqt_cache.config import ExtractConfig
+    from vqt_cache.extraction import extract
 
     from conftest import TINY_EXTRACT
 
@@ -135,8 +136,9 @@ def test_the_store_dequantizes_a_row_as_quantize_does(stores):
 
 
 def test_a_run_evaluates_alike_on_int8_and_float32(stores, tmp_path):
+    from vqt_cache.config import RunSpec, TrainConfig
     from vqt_cache.evaluation import evaluate
-    from vqt_cache.training import RunSpec, TrainConfig, train
+    from vqt_cache.training import train
 
     [run] = train(
         TrainConfig(store=stores["float32"], runs=(RunSpec("vqt", 2),), epochs=4, warmup_epochs=1, out=str(tmp_path))

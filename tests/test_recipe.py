@@ -43,8 +43,8 @@ def test_the_cli_shows_the_recipe():
 
 
 def test_the_library_and_the_pipeline_schema_show_the_recipe():
+    from vqt_cache.config import RunSpec, TrainConfig
     from vqt_cache.sweep import Grid, Protocol
-    from vqt_cache.training import RunSpec, TrainConfig
 
     cfg = TrainConfig(store="unused.zarr", precision="float32")
     protocol = Protocol()
@@ -64,8 +64,8 @@ def test_the_library_and_the_pipeline_schema_show_the_recipe():
     ],
 )
 def test_one_check_whichever_way_the_recipe_comes(tmp_path, change, sentence):
+    from vqt_cache.config import TrainConfig
     from vqt_cache.sweep import load_pipeline
-    from vqt_cache.training import TrainConfig
 
     with pytest.raises(VQTError, match=sentence):
         TrainConfig(store="unused.zarr", precision="float32", **change)

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from vqt_cache.compress import compress
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.errors import VQTError
 from vqt_cache.report import write_report
 from vqt_cache.run_folder import finished_runs, run_folders
 from vqt_cache.sweep import load_pipeline, run_sweep, select
-from vqt_cache.training import RunSpec, TrainConfig, train
+from vqt_cache.training import train
 
 from conftest import GOOD_PIPELINE, SMALL_PROTOCOL, TINY_EXTRACT, run_cli
 
@@ -84,7 +85,8 @@ def test_selection_picks_best_last_epoch_val_with_ties_to_smaller_lr(tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory) -> str:
-    from vqt_cache.extraction import ExtractConfig, extract
+    from vqt_cache.config import ExtractConfig
+    from vqt_cache.extraction import extract
 
     out = str(tmp_path_factory.mktemp("sweep") / "digits.zarr")
     extract(ExtractConfig(**TINY_EXTRACT, dataset="digits-small", out=out, workers=0))
@@ -233,8 +235,9 @@ def test_compress_keeps_exactly_the_asked_fraction(tmp_path, sweep_store):
 
 
 def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_path):
+    from vqt_cache.config import ExtractConfig
     from vqt_cache.evaluation import read_evaluation
-    from vqt_cache.extraction import ExtractConfig, extract
+    from vqt_cache.extraction import extract
 
     reports = {}
     for name, splits in (("cached", None), ("live", ("train", "val", "trainval"))):

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from vqt_cache.batches import CachedSplit
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import cached_logits, evaluate, load_runs
 from vqt_cache.schedule import lr_factor
 from vqt_cache.store import open_store
-from vqt_cache.training import RunSpec, TrainConfig, grid, train
+from vqt_cache.training import grid, train
 
 from conftest import error_line, run_cli
 
@@ -250,7 +251,8 @@ def test_nan_in_the_cache(tiny_store, tmp_path):
 
 
 def test_run_folder_from_another_store(tiny_store, tmp_path):
-    from vqt_cache.extraction import ExtractConfig, extract
+    from vqt_cache.config import ExtractConfig
+    from vqt_cache.extraction import extract
 
     from conftest import TINY_EXTRACT
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vqt_cache.config import ExtractConfig
 from vqt_cache.errors import VQTError
-from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.extraction import extract
 from vqt_cache.store import open_store
 from vqt_cache.verify import verify
 

@@ -463,7 +463,7 @@ def test_epochs_are_numbered_from_one_everywhere(trained):
 def test_a_report_with_a_missing_final_result_marks_it_and_averages_like_with_like(tmp_path):
     """Two tasks, test evaluated live; one final run's live result is missing (interrupted, or another part still
     running): the report shows it missing, and every mean is over the task all columns have."""
-    from vqt_cache.extraction import ExtractConfig
+    from vqt_cache.config import ExtractConfig
     from vqt_cache.extraction import extract as run_extract
 
     from conftest import GOOD_PIPELINE, SMALL_PROTOCOL

@@ -21,18 +21,19 @@ import torch
 
 from vqt_cache import recipe
 from vqt_cache.backbones import BACKBONES
+from vqt_cache.config import ExtractConfig, TrainConfig
 from vqt_cache.datasets import Dataset, register_dataset
 from vqt_cache.datasets import list_datasets as list_datasets  # re-exported
 from vqt_cache.errors import VQTError as VQTError  # re-exported
 from vqt_cache.evaluation import Evaluation, LoadedRun
 from vqt_cache.evaluation import evaluate as _evaluate
 from vqt_cache.evaluation import load_run as _load_run
-from vqt_cache.extraction import ExtractConfig, ExtractSummary
+from vqt_cache.extraction import ExtractSummary
 from vqt_cache.extraction import extract as _extract
 from vqt_cache.prediction import Prediction
 from vqt_cache.prediction import predict as _predict
 from vqt_cache.store import Store, dequantized, open_store
-from vqt_cache.training import TrainConfig, TrainedRun, grid
+from vqt_cache.training import TrainedRun, grid
 from vqt_cache.training import train as _train
 
 
@@ -65,8 +66,8 @@ def extract(
     """Stage one: run the frozen backbone once over `dataset` and write (or resume) a store.
 
     dataset: a name (`list_datasets()`) or your own `Dataset`, which is registered under its name (live
-    evaluation reopens it by that name in this process). options: layout, dtype, codec, batch_size, shard_size,
-    device, cache_root, on_bad_image, workers, check_space (as `ExtractConfig`).
+    evaluation reopens it by that name in this process). options: any other field of `ExtractConfig`
+    (vqt_cache/config.py, where each is described once), e.g. layout="kv", dtype="float16", probes=True.
     """
     if isinstance(dataset, Dataset):
         own = dataset
@@ -96,10 +97,10 @@ def train(
     progress=None,
     **options: Any,
 ) -> list[TrainedRun]:
-    """Stage two: every combination of the given lists, one pass over the cache per seed.
+    """Stage two: every combination of the given lists (the fields of `RunSpec`), one pass over the cache per seed.
 
-    options: train_split, eval_split, epochs, warmup_epochs, batch_size, dropout, memory_budget (bytes), device,
-    precision, out, eval_every, checkpoint_every (as `TrainConfig`).
+    options: any other field of `TrainConfig` (vqt_cache/config.py, where each is described once), e.g.
+    epochs=20, eval_split="none", memory_budget=2**30 (bytes).
     """
     runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed))
     return _train(TrainConfig(store=store, runs=runs, **options), progress=progress)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
 from rich.console import Console
@@ -24,18 +27,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from vqt_cache import dataset_catalog, methods, recipe
+from vqt_cache import methods, recipe
+from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig
+from vqt_cache.config import options as config_options
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
-    DEFAULT_CODEC,
-    DEFAULT_DTYPE,
-    DEFAULT_LAYOUT,
-    DEFAULT_PRECISION,
-    DEFAULT_QUERY_PATH,
-    EXTRACT_BATCH_SIZE,
-    HF_COLUMNS,
-    ON_BAD_IMAGE,
-    SHARD_SIZE,
     WORKERS,
 )
 
@@ -79,17 +75,52 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 MovedStore = Annotated[str | None, typer.Option(help="the store, if it moved since training")]
 
 
-def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
-    kwargs = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise VQTError(f"--model-arg takes KEY=VALUE, got {pair!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
+def _options(*configs: type, defaults: dict[str, Any] | None = None) -> Callable:
+    """Give a command the options its config classes declare (vqt_cache/config.py): each field's name, type,
+    default and help. They come first in its signature, its own parameters (--json) after them; they reach it as
+    one dict `opts` of field values (each parsed from the command line's form by its `Cli.parse`). `defaults`
+    replaces a field's default for this command (plan: --dataset is optional beside a pipeline file)."""
+    declared = [(f, cli) for config in configs for f, cli in config_options(config)]
+    hints = {name: kind for config in configs for name, kind in get_type_hints(config).items()}
+
+    def decorate(command: Callable) -> Callable:
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.name != "opts"
+        ]
+        made = []
+        for f, cli in declared:
+            name = cli.name or f.name
+            if defaults and f.name in defaults:
+                default = defaults[f.name]
+            elif cli.cli_default is not FIELD_DEFAULT:
+                default = cli.cli_default
+            else:
+                default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+            names = (f"--{name.replace('_', '-')}",) if cli.flag else ()
+            kind = cli.type or hints[f.name]
+            if default is None:
+                kind = kind | None
+            parameter = typer.Option(*names, help=cli.help, metavar=" " if cli.flag else None)
+            annotation = Annotated[kind, parameter]
+            made.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            opts = {}
+            for f, cli in declared:
+                value = values.pop(cli.name or f.name)
+                opts[f.name] = cli.parse(value) if cli.parse else value
+            return command(**values, opts=opts)
+
+        parameters = [*made, *own]
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # typer reads the signature above, not the command's own
+        return run
+
+    return decorate
 
 
 class _Rate(ProgressColumn):
@@ -148,44 +179,11 @@ def _progress(unit: str):
 
 
 @app.command()
+@_options(ExtractConfig)
 def extract(
-    backbone: Annotated[str, typer.Option(help="short name (vit_b16, vit_b16_mae, ...) or any timm ViT name")],
-    dataset: Annotated[str, typer.Option(help=f"{dataset_catalog.names()}, or a registered name")],
-    root: Annotated[str | None, typer.Option(help="dataset folder (default data/downloads/<dataset>)")] = None,
-    splits: Annotated[str | None, typer.Option(help="comma-separated splits (default: all)")] = None,
-    layout: Annotated[
-        str, typer.Option(help="hidden (LN1 outputs) or kv (keys+values, twice the bytes)")
-    ] = DEFAULT_LAYOUT,
-    dtype: Annotated[
-        str, typer.Option(help="float16, float32 or int8 (a float16 scale per token and 64 channels)")
-    ] = DEFAULT_DTYPE,
-    codec: Annotated[str, typer.Option(help="none, zstd or blosc")] = DEFAULT_CODEC,
-    batch_size: Annotated[int, typer.Option(help="images per forward")] = EXTRACT_BATCH_SIZE,
-    shard_size: Annotated[int, typer.Option(help="images per logical shard (unit of resume)")] = SHARD_SIZE,
-    device: Device = recipe.DEVICE,
-    out: Annotated[
-        str | None,
-        typer.Option(help="store path or URL (default <cache-root>/<dataset>/<backbone>[-...].zarr)"),
-    ] = None,
-    cache_root: Annotated[str, typer.Option(help="root of the default store paths")] = recipe.CACHE_ROOT,
-    weights: Annotated[str | None, typer.Option(help="weights FILE, 'random', or none for the timm cache")] = None,
-    model_arg: Annotated[list[str] | None, typer.Option(help="timm model argument KEY=VALUE (repeatable)")] = None,
-    on_bad_image: Annotated[str, typer.Option(help="fail or skip (skipped images are recorded)")] = ON_BAD_IMAGE[0],
-    workers: Annotated[int, typer.Option(help="image decoding processes")] = WORKERS,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="for a dataset without a validation split: carve this share of train into val (seeded, "
-            "stratified; train becomes the rest, trainval the whole)"
-        ),
-    ] = None,
-    image_column: Annotated[str, typer.Option(help="--dataset hf: the image column")] = HF_COLUMNS["image"],
-    label_column: Annotated[str, typer.Option(help="--dataset hf: the label column")] = HF_COLUMNS["label"],
-    probes: Annotated[bool, _flag("--probes", help=PROBES_HELP)] = False,
-    no_space_check: Annotated[
-        bool, _flag("--no-space-check", help="start even when `vqt-cache plan` says the store cannot fit")
-    ] = False,
     json_out: Annotated[bool, _flag("--json", help="print the summary as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Run the frozen backbone once over a dataset and write a resumable Zarr store.
 
@@ -194,32 +192,9 @@ def extract(
       vqt-cache extract --backbone vit_b16 --dataset vtab1k/dtd --root ~/data/vtab-1k --layout hidden
       torchrun --nproc_per_node=4 -m vqt_cache extract --backbone vit_b16 --dataset cub
     """
-    from vqt_cache.extraction import ExtractConfig
     from vqt_cache.extraction import extract as run_extract
 
-    cfg = ExtractConfig(
-        backbone=backbone,
-        dataset=dataset,
-        root=root,
-        splits=tuple(splits.split(",")) if splits else None,
-        layout=layout,
-        dtype=dtype,
-        codec=codec,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        device=device,
-        out=out,
-        cache_root=cache_root,
-        weights=weights,
-        model_kwargs=_model_kwargs(model_arg or []),
-        on_bad_image=on_bad_image,
-        workers=workers,
-        check_space=not no_space_check,
-        val_fraction=val_fraction,
-        image_column=image_column,
-        label_column=label_column,
-        probes=probes,
-    )
+    cfg = ExtractConfig(**opts)
     with _progress("img") as update:
         summary = run_extract(cfg, progress=None if json_out else update)
     if json_out:
@@ -248,63 +223,36 @@ def extract(
             console.print(f"[yellow]skipped unreadable image[/yellow] {source} ({s.name})")
 
 
-PROBES_HELP = (
-    "also store what the attentive and linear-multi probes read: the final block's patch tokens, every block's "
-    "class token, the patch mean (ViT-B/16 int8: +0.19 MB per image, +10%)"
-)
-
-
 @app.command()
+@_options(ExtractConfig, defaults={"backbone": recipe.BACKBONE, "dataset": None})
 def plan(
     pipeline: Annotated[str | None, typer.Argument(help="a pipeline file (else: plan one extract command)")] = None,
-    backbone: Annotated[str, typer.Option(help="as for extract (for a pipeline: its backbone)")] = recipe.BACKBONE,
-    dataset: Annotated[str | None, typer.Option(help="as for extract")] = None,
-    root: Annotated[str | None, typer.Option(help="as for extract")] = None,
-    splits: Annotated[str | None, typer.Option(help="splits to cache, as for extract (default: all)")] = None,
-    layout: Annotated[str, typer.Option(help="hidden or kv")] = DEFAULT_LAYOUT,
-    dtype: Annotated[str, typer.Option(help="int8, float16 or float32")] = DEFAULT_DTYPE,
-    out: Annotated[str | None, typer.Option(help="as for extract")] = None,
-    cache_root: Annotated[str, typer.Option(help="as for extract")] = recipe.CACHE_ROOT,
-    weights: Annotated[str | None, typer.Option(help="as for extract (names the default store path)")] = None,
-    model_arg: Annotated[list[str] | None, typer.Option(help="as for extract (KEY=VALUE, repeatable)")] = None,
-    probes: Annotated[bool, _flag("--probes", help="as for extract")] = False,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
-    """How many images each split holds, which are cached or evaluated live, and what the store costs on disk.
+    """How many images each split holds, which are cached or evaluated live, and where the store goes and what it
+    costs on disk.
 
-    Nothing is written. Sizes come from the dataset on disk, or from its release's published split sizes.
+    Nothing is written. Plan takes every option of extract; for a pipeline, --layout, --dtype and --probes apply
+    to the stores it does not hold yet. Sizes come from the dataset on disk, or from its release's published split
+    sizes.
 
     Examples:
       vqt-cache plan pipelines/vtab1k.toml --layout hidden --dtype int8
       vqt-cache plan --backbone vit_b16 --dataset cub --root ~/data/CUB_200_2011 --splits train,val
     """
-    from vqt_cache.extraction import ExtractConfig
     from vqt_cache.plan import plan_extract, plan_pipeline, size
     from vqt_cache.sweep import load_pipeline
 
     if pipeline is not None:
-        plans = plan_pipeline(load_pipeline(pipeline), layout, dtype)
-    elif dataset is None:
+        if opts["dataset"] is not None:
+            raise VQTError("plan takes a pipeline file or --dataset, not both")
+        plans = plan_pipeline(load_pipeline(pipeline), opts["layout"], opts["dtype"], opts["probes"])
+    elif opts["dataset"] is None:
         raise VQTError("plan takes a pipeline file, or --dataset (and --backbone) as for extract")
     else:
-        split_names = tuple(splits.split(",")) if splits else None
-        kwargs = _model_kwargs(model_arg or [])
-        cfg = ExtractConfig(
-            backbone,
-            dataset,
-            root,
-            split_names,
-            layout,
-            dtype,
-            out=out,
-            cache_root=cache_root,
-            weights=weights,
-            model_kwargs=kwargs,
-            probes=probes,
-        )
-        plans = [
-            plan_extract(backbone, dataset, cfg.store_url, root, split_names, layout, dtype, kwargs, probes=probes)
-        ]
+        plans = [plan_extract(ExtractConfig(**opts))]
     if json_out:
         print(json.dumps([p.as_dict() for p in plans]))
         return
@@ -334,6 +282,8 @@ def plan(
             console.print(
                 f"[red]{p.store} does not fit: {size(p.total_bytes)} to write, {size(p.free_bytes)} free[/red]"
             )
+    for p in plans:
+        console.print(f"{p.dataset}: {p.store}", highlight=False, soft_wrap=True)
     free = {p.free_bytes for p in plans}
     if len(free) == 1 and None not in free:
         console.print(f"free at the destination: {size(free.pop())}")
@@ -401,19 +351,6 @@ def info(
     console.print(table)
 
 
-def _numbers(text: str, what: str, kind: type = float) -> list:
-    """'0.5,0.25' -> [0.5, 0.25] (or ints), with one clear sentence on anything else."""
-    try:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        noun = "integers" if kind is int else "numbers"
-        raise VQTError(f"{what} takes comma-separated {noun}, got {text!r}") from exc
-
-
-def _gib(value: float | None) -> float | None:
-    return None if value is None else value * 2**30  # TrainConfig checks it and keeps whole bytes
-
-
 def _find_store(cache_root: str) -> str:
     """The only store under the cache root; with none or several, a clear error listing them."""
     from pathlib import Path
@@ -426,39 +363,16 @@ def _find_store(cache_root: str) -> str:
     raise VQTError(f"several stores under {cache_root}, pass --store with one of: {', '.join(stores)}")
 
 
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))  # each a list on the command line
+
+
 @app.command()
+@_options(RunSpec, TrainConfig)
 def train(
-    queries: Annotated[str, typer.Option(help="T, or a list: 1,10")] = str(recipe.QUERIES),
-    store: Annotated[
-        str | None, typer.Option(help="store path or URL (default: the only store under --cache-root)")
-    ] = None,
-    method: Annotated[str, typer.Option(help=f"{methods.describe()}; a list")] = recipe.METHOD,
-    lr: Annotated[str, typer.Option(help="base learning rate(s), scaled by batch/256")] = f"{recipe.LR:g}",
-    wd: Annotated[str, typer.Option(help="weight decay(s), coupled L2 as in torch Adam")] = f"{recipe.WD:g}",
-    seed: Annotated[str, typer.Option(help="seed(s); runs of one seed share a pass")] = str(recipe.SEED),
-    epochs: Annotated[int, typer.Option(help="epochs")] = recipe.EPOCHS,
-    warmup_epochs: Annotated[int, typer.Option(help="linear warm-up epochs before the cosine")] = recipe.WARMUP_EPOCHS,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = recipe.BATCH_SIZE,
-    dropout: Annotated[float, typer.Option(help="query dropout")] = recipe.DROPOUT,
-    train_split: Annotated[str | None, typer.Option(help="default train800, else train")] = None,
-    eval_split: Annotated[
-        str | None, typer.Option(help="default val200, else val (never test); none: no evaluation")
-    ] = None,
-    out: Annotated[str | None, typer.Option(help="run folder (one run) or parent folder (several)")] = None,
-    memory_budget: Annotated[float | None, typer.Option(help="GiB of cached features held in memory")] = None,
-    device: Device = recipe.DEVICE,
-    precision: Annotated[
-        str, typer.Option(help="query-path arithmetic: float32, bf16 (bfloat16 matmuls), auto (bf16 where fast)")
-    ] = DEFAULT_PRECISION,
-    query_path: Annotated[
-        str, typer.Option(help="eager (layer by layer), batched (all layers per kernel), auto (batched on a GPU)")
-    ] = DEFAULT_QUERY_PATH,
-    eval_every: Annotated[int, typer.Option(help="evaluate every N epochs (and at the end)")] = recipe.EVAL_EVERY,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="checkpoint every N epochs, for resume")
-    ] = recipe.CHECKPOINT_EVERY,
     cache_root: Annotated[str, typer.Option(help="where to look for the store")] = recipe.CACHE_ROOT,
     json_out: Annotated[bool, _flag("--json", help="print results as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Train VQT queries + linear heads from a store alone; every combination of the lists in one pass per seed.
 
@@ -467,33 +381,12 @@ def train(
       vqt-cache train --store data/cache/cub/vit_b16.zarr --queries 1,10 --lr 0.5,0.25 --wd 1e-3,0
       vqt-cache train --method vqt,linear,pooled --queries 1 --epochs 50
     """
-    from vqt_cache.training import TrainConfig, grid
+    from vqt_cache.training import grid
     from vqt_cache.training import train as run_train
 
-    runs = grid(
-        [m.strip() for m in method.split(",")],
-        _numbers(queries, "--queries", int),
-        _numbers(lr, "--lr"),
-        _numbers(wd, "--wd"),
-        _numbers(seed, "--seed", int),
-    )
-    cfg = TrainConfig(
-        store=store or _find_store(cache_root),
-        runs=runs,
-        train_split=train_split,
-        eval_split=eval_split,
-        epochs=epochs,
-        warmup_epochs=warmup_epochs,
-        batch_size=batch_size,
-        dropout=dropout,
-        memory_budget=_gib(memory_budget),
-        device=device,
-        precision=precision,
-        query_path=query_path,
-        out=out,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-    )
+    lists = {name: opts.pop(name) for name in RUN_FIELDS}
+    runs = grid(lists["method"], lists["queries"], lists["lr"], lists["wd"], lists["seed"])
+    cfg = TrainConfig(**{**opts, "store": opts["store"] or _find_store(cache_root)}, runs=runs)
     with _progress("step") as update:
         results = run_train(cfg, progress=None if json_out else update)
     if json_out:

@@ -656,6 +656,13 @@ def open_dataset(name: str, root: str | Path | None = None, columns: dict[str, s
     return adapter(name.partition("/")[2], path, {**HF_COLUMNS, **(columns or {})})
 
 
+def open_extracted(name: str, root: str | None, columns: dict[str, str], val_fraction: float | None) -> Dataset:
+    """The dataset an extract command (or its plan) reads: opened, with a validation split carved out of train when
+    `val_fraction` is given."""
+    dataset = open_dataset(name, root, columns)
+    return dataset if val_fraction is None else with_validation(dataset, val_fraction)
+
+
 def preprocessing(data_config: dict[str, Any], resize: str) -> dict[str, Any]:
     """The recorded preprocessing: the backbone's timm data config plus the dataset's resize mode."""
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")

@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from vqt_cache.backbones import load_backbone
+from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.datasets import ImageSplit, digits, preprocessing
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate
-from vqt_cache.extraction import ExtractConfig, extract
+from vqt_cache.extraction import extract
 from vqt_cache.files import save_tensors
 from vqt_cache.run_folder import read_timing
 from vqt_cache.store import found_at
-from vqt_cache.training import RunSpec, TrainConfig, grid, train
+from vqt_cache.training import grid, train
 
 BACKBONE = "vit_tiny_patch16_224"
 MODEL = {"img_size": 32, "patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}

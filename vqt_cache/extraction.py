@@ -8,13 +8,14 @@ writes all metadata before any rank writes data.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,88 +25,28 @@ import torch.distributed as dist
 
 from vqt_cache import package_versions
 from vqt_cache.backbones import Backbone, load_backbone, resolve_device
+from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import (
     Dataset,
     ImageSplit,
     index_hash,
-    open_dataset,
+    open_extracted,
     preprocessing,
-    with_validation,
 )
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
-    CODECS,
-    DEFAULT_CODEC,
-    DEFAULT_DTYPE,
-    DEFAULT_LAYOUT,
-    DTYPES,
-    EXTRACT_BATCH_SIZE,
-    HF_COLUMNS,
-    LAYOUTS,
-    ON_BAD_IMAGE,
-    SHARD_SIZE,
-    WORKERS,
     forward_dtype,
     group_for,
     quantized,
 )
 from vqt_cache.quantize import quantize
-from vqt_cache.recipe import CACHE_ROOT, DEVICE
 from vqt_cache.store import (
     Images,
     Store,
     check_resumable,
     create_store,
-    default_store_path,
     hash_rows,
 )
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything `vqt-cache extract` needs; validated on construction."""
-
-    backbone: str
-    dataset: str
-    root: str | None = None
-    splits: tuple[str, ...] | None = None  # None: every split of the dataset
-    layout: str = DEFAULT_LAYOUT
-    dtype: str = DEFAULT_DTYPE
-    codec: str = DEFAULT_CODEC
-    batch_size: int = EXTRACT_BATCH_SIZE
-    shard_size: int = SHARD_SIZE
-    device: str = DEVICE
-    out: str | None = None  # default: store.default_store_path
-    cache_root: str = CACHE_ROOT
-    weights: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    on_bad_image: str = ON_BAD_IMAGE[0]
-    workers: int = WORKERS
-    check_space: bool = True  # refuse to start a store that the free space at `out` cannot hold
-    val_fraction: float | None = None  # carve a validation split of this share out of train (datasets without one)
-    image_column: str = HF_COLUMNS["image"]  # --dataset hf: the image and label columns
-    label_column: str = HF_COLUMNS["label"]
-    probes: bool = False  # also store what the attentive and linear-multi probes read (store.probe_shapes)
-
-    def __post_init__(self) -> None:
-        for value, allowed, what in (
-            (self.layout, LAYOUTS, "layout"),
-            (self.dtype, DTYPES, "dtype"),
-            (self.codec, CODECS, "codec"),
-            (self.on_bad_image, ON_BAD_IMAGE, "on-bad-image"),
-        ):
-            if value not in allowed:
-                raise VQTError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise VQTError("batch size and shard size must be at least 1")
-        if self.workers < 0:
-            raise VQTError("workers must be >= 0")
-
-    @property
-    def store_url(self) -> str:
-        return self.out or default_store_path(
-            self.cache_root, self.dataset, self.backbone, self.weights, self.model_kwargs, self.root
-        )
 
 
 @dataclass
@@ -183,17 +124,7 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
         return
     from vqt_cache.plan import plan_extract, size
 
-    plan = plan_extract(
-        cfg.backbone,
-        cfg.dataset,
-        cfg.store_url,
-        splits=tuple(split_names),
-        layout=cfg.layout,
-        dtype=cfg.dtype,
-        model_kwargs=cfg.model_kwargs,
-        opened=dataset,
-        probes=cfg.probes,
-    )
+    plan = plan_extract(dataclasses.replace(cfg, splits=tuple(split_names)), opened=dataset)
     if not plan.fits:
         raise VQTError(
             f"the store needs {size(plan.total_bytes)} more, but {size(plan.free_bytes)} are free at "
@@ -419,9 +350,7 @@ def _check_finite_scales(scales: torch.Tensor, start: int, sources: list[str]) -
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     """Run stage one; resumable, idempotent and torchrun-aware. Returns what this process did."""
     rank, world = _distributed()
-    dataset = open_dataset(cfg.dataset, cfg.root, {"image": cfg.image_column, "label": cfg.label_column})
-    if cfg.val_fraction is not None:
-        dataset = with_validation(dataset, cfg.val_fraction)
+    dataset = open_extracted(cfg.dataset, cfg.root, cfg.columns, cfg.val_fraction)
     split_names = list(cfg.splits) if cfg.splits else list(dataset.splits)
     for name in split_names:
         dataset.split(name)  # unknown or empty splits fail before anything is written

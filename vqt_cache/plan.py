@@ -11,12 +11,15 @@ sizes. `extract` runs the same plan and refuses to start a store that cannot fit
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vqt_cache.backbones import geometry
-from vqt_cache.datasets import Dataset, open_dataset, published_sizes
+from vqt_cache.config import ExtractConfig
+from vqt_cache.datasets import Dataset, open_dataset, open_extracted, published_sizes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
 from vqt_cache.store import found_at, image_bytes, key_source, open_store, probe_bytes
@@ -90,18 +93,19 @@ def _stored_sources(url: str) -> tuple[set[str], set[str]]:
 
 
 def _split_plans(
-    dataset: Dataset | None, name: str, root: str | None, cached: list[str], url: str
+    open_: Callable[[], Dataset], name: str, cached: list[str] | None, url: str
 ) -> tuple[list[SplitPlan], str]:
-    """Every split of the dataset: cached ones (in `cached` order) with the images they add, the others live."""
+    """Every split of the dataset (`open_` opens it): the cached ones (`cached`, in its order; None: all) with the
+    images they add, the others live. A dataset not on disk is planned from its release's published sizes."""
     stored, have = _stored_sources(url)
-    if dataset is None:
-        try:
-            dataset = open_dataset(name, root)
-        except VQTError:
-            known = published_sizes(name)
-            if known is None:
-                raise
-            return _published_plans(name, known, cached, have), "published sizes"
+    try:
+        dataset = open_()
+    except VQTError:
+        known = published_sizes(name)
+        if known is None or cached is None:
+            raise
+        return _published_plans(name, known, cached, have), "published sizes"
+    cached = list(dataset.splits) if cached is None else cached
     for split in cached:
         dataset.split(split)  # an unknown or empty split: one sentence
     plans, seen = [], set(stored)
@@ -129,42 +133,37 @@ def _published_plans(name: str, known: tuple, cached: list[str], have: set[str])
     return plans + [SplitPlan(s, n, False, 0) for s, n in sizes.items() if s not in cached]
 
 
-def plan_extract(
-    backbone: str,
-    dataset: str,
-    url: str,
-    root: str | None = None,
-    splits: tuple[str, ...] | None = None,
-    layout: str = DEFAULT_LAYOUT,
-    dtype: str = DEFAULT_DTYPE,
-    model_kwargs: dict | None = None,
-    opened: Dataset | None = None,
-    probes: bool = False,
-) -> DatasetPlan:
-    """The plan of one extract command (`opened`: the dataset, when the caller has it open already)."""
-    if opened is None and splits is None:
-        opened = open_dataset(dataset, root)  # every split of it: they must be known
-    cached = list(splits) if splits else list(opened.splits)
-    plans, sizes_from = _split_plans(opened, dataset, root, cached, url)
-    per_image = per_image_bytes(backbone, model_kwargs or {}, layout, dtype, probes)
-    return DatasetPlan(dataset, url, layout, dtype, per_image, plans, free_space(url), sizes_from)
+def plan_extract(cfg: ExtractConfig, opened: Dataset | None = None) -> DatasetPlan:
+    """The plan of one extract command (`opened`: its dataset, when the caller has it open already)."""
+    url = cfg.store_url
+    open_ = (
+        (lambda: opened)
+        if opened is not None
+        else lambda: open_extracted(cfg.dataset, cfg.root, cfg.columns, cfg.val_fraction)
+    )
+    plans, sizes_from = _split_plans(open_, cfg.dataset, None if cfg.splits is None else list(cfg.splits), url)
+    per_image = per_image_bytes(cfg.backbone, cfg.model_kwargs, cfg.layout, cfg.dtype, cfg.probes)
+    return DatasetPlan(cfg.dataset, url, cfg.layout, cfg.dtype, per_image, plans, free_space(url), sizes_from)
 
 
-def plan_pipeline(pipeline: Any, layout: str = DEFAULT_LAYOUT, dtype: str = DEFAULT_DTYPE) -> list[DatasetPlan]:
+def plan_pipeline(
+    pipeline: Any, layout: str = DEFAULT_LAYOUT, dtype: str = DEFAULT_DTYPE, probes: bool = False
+) -> list[DatasetPlan]:
     """Per dataset of a pipeline: its training and validation splits cached, its test split live (unless its
-    store holds it already). An existing store keeps its own layout and dtype."""
+    store holds it already). An existing store keeps its own layout, dtype and probe arrays."""
     proto = pipeline.protocol
     training = [proto.select_train, proto.select_eval, proto.final_train]
     plans = []
     for entry in pipeline.datasets:
         url = pipeline.store_for(entry)
-        root, kind, cached = None, (layout, dtype), list(dict.fromkeys(training))
+        root, kind, has_probes, cached = None, (layout, dtype), probes, list(dict.fromkeys(training))
         if found_at(url) == "store":
             store = open_store(url)
             root, kind = store.attrs["dataset"]["root"], (store.attrs["layout"], store.attrs["dtype"])
+            has_probes = bool(store.attrs.get("probes"))
             if store.has_split(proto.final_eval):
                 cached.append(proto.final_eval)
-        splits, sizes_from = _split_plans(None, entry.name, root, cached, url)
-        per_image = per_image_bytes(pipeline.backbone, {}, *kind)
+        splits, sizes_from = _split_plans(partial(open_dataset, entry.name, root), entry.name, cached, url)
+        per_image = per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
         plans.append(DatasetPlan(entry.name, url, *kind, per_image, splits, free_space(url), sizes_from))
     return plans

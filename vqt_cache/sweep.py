@@ -14,6 +14,7 @@ processes or machines, whose folders `vqt-cache report` merges.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from collections.abc import Callable
@@ -25,14 +26,14 @@ import pydantic
 
 from vqt_cache import methods, recipe
 from vqt_cache.backbones import resolve_device
+from vqt_cache.config import RECIPE_KEYS, Recipe, RunSpec, TrainConfig
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import evaluate, read_evaluation
-from vqt_cache.formats import DEFAULT_PRECISION
 from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.query import resolve_precision
 from vqt_cache.run_folder import FinishedRun, finished_runs, is_compressed, run_folders
 from vqt_cache.store import default_store_path, open_store
-from vqt_cache.training import NO_EVAL, RECIPE_KEYS, RunSpec, TrainConfig, grid, train
+from vqt_cache.training import NO_EVAL, grid, train
 
 # VTAB-1k groups (for the group means of the report); the image code's task table lives in datasets.py
 VTAB_GROUPS = {
@@ -56,7 +57,10 @@ _STRICT = pydantic.ConfigDict(strict=True, extra="forbid")
 
 
 @dataclass(frozen=True)
-class Protocol:
+class Protocol(Recipe):
+    """The selection protocol, and the recipe (`config.Recipe`: epochs, warmup_epochs, batch_size, dropout,
+    precision) every run of the pipeline trains with."""
+
     __pydantic_config__ = _STRICT
     select_train: str = recipe.SELECT_TRAIN
     select_eval: str = recipe.SELECT_EVAL
@@ -64,11 +68,6 @@ class Protocol:
     final_train: str = recipe.FINAL_TRAIN
     final_eval: str = recipe.FINAL_EVAL
     final_seeds: tuple[int, ...] = recipe.FINAL_SEEDS
-    epochs: int = recipe.EPOCHS
-    warmup_epochs: int = recipe.WARMUP_EPOCHS
-    batch_size: int = recipe.BATCH_SIZE
-    dropout: float = recipe.DROPOUT
-    precision: str = DEFAULT_PRECISION  # of the query path: float32, bf16, or auto (bf16 where it is fast)
 
     def __post_init__(self) -> None:
         """Selection never sees the split results are reported on, nor the one it trains on."""
@@ -261,13 +260,10 @@ def _configurations(p: Pipeline, entry: DatasetEntry) -> int:
 
 
 def _recipe(p: Pipeline) -> dict[str, Any]:
-    """The TrainConfig fields a pipeline fixes for every run."""
+    """The TrainConfig fields a pipeline fixes for every run: its protocol's recipe, evaluated once at the end."""
     proto = p.protocol
     return dict(
-        epochs=proto.epochs,
-        warmup_epochs=proto.warmup_epochs,
-        batch_size=proto.batch_size,
-        dropout=proto.dropout,
+        {f.name: getattr(proto, f.name) for f in dataclasses.fields(Recipe)},
         precision=resolve_precision(proto.precision, resolve_device("auto")),
         eval_every=proto.epochs,
         checkpoint_every=max(proto.epochs // 4, 1),

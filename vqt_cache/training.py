@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,82 +23,18 @@ import torch.nn.functional as F
 from vqt_cache import methods, recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.batches import NO_PROBES, CachedSplit, default_memory_budget
+from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
-from vqt_cache.formats import DEFAULT_PRECISION, DEFAULT_QUERY_PATH, QUERY_PATHS
 from vqt_cache.methods.base import Geometry
 from vqt_cache.model import CachedVQT, RunParameters
-from vqt_cache.query import CACHE_DTYPES, flush_subnormals, resolve_precision
+from vqt_cache.query import CACHE_DTYPES, flush_subnormals
 from vqt_cache.run_folder import RunFolder, check_parent, claimed
 from vqt_cache.store import Store, absolute_url, open_store
 
-RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")  # recorded in config.json
 # Progress: called with (description, steps done, steps total)
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One configuration: what a run folder trains."""
-
-    method: str = recipe.METHOD
-    queries: int = recipe.QUERIES
-    lr: float = recipe.LR  # base learning rate; the optimizer uses lr · batch_size / 256
-    wd: float = recipe.WD
-    seed: int = recipe.SEED
-
-    def __post_init__(self) -> None:
-        recipe.check_run(self.method, self.queries, self.lr, self.wd, self.seed)
-        object.__setattr__(self, "queries", methods.get(self.method).check_size(self.queries))  # 0 without sizes
-
-    @property
-    def name(self) -> str:
-        return f"{methods.get(self.method).run_name(self.queries)}-lr{self.lr:g}-wd{self.wd:g}-seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training pass: the store, the runs, and the recipe they share."""
-
-    store: str
-    runs: tuple[RunSpec, ...] = (RunSpec(),)
-    train_split: str | None = None  # default: train800, else train
-    eval_split: str | None = None  # default: val200, else val (never test); NO_EVAL: train without evaluating
-    epochs: int = recipe.EPOCHS
-    warmup_epochs: int = recipe.WARMUP_EPOCHS
-    batch_size: int = recipe.BATCH_SIZE
-    dropout: float = recipe.DROPOUT
-    memory_budget: int | float | None = None  # bytes for cached features in memory; default half the RAM
-    device: str = recipe.DEVICE
-    precision: str = DEFAULT_PRECISION  # resolved on creation: "auto" becomes float32 or bf16 for the device
-    query_path: str = DEFAULT_QUERY_PATH  # how the layers run (query.QueryPath): a speed choice, not recorded
-    out: str | None = None  # one run: its folder; several: their parent. Default data/runs/<dataset>/<backbone>
-    eval_every: int = recipe.EVAL_EVERY
-    checkpoint_every: int = recipe.CHECKPOINT_EVERY
-    extra: dict[str, Any] = field(default_factory=dict)  # recorded, not interpreted (e.g. the sweep's name)
-
-    def __post_init__(self) -> None:
-        if not self.runs:
-            raise VQTError("nothing to train: no run configurations given")
-        recipe.check_recipe(self.epochs, self.warmup_epochs, self.batch_size, self.dropout)
-        if self.memory_budget is not None:
-            if not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
-                raise VQTError(
-                    f"the memory budget must be >= 0 GiB (a finite number), got {self.memory_budget / 2**30:g}"
-                )
-            object.__setattr__(self, "memory_budget", int(self.memory_budget))  # bytes, from a float of GiB too
-        if self.query_path not in QUERY_PATHS:
-            raise VQTError(f"unknown query path {self.query_path!r}: use one of {', '.join(QUERY_PATHS)}")
-        if self.eval_every < 1 or self.checkpoint_every < 1:
-            raise VQTError("--eval-every and --checkpoint-every must be >= 1")
-        if len({r.name for r in self.runs}) != len(self.runs):
-            raise VQTError("the same configuration is listed twice")
-        object.__setattr__(self, "precision", resolve_precision(self.precision, resolve_device(self.device)))
-
-    def recipe(self) -> dict[str, Any]:
-        """The shared hyper-parameters, as recorded in every run's config.json."""
-        return {k: getattr(self, k) for k in RECIPE_KEYS}
 
 
 @dataclass(frozen=True, kw_only=True)
