@@ -88,7 +88,8 @@ def test_the_closure_sees_what_python_loads():
 
 
 @pytest.mark.parametrize(
-    "module", ["vqt_cache.recipe", "vqt_cache.formats", "vqt_cache.dataset_catalog", "vqt_cache.methods"]
+    "module",
+    ["vqt_cache.recipe", "vqt_cache.formats", "vqt_cache.dataset_catalog", "vqt_cache.methods", "vqt_cache.config"],
 )
 def test_the_defaults_import_no_torch(module):
     """The CLI shows them in --help, and a notebook reads them, without loading torch."""

@@ -124,11 +124,3 @@ def test_the_pipeline_schema_inherits_the_recipe_and_the_store_defaults():
     pipeline = {f.name: f.default for f in dataclasses.fields(Pipeline)}
     assert pipeline["cache_root"] == ExtractConfig.__dataclass_fields__["cache_root"].default
     assert pipeline["backbone"] == recipe.BACKBONE
-
-
-def test_config_is_torch_free_and_options_need_no_import_of_torch():
-    import subprocess
-    import sys
-
-    code = "import sys, vqt_cache.config; assert 'torch' not in sys.modules and 'zarr' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
