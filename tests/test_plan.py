@@ -11,7 +11,7 @@ from vqt_cache.plan import plan_extract, plan_pipeline
 from vqt_cache.store import image_bytes, open_store
 from vqt_cache.sweep import load_pipeline
 
-from conftest import TINY_EXTRACT, error_line, make_imagefolder, run_cli, tiny_extract_args
+from conftest import GOOD_PIPELINE, TINY_EXTRACT, error_line, make_imagefolder, run_cli, tiny_extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train800", "val200", "train800val200")
@@ -117,3 +117,22 @@ def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkey
     assert sum(per_row.values()) == planned["bytes_per_image"]
     written = len(open_store(str(store)).split(splits).labels())
     assert [s["new_images"] for s in planned["splits"] if s["cached"]] == [written]
+
+
+def test_a_pipeline_the_sweep_runs_is_planned_from_its_stores_when_the_dataset_cannot_be_opened(tmp_path, tiny_store):
+    """A dataset name only its store knows (registered by the process that extracted it): plan reads the store,
+    as the sweep does, instead of refusing the pipeline."""
+    path = tmp_path / "own.toml"
+    body = GOOD_PIPELINE.replace("STORE", tiny_store).replace("RUNS", str(tmp_path / "runs"))
+    path.write_text(body.replace('name = "digits"', 'name = "my-own-data"'))
+    code, text = run_cli("plan", str(path), "--json")
+    assert code == 0, text
+    [planned] = json.loads(text)
+    assert planned["sizes_from"] == "store" and planned["store"] == tiny_store and planned["total_bytes"] == 0
+    assert [(s["name"], s["images"], s["cached"]) for s in planned["splits"]] == [
+        ("train800", 800, True),
+        ("val200", 200, True),
+    ]
+    code, text = run_cli("plan", str(path))
+    assert code == 0 and "my-own-data: not openable here; sizes are its store's" in text
+    assert f"my-own-data: {tiny_store}" in text

@@ -276,8 +276,10 @@ def plan(
     kinds = sorted({f"{p.layout} {p.dtype}" for p in plans})
     console.print(f"to write: {size(total)} ({', '.join(kinds)}) into {len(plans)} store(s)")
     for p in plans:
-        if p.sizes_from != "disk":
+        if p.sizes_from == "published sizes":
             console.print(f"{p.dataset}: not on disk; sizes are the official release's")
+        elif p.sizes_from == "store":
+            console.print(f"{p.dataset}: not openable here; sizes are its store's")
         if not p.fits:
             console.print(
                 f"[red]{p.store} does not fit: {size(p.total_bytes)} to write, {size(p.free_bytes)} free[/red]"

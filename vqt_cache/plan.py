@@ -22,7 +22,7 @@ from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import Dataset, open_dataset, open_extracted, published_sizes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
-from vqt_cache.store import found_at, image_bytes, key_source, open_store, probe_bytes
+from vqt_cache.store import Store, found_at, image_bytes, key_source, open_store, probe_bytes
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DatasetPlan:
     bytes_per_image: int  # the layers, uncompressed (int8: with scales), plus the final feature
     splits: list[SplitPlan]
     free_bytes: int | None  # None: unknown (object storage)
-    sizes_from: str  # "disk" or "published sizes"
+    sizes_from: str  # "disk", "published sizes" or "store" (its dataset could not be opened; the store's own)
 
     @property
     def total_bytes(self) -> int:
@@ -157,13 +157,37 @@ def plan_pipeline(
     for entry in pipeline.datasets:
         url = pipeline.store_for(entry)
         root, kind, has_probes, cached = None, (layout, dtype), probes, list(dict.fromkeys(training))
-        if found_at(url) == "store":
-            store = open_store(url)
+        store = open_store(url) if found_at(url) == "store" else None
+        if store is not None:
             root, kind = store.attrs["dataset"]["root"], (store.attrs["layout"], store.attrs["dtype"])
             has_probes = bool(store.attrs.get("probes"))
             if store.has_split(proto.final_eval):
                 cached.append(proto.final_eval)
-        splits, sizes_from = _split_plans(partial(open_dataset, entry.name, root), entry.name, cached, url)
+        try:
+            splits, sizes_from = _split_plans(partial(open_dataset, entry.name, root), entry.name, cached, url)
+        except VQTError:
+            if store is None:
+                raise
+            splits, sizes_from = _store_plans(store, cached), "store"  # as the sweep, which needs only the store
         per_image = per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
         plans.append(DatasetPlan(entry.name, url, *kind, per_image, splits, free_space(url), sizes_from))
+    return plans
+
+
+def _store_plans(store: Store, cached: list[str]) -> list[SplitPlan]:
+    """The plan of a store whose dataset cannot be opened here (one registered by the process that extracted it):
+    its own splits, with the images its unfinished shards still need; the splits the protocol caches must be
+    among them."""
+    missing = [name for name in cached if not store.has_split(name)]
+    if missing:
+        raise VQTError(
+            f"store {store.url} has no split {missing[0]!r}, and its dataset cannot be opened here to plan it"
+        )
+    images, done = store.images, store.images.done()
+    plans, seen = [], set()
+    for name in store.split_names():
+        split = store.split(name, require_complete=False)
+        rows = {int(r) for r in split.rows() if not done[r // images.shard_size]} - seen
+        seen |= rows
+        plans.append(SplitPlan(name, split.num_samples, True, len(rows)))
     return plans
