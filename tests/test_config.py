@@ -124,3 +124,27 @@ def test_the_pipeline_schema_inherits_the_recipe_and_the_store_defaults():
     pipeline = {f.name: f.default for f in dataclasses.fields(Pipeline)}
     assert pipeline["cache_root"] == ExtractConfig.__dataclass_fields__["cache_root"].default
     assert pipeline["backbone"] == recipe.BACKBONE
+
+
+@pytest.mark.parametrize(
+    ("command", "function"),
+    [
+        ("evaluate", "vqt_cache.evaluation:evaluate"),
+        ("compress", "vqt_cache.compress:compress"),
+        ("predict", "vqt_cache.prediction:predict"),
+    ],
+)
+def test_the_smaller_commands_take_their_defaults_from_the_functions_they_call(command, function):
+    """evaluate, compress and predict have a few options each, written in the command and in the library function
+    it calls (whose API wrapper passes keywords through): the defaults they share are equal."""
+    import importlib
+
+    module, name = function.split(":")
+    called = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    shared = 0
+    for param in COMMANDS[command].params:
+        own = "store_url" if param.name == "store" else param.name
+        if own in called and called[own].default is not inspect.Parameter.empty and param.name != "live":
+            assert param.default == called[own].default, (command, param.name)
+            shared += 1
+    assert shared >= 2
