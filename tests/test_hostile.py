@@ -371,7 +371,7 @@ def _recorded(change):
     """A change whose shard checksums are recomputed: data that is consistent, but wrong in another way."""
 
     def apply(store: Path) -> None:
-        from vqt_cache.store import _rows_hash, hash_rows, shard_checksum
+        from vqt_cache.store import hash_rows, rows_hash, shard_checksum
 
         change(store)
         s = open_store(str(store), mode="r+")
@@ -384,7 +384,7 @@ def _recorded(change):
             checksum = shard_checksum(rows.digest(), final, valid, images.version)
             images.group["checksum"][shard] = np.frombuffer(checksum, np.uint8)
         split = s.group["splits/train800"]
-        split.attrs["rows_hash"] = _rows_hash(split["rows"][:], split["labels"][:])
+        split.attrs["rows_hash"] = rows_hash(split["rows"][:], split["labels"][:])
 
     return apply
 

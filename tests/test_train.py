@@ -214,11 +214,11 @@ def test_missing_and_incomplete_split(tiny_store, tmp_path):
 def test_split_without_labels(tiny_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
-    from vqt_cache.store import _rows_hash
+    from vqt_cache.store import rows_hash
 
     split = open_store(str(copy), mode="r+").group["splits/train800"]
     split["labels"][:] = -1  # as a split of unlabelled images is written: its hash agrees
-    split.attrs["rows_hash"] = _rows_hash(split["rows"][:], split["labels"][:])
+    split.attrs["rows_hash"] = rows_hash(split["rows"][:], split["labels"][:])
     args = ("--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "run"))
     line = error_line(*run_cli("train", "--store", str(copy), *args))
     assert "has no labels" in line
