@@ -7,7 +7,7 @@ PIPELINE ?= pipelines/demo.toml
 DEMO_STORE := data/cache/digits/tiny_vit_parity.zarr/zarr.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-faults test-all lint format bench demo sweep clean
+.PHONY: help setup test test-faults test-all lint format docs bench demo sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,7 +41,11 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)  ## run the benchmarks, print a table, write bench/results.json
+docs: $(STAMP)  ## regenerate the docs' tables: benchmarks from bench/results.json, bad input from the tests' messages
+	$(PY) -m bench.tables
+	$(PY) -m pytest -q tests/test_bad_input.py --update-docs
+
+bench: $(STAMP)  ## run the benchmarks, print a table, write bench/results.json and docs/benchmarks.md's tables
 	$(PY) -m bench
 
 demo: $(STAMP)  ## whole pipeline on the embedded digits data (no downloads)
@@ -53,5 +57,5 @@ sweep: $(STAMP) $(if $(filter pipelines/demo.toml,$(PIPELINE)),$(DEMO_STORE))  #
 $(DEMO_STORE): | $(STAMP)
 	$(VENV)/bin/vqt-cache demo
 
-clean:  ## remove caches, runs and build artefacts (keeps .venv)
-	rm -rf data/cache data/runs .pytest_cache .ruff_cache build dist *.egg-info bench/results.json
+clean:  ## remove caches, runs and build artefacts (keeps .venv and the committed bench/results.json)
+	rm -rf data/cache data/runs .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,5 +1,5 @@
 """`python -m bench [NAME...] [--quick]`: run the benchmarks (all by default), print one table, write
-bench/results.json (rows of benchmarks not run this time are kept), and rebuild the README's tables from it."""
+bench/results.json (rows of benchmarks not run this time are kept), and rebuild docs/benchmarks.md's tables from it."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from bench import (
     probes,
     protocol,
     quantization,
-    readme,
     sizing,
     stage_two,
+    tables,
     training,
 )
 from vqt_cache.files import write_bytes
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
         table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
     console.print(table)
     if quick:  # a smoke run: its figures are not results
-        console.print("--quick: bench/results.json and README.md are left as they are")
+        console.print("--quick: bench/results.json and docs/benchmarks.md are left as they are")
         return
     out = Path(__file__).parent / "results.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
@@ -93,8 +93,8 @@ def main(argv: list[str]) -> None:
         kept = [r for r in json.loads(out.read_text())["rows"] if r.get("suite", r.get("bench")) not in only]
     write_bytes(out, json.dumps({"meta": meta, "rows": kept + rows}, indent=2).encode())
     console.print(f"wrote {out}")
-    changed = readme.update()  # the README's tables are rebuilt from the results just written
-    console.print(f"README.md: {len(changed)} benchmark table(s) rewritten {', '.join(changed)}")
+    changed = tables.update()  # the docs' tables are rebuilt from the results just written
+    console.print(f"docs: {len(changed)} benchmark table(s) rewritten {', '.join(changed)}")
 
 
 if __name__ == "__main__":

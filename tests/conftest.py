@@ -11,6 +11,15 @@ import torch
 from vqt_cache.backbones import Backbone, load_backbone, weights_fingerprint
 from vqt_cache.datasets import register_dataset
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-docs",
+        action="store_true",
+        help="rewrite docs/troubleshooting.md's bad-input table from the messages the cases print",
+    )
+
+
 _TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
 
 # variant -> (timm name, kwargs): each one exercises a different part of the frozen block or the final feature.

@@ -2,22 +2,26 @@
 denied and a store from a newer format_version.
 
 Each case must end in one `error:` sentence that names the culprit, exit code 2 and no traceback, and must leave
-every store and run folder it was pointed at byte-identical. README.md's troubleshooting table lists the same cases.
+every store and run folder it was pointed at byte-identical. docs/troubleshooting.md's table is these cases' own
+messages, compared whole (`pytest tests/test_bad_input.py --update-docs`, or `make docs`, rewrites it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from vqt_cache import datasets
 from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.store import open_store
 from vqt_cache.training import train
@@ -213,18 +217,25 @@ def _argv(template: str, world: World) -> list[str]:
     return words
 
 
-@pytest.mark.parametrize(("case", "template", "needle"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_sentence(world, case, template, needle):
-    before = [_listing(p, files=False) for p in world.guarded]
-    code, out = run_cli(*_argv(template, world))
+@pytest.fixture(scope="module")
+def messages(world) -> dict[str, tuple[int, str, bool]]:
+    """Every case's (exit code, output, whether it changed what was stored), run once and in order: the page below
+    is made of them, and a case's message may name what the earlier ones left in the folder. The datasets the tests
+    register are hidden, as a user's process would not have them."""
+    found = {}
+    with mock.patch.dict(datasets._REGISTERED, clear=True):
+        for case, template, _ in CASES:
+            before = [_listing(p, files=False) for p in world.guarded]
+            code, out = run_cli(*_argv(template, world))
+            found[case] = (code, out, [_listing(p, files=False) for p in world.guarded] != before)
+    return found
+
+
+@pytest.mark.parametrize(("case", "needle"), [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_sentence(messages, case, needle):
+    code, out, changed = messages[case]
     assert needle in error_line(code, out), out
-    assert [_listing(p, files=False) for p in world.guarded] == before, "a bad input changed what was stored"
-
-
-def test_the_readme_lists_every_case():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    missing = [case for case, _, _ in CASES if f"`{case}`" not in readme]
-    assert not missing, f"README.md's troubleshooting table lacks {missing}"
+    assert not changed, "a bad input changed what was stored"
 
 
 # -- permission denied: a real refusal by the operating system ----------------------------------------------------
@@ -243,8 +254,9 @@ def _without_privileges(*args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def locked(world):
-    """A read-only folder, an unreadable store and an unreadable pipeline file."""
+def locked(world, messages):
+    """A read-only folder, an unreadable store and an unreadable pipeline file (made after the other cases ran:
+    their messages list the test folder's entries)."""
     root = world.tmp / "locked"
     root.mkdir()
     shutil.copytree(world.store, root / "store.zarr")
@@ -258,13 +270,14 @@ def locked(world):
         path.chmod(0o755)
 
 
+# (case id, command line: {locked} is the locked folder, the rest as in CASES)
 PERMISSION_CASES = [
-    ("permission/info-unreadable-store", ["info", "{root}/store.zarr"]),
-    ("permission/verify-unreadable-store", ["verify", "{root}/store.zarr"]),
-    ("permission/train-unreadable-store", ["train", "--store", "{root}/store.zarr", "--out", "{root}/run"]),
-    ("permission/train-read-only-out", ["train", "--store", "{store}", "--out", "{root}/readonly/run"]),
-    ("permission/extract-read-only-out", tiny_extract_args("val200", "--out", "{root}/readonly/s.zarr")),
-    ("permission/sweep-unreadable-pipeline", ["sweep", "{root}/pipeline.toml"]),
+    ("permission/info-unreadable-store", "info {locked}/store.zarr"),
+    ("permission/verify-unreadable-store", "verify {locked}/store.zarr"),
+    ("permission/train-unreadable-store", "train --store {locked}/store.zarr --out {locked}/run"),
+    ("permission/train-read-only-out", "train --store {store} --out {locked}/readonly/run"),
+    ("permission/extract-read-only-out", "EXTRACT --out {locked}/readonly/s.zarr"),
+    ("permission/sweep-unreadable-pipeline", "sweep {locked}/pipeline.toml"),
 ]
 
 
@@ -272,8 +285,8 @@ PERMISSION_CASES = [
 def refusals(world, locked) -> dict[str, tuple[int, str]]:
     """Every permission case's (exit code, output), the processes run side by side (each is mostly start-up)."""
     started = {
-        case: _without_privileges(*(a.format(root=locked, store=world.store) for a in argv))
-        for case, argv in PERMISSION_CASES
+        case: _without_privileges(*_argv(template.replace("{locked}", str(locked)), world))
+        for case, template in PERMISSION_CASES
     }
     return {case: (proc.communicate(timeout=300)[0], proc.returncode)[::-1] for case, proc in started.items()}
 
@@ -285,6 +298,45 @@ def test_permission_denied_is_one_sentence(refusals, locked, case):
     assert "Permission denied" in line and str(locked) in line, out
 
 
-def test_the_readme_lists_every_permission_case():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert [c for c, _ in PERMISSION_CASES if f"`{c}`" not in readme] == []
+# -- docs/troubleshooting.md: the table of every case above, made of their own messages --------------------------
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+TABLE = re.compile(r"(<!-- bad-input -->\n)(.*?)(<!-- /bad-input -->)", re.S)
+
+
+def _shown(template: str) -> str:
+    """A case's command line as the page shows it: the test's files by their short names."""
+    short = {"tmp": "tmp", "store": "store.zarr", "newer": "newer.zarr", "run": "run", "image": "digit.png"}
+    shown = template.replace("{tmp}/", "").replace("{locked}", "locked").replace("{not_image}", "notes.png")
+    return shown.format(**short).replace("EXTRACT", "extract ...")
+
+
+def bad_input_table(messages: dict, refusals: dict, tmp: Path) -> str:
+    """The page's table: case, command and the `error:` line each case printed, its folder shortened to `tmp`."""
+    rows = ["| case | command | `error:` line |", "| --- | --- | --- |"]
+    printed = {case: out for case, (_, out, _) in messages.items()} | {c: out for c, (_, out) in refusals.items()}
+    for case, template in [(c, t) for c, t, _ in CASES] + PERMISSION_CASES:
+        [line] = [x for x in printed[case].splitlines() if x.startswith("error: ")]
+        line = line.removeprefix("error: ").replace(f"{tmp}/", "").replace(str(tmp), "tmp").replace("|", "\\|")
+        rows.append(f"| `{case}` | `{_shown(template)}` | {line} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_the_troubleshooting_page_is_the_messages(request, world, messages, refusals):
+    """Every case has its row, and each row's message is the one the case prints, whole."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the page records a machine without CUDA ('this machine has 0 CUDA devices')")
+    table = bad_input_table(messages, refusals, world.tmp)
+    page = PAGE.read_text()
+    if request.config.getoption("--update-docs"):
+        PAGE.write_text(TABLE.sub(lambda m: m[1] + table + m[3], page))
+        return
+    [written] = [m[2] for m in TABLE.finditer(page)]
+    differ = [(old, new) for old, new in zip(written.splitlines(), table.splitlines(), strict=False) if old != new]
+    assert written == table, (
+        f"docs/troubleshooting.md's table differs from the messages (`make docs` rewrites it): first {differ[:1]}"
+        if differ
+        else "docs/troubleshooting.md's table has other rows than the cases (`make docs` rewrites it)"
+    )

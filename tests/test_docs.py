@@ -37,26 +37,39 @@ def test_every_citation_names_a_doc_and_a_section_that_exist():
             assert section in headings, f"{where} cites docs/{name} §{section}, which has no such section"
 
 
-def _check_readme(root: Path) -> subprocess.CompletedProcess:
+def _check_tables(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"}
     return subprocess.run(
-        [sys.executable, "-m", "bench.readme", "--check"], cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "bench.tables", "--check"], cwd=root, env=env, capture_output=True, text=True
     )
 
 
-def test_the_readme_figures_are_those_of_bench_results(tmp_path):
-    """Every benchmark table of the README is what `python -m bench.readme` makes of bench/results.json."""
-    readme = (REPO / "README.md").read_text()
-    assert readme.count("<!-- bench:") >= 10
-    done = _check_readme(REPO)
+def test_the_benchmark_figures_are_those_of_bench_results(tmp_path):
+    """Every benchmark table of the docs is what `python -m bench.tables` makes of bench/results.json."""
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    assert page.count("<!-- bench:") >= 10
+    done = _check_tables(REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     # a figure edited by hand is caught
     shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "README.md").write_text(
-        readme.replace("| **hidden int8 (the default)** | **1.88** |", "| **hidden int8 (the default)** | **1.5** |")
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text(
+        page.replace("| **hidden int8 (the default)** | **1.88** |", "| **hidden int8 (the default)** | **1.5** |")
     )
-    done = _check_readme(tmp_path)
+    done = _check_tables(tmp_path)
     assert done.returncode == 1 and "sizing" in done.stdout
+
+
+def test_the_readme_is_read_in_ten_minutes():
+    """The README stays a first page (what it is, first commands, usage, the API, where to read more): at most 250
+    lines, every doc it points to exists, and the long matter lives in docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for name in re.findall(r"docs/([a-z_]+\.md)", readme):
+        assert (REPO / "docs" / name).is_file(), f"README.md points to docs/{name}, which does not exist"
+    headings = re.findall(r"^## (.+)$", readme, re.M)
+    assert headings == ["First commands", "Usage", "Python API", "Where to read more"]
 
 
 def test_the_pipeline_page_lists_every_key_and_its_example_loads(tmp_path):

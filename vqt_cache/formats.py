@@ -1,8 +1,8 @@
 """What a store can hold and stage two can compute in, and the defaults (torch-free: the CLI shows these).
 
-The defaults come from measurements (README, "Choosing layout and dtype"): LN1 outputs in int8 with a float16 scale
-per token and 64 channels cost 1.87 MB per ViT-B/16 image, a quarter of keys/values in float16, with demo accuracy
-within 0.1 point of float32 and stage two as fast at T = 1.
+The defaults come from measurements (docs/benchmarks.md, "Sizing, and the default layout and dtype"): LN1 outputs in
+int8 with a float16 scale per token and 64 channels cost 1.87 MB per ViT-B/16 image, a quarter of keys/values in
+float16, with demo accuracy within 0.1 point of float32 and stage two as fast at T = 1.
 """
 
 import math
@@ -23,7 +23,8 @@ WORKERS = 2
 ON_BAD_IMAGE = ("fail", "skip")
 
 # stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is
-# bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (README, "Precision")
+# bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (docs/guide.md, "Precision";
+# its measurements: docs/benchmarks.md, "Precision")
 PRECISIONS = ("float32", "bf16")
 DEFAULT_PRECISION = "auto"
 # how the query path runs its layers (query.QueryPath): block after block, or every layer in one batched kernel per

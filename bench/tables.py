@@ -1,11 +1,11 @@
-"""The README's benchmark tables, generated from bench/results.json (never copied by hand).
+"""The docs' benchmark tables (docs/benchmarks.md), generated from bench/results.json (never copied by hand).
 
-    python -m bench.readme           rewrite every generated table of README.md from bench/results.json
-    python -m bench.readme --check   exit 1, naming the tables, when README.md differs from what results.json gives
+    python -m bench.tables           rewrite every generated table of the docs from bench/results.json
+    python -m bench.tables --check   exit 1, naming the tables, when a doc differs from what results.json gives
 
-`python -m bench` calls `update` after writing results.json, so a benchmark run refreshes the README's tables with
-it. A generated table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; NAME is a key of `TABLES`.
-This module imports neither torch nor the benchmarks: `tests/test_docs.py` runs `--check` in a subprocess.
+`python -m bench` calls `update` after writing results.json, so a benchmark run refreshes the tables with it. A
+generated table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in any of `DOCS`; NAME is a key of
+`TABLES`. This module imports neither torch nor the benchmarks: `tests/test_docs.py` runs `--check` in a subprocess.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
-README = ROOT / "README.md"
+DOCS = [ROOT / "docs" / "benchmarks.md", ROOT / "README.md"]  # the files that may hold generated tables
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
 
 
@@ -223,6 +223,17 @@ def gpu(results: list[dict]) -> str:
     return table([*header, "wall s", "aten ops/step"], rows)
 
 
+def probes(results: list[dict]) -> str:
+    found = rows_of(results, "probes")
+    size = [
+        [r["what"], number(r["kB"]), f"{r['vs hidden %']:.1f}%", f"{r['vs kv %']:.1f}%"] for r in found if "kB" in r
+    ]
+    errors = [r for r in found if "max abs" in r]
+    error = [[r["what"], number(r["max abs"]), number(r["mean abs"]), number(r["token rms"])] for r in errors]
+    header = ["what `extract --probes` adds", "kB per image", "of a hidden store", "of a kv store"]
+    return table(header, size) + "\n" + table(["", "max abs error", "mean abs error", "token rms"], error)
+
+
 TABLES: dict[str, Callable[[list[dict]], str]] = {
     "training": training,
     "grid": grid,
@@ -238,38 +249,42 @@ TABLES: dict[str, Callable[[list[dict]], str]] = {
     "memory": memory,
     "gpu": gpu,
     "host": host,
+    "probes": probes,
 }
 
 
-def render(readme: str, results: list[dict]) -> str:
-    """The README with every generated table rebuilt from `results` (the rows of results.json)."""
+def render(doc: str, results: list[dict], where: str = "the doc") -> str:
+    """The doc with every generated table rebuilt from `results` (the rows of results.json)."""
 
     def fill(match: re.Match) -> str:
         name = match.group("name")
         if name not in TABLES:
-            raise SystemExit(f"README.md has a table bench:{name} that bench/readme.py does not know")
+            raise SystemExit(f"{where} has a table bench:{name} that bench/tables.py does not know")
         return match.group(1) + TABLES[name](results) + match.group(4)
 
-    return BLOCK.sub(fill, readme)
+    return BLOCK.sub(fill, doc)
 
 
 def update(check: bool = False) -> list[str]:
-    """Rewrite README.md's generated tables (or, with check, only compare); returns the tables that differ."""
+    """Rewrite the docs' generated tables (or, with check, only compare); returns the tables that differ."""
     results = json.loads(RESULTS.read_text())["rows"]
-    readme = README.read_text()
-    new = render(readme, results)
-    differ = [m.group("name") for m, n in zip(BLOCK.finditer(readme), BLOCK.finditer(new), strict=True) if m[0] != n[0]]
-    if differ and not check:
-        write_bytes(README, new.encode())
+    differ = []
+    for path in DOCS:
+        old = path.read_text()
+        new = render(old, results, path.name)
+        changed = [m["name"] for m, n in zip(BLOCK.finditer(old), BLOCK.finditer(new), strict=True) if m[0] != n[0]]
+        if changed and not check:
+            write_bytes(path, new.encode())
+        differ += changed
     return differ
 
 
 if __name__ == "__main__":
     check = sys.argv[1:] == ["--check"]
     if sys.argv[1:] not in ([], ["--check"]):
-        raise SystemExit("usage: python -m bench.readme [--check]")
+        raise SystemExit("usage: python -m bench.tables [--check]")
     differ = update(check)
     if check and differ:
-        print(f"README.md's tables {', '.join(differ)} differ from bench/results.json: run `python -m bench.readme`")
+        print(f"the docs' tables {', '.join(differ)} differ from bench/results.json: run `python -m bench.tables`")
         raise SystemExit(1)
-    print(f"README.md: {len(differ)} table(s) {'differ' if check else 'rewritten'}")
+    print(f"docs: {len(differ)} benchmark table(s) {'differ' if check else 'rewritten'}")
