@@ -586,7 +586,7 @@ def demo(
         size = methods.get(r["method"]).size
         table.add_row(
             r["method"],
-            str(r["T"]) if size in (None, "T") else f"{size}={r['T']}",
+            "-" if size is None else str(r["T"]) if size == "T" else f"{size}={r['T']}",
             f"{100 * r['val']:.1f}",
             f"{100 * r['test']:.1f}",
             f"{r['seconds']:.1f}",
