@@ -183,6 +183,12 @@ class ExtractConfig:
         )
 
 
+def listed(default: float, kind: type, flag: str, help: str) -> Any:
+    """A run field that the command line takes as a comma list of `kind` (each combination is a run)."""
+    shown = str(default) if kind is int else f"{default:g}"
+    return option(default, help=help, type=str, cli_default=shown, parse=comma_list(kind, flag))
+
+
 # --- stage two ---
 
 
@@ -194,34 +200,10 @@ class RunSpec:
     method: str = option(
         recipe.METHOD, help=f"{methods.describe()}; a list", type=str, parse=comma_list(str, "--method")
     )
-    queries: int = option(
-        recipe.QUERIES,
-        help="T, or a list: 1,10",
-        type=str,
-        cli_default=str(recipe.QUERIES),
-        parse=comma_list(int, "--queries"),
-    )
-    lr: float = option(
-        recipe.LR,
-        help="base learning rate(s), scaled by batch/256",
-        type=str,
-        cli_default=f"{recipe.LR:g}",
-        parse=comma_list(float, "--lr"),
-    )
-    wd: float = option(
-        recipe.WD,
-        help="weight decay(s), coupled L2 as in torch Adam",
-        type=str,
-        cli_default=f"{recipe.WD:g}",
-        parse=comma_list(float, "--wd"),
-    )
-    seed: int = option(
-        recipe.SEED,
-        help="seed(s); runs of one seed share a pass",
-        type=str,
-        cli_default=str(recipe.SEED),
-        parse=comma_list(int, "--seed"),
-    )
+    queries: int = listed(recipe.QUERIES, int, "--queries", "T, or a list: 1,10")
+    lr: float = listed(recipe.LR, float, "--lr", "base learning rate(s), scaled by batch/256")
+    wd: float = listed(recipe.WD, float, "--wd", "weight decay(s), coupled L2 as in torch Adam")
+    seed: int = listed(recipe.SEED, int, "--seed", "seed(s); runs of one seed share a pass")
 
     def __post_init__(self) -> None:
         recipe.check_run(self.method, self.queries, self.lr, self.wd, self.seed)
