@@ -21,7 +21,7 @@ from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
-DOCS = [ROOT / "docs" / "benchmarks.md", ROOT / "README.md"]  # the files that may hold generated tables
+DOCS = [ROOT / "docs" / "benchmarks.md"]  # the files that hold generated tables
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
 
 

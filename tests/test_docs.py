@@ -52,7 +52,6 @@ def test_the_benchmark_figures_are_those_of_bench_results(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     # a figure edited by hand is caught
     shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "README.md", tmp_path / "README.md")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "benchmarks.md").write_text(
         page.replace("| **hidden int8 (the default)** | **1.88** |", "| **hidden int8 (the default)** | **1.5** |")
