@@ -23,6 +23,7 @@ from PIL import Image
 
 from vqt_cache import datasets
 from vqt_cache.config import RunSpec, TrainConfig
+from vqt_cache.files import write_bytes
 from vqt_cache.store import open_store
 from vqt_cache.training import train
 
@@ -331,7 +332,7 @@ def test_the_troubleshooting_page_is_the_messages(request, world, messages, refu
     table = bad_input_table(messages, refusals, world.tmp)
     page = PAGE.read_text()
     if request.config.getoption("--update-docs"):
-        PAGE.write_text(TABLE.sub(lambda m: m[1] + table + m[3], page))
+        write_bytes(PAGE, TABLE.sub(lambda m: m[1] + table + m[3], page).encode())  # whole or not at all
         return
     [written] = [m[2] for m in TABLE.finditer(page)]
     differ = [(old, new) for old, new in zip(written.splitlines(), table.splitlines(), strict=False) if old != new]
