@@ -220,3 +220,112 @@ def test_the_probes_resume_from_a_checkpoint_to_the_uninterrupted_result(probe_s
             for d in (a.dir, b.dir)
         ]
         assert losses[0] == losses[1]
+
+
+# -- V-JEPA's attentive classifier, written here from its released code (facebookresearch/jepa:
+# src/models/attentive_pooler.py AttentiveClassifier, AttentivePooler; src/models/utils/modules.py CrossAttention,
+# CrossAttentionBlock, MLP), independently of vqt_cache.methods.attentive ------------------------------------------
+
+
+class _JepaCrossAttention(torch.nn.Module):
+    """Queries from q, keys and values from x, head-split; a `proj` is created (and initialised) but never used."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = torch.nn.Linear(dim, dim, bias=True)
+        self.kv = torch.nn.Linear(dim, 2 * dim, bias=True)
+        self.proj = torch.nn.Linear(dim, dim)  # defined by the released module, absent from its forward
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, n, C = q.shape
+        N, h = x.shape[1], self.heads
+        queries = self.q(q).reshape(B, n, h, C // h).permute(0, 2, 1, 3)
+        keys, values = self.kv(x).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        weights = (queries @ keys.transpose(-2, -1) * (C // h) ** -0.5).softmax(dim=-1)
+        return (weights @ values).transpose(1, 2).reshape(B, n, C)
+
+
+class _JepaClassifier(torch.nn.Module):
+    """AttentiveClassifier(depth=1, complete_block=True, qkv_bias=True, mlp_ratio=4): pooler, then a Linear."""
+
+    def __init__(self, dim: int, heads: int, classes: int) -> None:
+        super().__init__()
+        self.query_tokens = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm1 = torch.nn.LayerNorm(dim)  # torch's default eps, as norm_layer=nn.LayerNorm gives
+        self.xattn = _JepaCrossAttention(dim, heads)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
+        torch.nn.init.trunc_normal_(self.query_tokens, std=0.02)
+        for m in (self.xattn.q, self.xattn.kv, self.xattn.proj, self.fc1, self.fc2):  # the pooler's _init_weights
+            torch.nn.init.trunc_normal_(m.weight, std=0.02)
+            torch.nn.init.constant_(m.bias, 0)
+        with torch.no_grad():  # _rescale_blocks, layer 1
+            self.xattn.proj.weight.div_(2.0**0.5)
+            self.fc2.weight.div_(2.0**0.5)
+        self.linear = torch.nn.Linear(dim, classes)  # outside the pooler: torch's default initialisation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query_tokens.repeat(len(x), 1, 1)
+        q = q + self.xattn(q, self.norm1(x))
+        q = q + self.fc2(self.act(self.fc1(self.norm2(q))))
+        return self.linear(q.squeeze(1))
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers"])
+def test_the_attentive_probe_is_v_jepas_attentive_classifier(variant):
+    """On the same weights, over a timm ViT's patch tokens (class and register tokens left out), the run's logits
+    equal the reference classifier's; and the run's fresh initialisation follows the released one's rules."""
+    from vqt_cache.model import RunParameters
+
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    probes: dict[str, torch.Tensor] = {}
+    final, _ = backbone.forward_cache(images, probes=probes)
+    [(patches, _)] = backbone.model.forward_intermediates(
+        images, indices=1, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    )
+    torch.testing.assert_close(probes["tokens"], patches, rtol=0, atol=0)  # the probe's token set
+    torch.manual_seed(0)
+    reference = _JepaClassifier(backbone.dim, backbone.heads, 7)
+    with torch.no_grad():  # moved off their initial scale, so a swapped or missing tensor shows
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    run = RunParameters("attentive", 0, backbone.depth, backbone.dim, 7, backbone.patch_size, 0.0, heads=backbone.heads)
+    mine = {"query": "query_tokens", "norm1": "norm1", "q": "xattn.q", "kv": "xattn.kv", "norm2": "norm2"}
+    mine |= {"fc1": "fc1", "fc2": "fc2"}
+    theirs = dict(reference.named_parameters())
+    run.load_tensors(
+        {"queries": run.queries.prompts, "head.weight": theirs["linear.weight"], "head.bias": theirs["linear.bias"]}
+        | {
+            f"probe.{name}": theirs[name.replace(prefix, mine[prefix], 1)]
+            for name, _ in run.probe.named_parameters()
+            for prefix in [name.rsplit(".", 1)[0]]
+        }
+    )
+    run.eval()
+    ours = run.head(run.features(Inputs(final, **probes)))
+    torch.testing.assert_close(ours, reference(patches), rtol=0, atol=2e-6)
+    assert {n for n, _ in run.probe.named_parameters()} == {
+        f"{k}.{p}" if k != "query" else "query" for k in mine for p in ("weight", "bias")
+    }
+    # initialisation: LayerNorm eps, the head's bound, the block's std
+    fresh = RunParameters("attentive", 0, 2, 64, 7, (16, 16), 0.0, seed=3, heads=4)
+    assert fresh.probe.norm1.eps == fresh.probe.norm2.eps == 1e-5
+    assert fresh.head.weight.abs().max() <= 64**-0.5 and fresh.head.bias.abs().max() <= 64**-0.5
+    assert fresh.head.weight.std() > 0.8 * 64**-0.5 / 3**0.5  # uniform(+-1/sqrt(D)), not a narrow normal
+    assert abs(fresh.probe.q.weight.std() - 0.02) < 0.002 and not fresh.probe.q.bias.any()
+    assert abs(fresh.probe.fc2.weight.std() - 0.02 / 2**0.5) < 0.002
+
+
+def test_a_run_of_the_earlier_attentive_probe_is_refused_not_reused():
+    """Runs recorded before method versions are version 1; the attentive probe is version 2 (V-JEPA's as released)."""
+    from vqt_cache.errors import VQTError
+    from vqt_cache.model import RunParameters
+
+    table = {"method": "attentive", "queries": 0, "depth": 2, "dim": 64, "heads": 4, "num_classes": 3}
+    table |= {"patch_size": [16, 16], "feature_dim": 64}
+    assert RunParameters.from_table({**table, "version": 2}).method.name == "attentive"
+    with pytest.raises(VQTError, match="version 1 of the attentive method"):
+        RunParameters.from_table(table)
+    assert RunParameters.from_table({**table, "method": "linear"}).method.name == "linear"  # version 1 still

@@ -25,7 +25,7 @@ from vqt_cache import methods
 from vqt_cache.backbones import Backbone, capturing_probes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_QUERY_PATH, batch_axis
-from vqt_cache.heads import linear_head, token_means
+from vqt_cache.heads import token_means
 from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 from vqt_cache.recipe import DROPOUT, METHOD
@@ -59,13 +59,17 @@ class RunParameters(nn.Module):
         T = self.method.num_queries(self.size)
         self.queries = Queries(depth, T, dim, query_init_bound(patch_size, dim), dropout, generator)
         self.probe = self.method.probe(self.size, geometry, generator)
-        self.head = linear_head(self.method.feature_dim(self.size, geometry), num_classes, generator)
+        self.head = self.method.head(self.method.feature_dim(self.size, geometry), num_classes, generator)
 
     @classmethod
     def from_table(cls, table: dict, dropout: float = 0.0) -> RunParameters:
         """Untrained parameters shaped by a run folder's config.json "model" table (KeyError, TypeError or
         ValueError when it lacks an entry or holds a wrong one; VQTError for an unknown method)."""
         dims = (int(table[k]) for k in ("queries", "depth", "dim", "num_classes"))
+        version = table.get("version", 1)  # recorded since issue 30; earlier runs are version 1 of every method
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"'version' is {version!r}")
+        methods.get(table["method"]).check_version(version)
         return cls(table["method"], *dims, tuple(table["patch_size"]), dropout, heads=int(table.get("heads", 0)))
 
     @property

@@ -312,6 +312,7 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
         },
         "model": {
             "method": spec.method,
+            "version": method.version,  # of the method's forward and initialisation
             "queries": spec.queries,  # the method's size: T for VQT, n for linear-multi, else 0
             "depth": geometry.depth,
             "dim": geometry.dim,

@@ -1,11 +1,23 @@
-"""The attentive probe (as in V-JEPA, AIM and CAPI): one learned query token attends, through one pre-norm
-cross-attention block with the backbone's number of heads and a 4x MLP, over the final block's patch tokens
-(through the final norm); a linear head reads the query's output.
+"""The attentive probe of V-JEPA (Bardes et al. 2024) as its code releases it: `AttentiveClassifier` in
+facebookresearch/jepa, src/models/attentive_pooler.py, with depth 1 and one query.
 
-The block is V-JEPA's `CrossAttentionBlock` (src/models/attentive_pooler.py): q = q + proj(attn(W_q q,
-W_kv LN(x))); q = q + MLP(LN(q)); LayerNorm eps 1e-6, q/kv biases, the query drawn from a truncated normal (std
-0.02), every Linear weight too (biases zero), the two output projections divided by sqrt(2), as its
-`_rescale_blocks` does for one block. It reads the store's probe arrays (`extract --probes`).
+One learned query token q attends over the final block's patch tokens x through one cross-attention block with the
+backbone's number of heads and a 4x MLP, and a linear head reads the query's output:
+
+    q' = q + MHA(W_q q, W_kv LN1(x))        (no output projection: see below)
+    z  = q' + fc2(GELU(fc1(LN2(q'))))       logits = W z + b
+
+- The released `CrossAttention` defines an output projection but never applies it, so its attention output goes
+  straight into the residual; a later change that applied it was reverted for breaking the evaluations, and V-JEPA 2
+  removes the unused layer. This probe has none. The query is not normalised before attending; LN1 normalises the
+  tokens only.
+- LayerNorms are torch's default (eps 1e-5). q and kv carry biases. The query and every Linear weight of the block are
+  drawn from a truncated normal (std 0.02, cut at +-2), biases zero, and fc2's weight is divided by sqrt(2), as the
+  released `_rescale_blocks` does for one block. The classifier's head is a plain `nn.Linear` with torch's default
+  initialisation (weight and bias uniform in +-1/sqrt(D)).
+- Tokens: the store's probe arrays hold a timm ViT's patch tokens after its final norm (`extract --probes`). V-JEPA's
+  encoder has no class token; here the class token and any register tokens are left out, so the probe sees what
+  V-JEPA's sees: patch tokens only.
 """
 
 from __future__ import annotations
@@ -20,8 +32,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.methods.base import Geometry, Inputs, Method
 
 MLP_RATIO = 4
-INIT_STD = 0.02
-EPS = 1e-6
+INIT_STD = 0.02  # V-JEPA's init_std: the query and the block's Linear weights
 
 
 class AttentivePooler(nn.Module):
@@ -31,29 +42,26 @@ class AttentivePooler(nn.Module):
         super().__init__()
         self.heads = heads
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm1 = nn.LayerNorm(dim, eps=EPS)
+        self.norm1 = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=EPS)
+        self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, MLP_RATIO * dim)
         self.fc2 = nn.Linear(MLP_RATIO * dim, dim)
         with torch.no_grad():
             nn.init.trunc_normal_(self.query, std=INIT_STD, generator=generator)
-            for layer in (self.q, self.kv, self.proj, self.fc1, self.fc2):
+            for layer in (self.q, self.kv, self.fc1, self.fc2):
                 nn.init.trunc_normal_(layer.weight, std=INIT_STD, generator=generator)
                 nn.init.zeros_(layer.bias)
-            for layer in (self.proj, self.fc2):
-                layer.weight.div_(math.sqrt(2.0))
+            self.fc2.weight.div_(math.sqrt(2.0))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, N, D = tokens.shape
         H = self.heads
         q = self.query.expand(B, -1, -1)
-        x = self.norm1(tokens)
-        k, v = self.kv(x).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(self.norm1(tokens)).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(self.q(q).view(B, 1, H, D // H).transpose(1, 2), k, v)
-        q = q + self.proj(attended.transpose(1, 2).reshape(B, 1, D))
+        q = q + attended.transpose(1, 2).reshape(B, 1, D)
         q = q + self.fc2(F.gelu(self.fc1(self.norm2(q))))
         return q[:, 0]
 
@@ -62,6 +70,7 @@ class Attentive(Method):
     name = "attentive"
     label = "attentive probe"
     reads = frozenset({"probes"})
+    version = 2  # 1: with an output projection, LayerNorm eps 1e-6 and VQT's head (vqt-cache before issue 30)
     lr_scale = 0.01  # the grid's base lrs 1 .. 0.05 become 0.01 .. 5e-4, around V-JEPA's probe lr (Adam over a block)
     style = (0, (5, 1, 1, 1))  # dash-dot-dot: beside linear-multi's dash-dot
 
@@ -71,6 +80,15 @@ class Attentive(Method):
 
     def probe(self, size: int, geometry: Geometry, generator: torch.Generator) -> nn.Module:
         return AttentivePooler(geometry.dim, geometry.heads, generator)
+
+    def head(self, in_features: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
+        """V-JEPA's classifier head: torch's default Linear initialisation, drawn from `generator`."""
+        head = nn.Linear(in_features, num_classes)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=generator)  # = uniform(+-1/sqrt(D))
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(head.bias, -bound, bound, generator=generator)
+        return head
 
     def features(self, size: int, probe: AttentivePooler, inputs: Inputs) -> torch.Tensor:
         return probe(inputs.tokens)

@@ -63,6 +63,7 @@ class Method:
     live_predict: bool = True  # `predict` and exports can run it on images
     style: str = "--"  # its line in the report's plots (VQT's are solid)
     lr_scale: float = 1.0  # its learning rate is the grid's times this (a deep probe needs smaller steps)
+    version: int = 1  # raised when its forward or initialisation changes: runs of another version are not reused
 
     # -- sizes and names ---------------------------------------------------------------------------------------
     def sizes(self, requested: Sequence[int]) -> list[int]:
@@ -97,6 +98,20 @@ class Method:
     def probe(self, size: int, geometry: Geometry, generator: torch.Generator) -> nn.Module | None:
         """The method's own trainable module (None: only queries and head)."""
         return None
+
+    def head(self, in_features: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
+        """The linear head over its features, initialised as its paper does (default: VQT's, `heads.linear_head`)."""
+        from vqt_cache.heads import linear_head
+
+        return linear_head(in_features, num_classes, generator)
+
+    def check_version(self, version: int) -> None:
+        """Nothing, or one sentence: a run recorded with another version of this method is not this method's."""
+        if version != self.version:
+            raise VQTError(
+                f"the run was trained with version {version} of the {self.name} method, this vqt-cache computes "
+                f"version {self.version} (another forward or initialisation); train it again"
+            )
 
     def feature_dim(self, size: int, geometry: Geometry) -> int:
         return geometry.dim
