@@ -138,3 +138,24 @@ def test_the_tests_do_not_import_bench():
     """bench/ measures the package; the tests prove it. Neither leans on the other (plain `pytest` collects all)."""
     for path in Path(__file__).parent.glob("*.py"):
         assert "bench" not in _imports(path), path.name
+
+
+def test_checksums_hashes_and_versions_are_read_through_the_fail_closed_rule():
+    """A reader that fetches a checksum, hash or version with .get() can treat "absent" as "nothing to check";
+    every such field is read through errors.recorded instead (issue 30). Two reads are no check and stay:"""
+    import re
+
+    allowed = {
+        "model.py": "table.get(\"version\", 1)",  # a method's version: runs from before it are version 1 (its
+        # forward, not a check; config.json is covered by metrics.json's checksum)
+        "store/create.py": "attrs.get(\"format_version\") not in",  # only picks check_format's version sentence
+    }
+
+    pattern = re.compile(r"""\.get\(\s*["'](checksums?|metadata_hash|rows_hash|index_hash|format_version|version)["']""")
+    found = [
+        f"{path.relative_to(PACKAGE)}:{n}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and allowed.get(str(path.relative_to(PACKAGE)), "\0") not in line
+    ]
+    assert found == [], found

@@ -1,5 +1,6 @@
 """The bad-input matrix: every command × missing paths, wrong types, malformed TOML, out-of-range values, permission
-denied and a store from a newer format_version.
+denied, a store from a newer format_version, and artifacts whose checksum, hash or version is missing, null or of
+another type (fail closed: never "nothing to check").
 
 Each case must end in one `error:` sentence that names the culprit, exit code 2 and no traceback, and must leave
 every store and run folder it was pointed at byte-identical. docs/troubleshooting.md's table is these cases' own
@@ -8,6 +9,7 @@ messages, compared whole (`pytest tests/test_bad_input.py --update-docs`, or `ma
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,11 +42,12 @@ class World:
     run: Path
     image: Path
     not_image: Path
+    damaged: Path  # stores, run folders and exports with a checksum, hash or version taken out or retyped
 
     @property
     def guarded(self) -> tuple[Path, ...]:
         """What no bad input may change."""
-        return self.store, self.newer, self.run
+        return self.store, self.newer, self.run, self.damaged
 
     def pipeline(self, name: str, body: str) -> Path:
         path = self.tmp / f"{name}.toml"
@@ -78,12 +81,70 @@ def world(tmp_path_factory, tiny_store):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     not_image = tmp / "notes.png"
     not_image.write_text("not an image")
-    w = World(tmp, store, newer, Path(run.dir), image, not_image)
+    w = World(tmp, store, newer, Path(run.dir), image, not_image, _damaged(tmp / "damaged", store, Path(run.dir)))
     for name, body in PIPELINES.items():
         w.pipeline(name, body)
     before = [_listing(p) for p in w.guarded]
     yield w
     assert [_listing(p) for p in w.guarded] == before, "a bad input changed a file that was stored"
+
+
+def _edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+def _edit_export(path: Path, change) -> None:
+    """Rewrite an export's header: change(file metadata, export metadata) edits them in place."""
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    meta = json.loads(raw["vqt_cache"])
+    change(raw, meta)
+    path.write_bytes(save(load(path.read_bytes()), metadata={**raw, "vqt_cache": json.dumps(meta)}))
+
+
+def _damaged(root: Path, store: Path, run: Path) -> Path:
+    """Copies of the store, the run and its export, each with one checksum, hash or version field taken out, nulled
+    or retyped (and, where the field guarded it, what it guarded edited: a check skipped would go unnoticed)."""
+    from vqt_cache.export import export_run
+
+    root.mkdir()
+    stores = {
+        "no-metadata-hash": lambda a: (a.pop("metadata_hash"), a["preprocessing"].update(std=[0.2, 0.2, 0.2])),
+        "null-metadata-hash": lambda a: a.update(metadata_hash=None),
+        "string-version": lambda a: a.update(format_version="4"),
+        "no-weights-checksum": lambda a: a["backbone"].pop("checksum"),
+    }
+    for name, change in stores.items():
+        shutil.copytree(store, root / f"{name}.zarr")
+        _edit_json(root / f"{name}.zarr" / "zarr.json", lambda meta, change=change: change(meta["attributes"]))
+    shutil.copytree(store, root / "null-rows-hash.zarr")
+    _edit_json(root / "null-rows-hash.zarr/splits/val200/zarr.json", lambda m: m["attributes"].update(rows_hash=None))
+    runs = {
+        "no-checksums": lambda m: m.pop("checksums"),
+        "checksums-a-list": lambda m: m.update(checksums=[]),
+        "no-config-checksum": lambda m: m["checksums"].pop("config.json"),
+        "null-model-checksum": lambda m: m["checksums"].update({"model.safetensors": None}),
+    }
+    for name, change in runs.items():
+        shutil.copytree(run, root / name)
+        _edit_json(root / name / "metrics.json", change)
+    _edit_json(root / "no-config-checksum" / "config.json", lambda c: c["recipe"].update(lr=0.1))
+    exported = export_run(run, root / "run.safetensors")
+    exports = {
+        "version-1": lambda raw, meta: (meta.update(version=1), raw.pop("checksum")),
+        "no-checksum": lambda raw, meta: raw.pop("checksum"),
+        "string-version": lambda raw, meta: meta.update(version="2"),
+    }
+    for name, change in exports.items():
+        shutil.copy(exported, root / f"{name}.safetensors")
+        _edit_export(root / f"{name}.safetensors", change)
+    exported.unlink()
+    return root
 
 
 PIPELINES = {
@@ -206,6 +267,31 @@ CASES = [
     ("verify/newer-format", "verify {newer}", "format_version 99"),
     ("verify/out-of-range", "verify {store} --recompute -1", "--recompute takes a number of images >= 0"),
     ("verify/wrong-type", "verify {store} --recompute some", "Invalid value for '--recompute'"),
+    # fail closed: a checksum, hash or version that is missing, null or of another type is damage
+    (
+        "damaged/store-no-metadata-hash",
+        "train --store {damaged}/no-metadata-hash.zarr --out {tmp}/r",
+        "metadata_hash is missing",
+    ),
+    ("damaged/store-null-metadata-hash", "info {damaged}/null-metadata-hash.zarr", "metadata_hash is null"),
+    ("damaged/store-string-version", "verify {damaged}/string-version.zarr", "format_version is a string ('4')"),
+    (
+        "damaged/store-no-weights-checksum",
+        "evaluate {run} --split val200 --store {damaged}/no-weights-checksum.zarr",
+        "weights checksum is missing",
+    ),
+    ("damaged/split-null-rows-hash", "train --store {damaged}/null-rows-hash.zarr --out {tmp}/r", "rows_hash is null"),
+    ("damaged/run-no-checksums", "evaluate {damaged}/no-checksums --split val200", "table of checksums is missing"),
+    ("damaged/run-checksums-a-list", "predict {damaged}/checksums-a-list {image}", "table of checksums is a list"),
+    ("damaged/run-no-config-checksum", "export {damaged}/no-config-checksum", "checksum of config.json is missing"),
+    (
+        "damaged/run-null-model-checksum",
+        "train --store {store} --queries 1 --epochs 2 --warmup-epochs 1 --out {damaged}/null-model-checksum",
+        "checksum of model.safetensors is null",
+    ),
+    ("damaged/export-version-1", "predict {damaged}/version-1.safetensors {image}", "export of version 1"),
+    ("damaged/export-no-checksum", "predict {damaged}/no-checksum.safetensors {image}", "checksum is missing"),
+    ("damaged/export-string-version", "predict {damaged}/string-version.safetensors {image}", "version is a string"),
     # the command itself
     ("vqt-cache/unknown-command", "frobnicate", "No such command 'frobnicate'"),
 ]
@@ -308,6 +394,7 @@ TABLE = re.compile(r"(<!-- bad-input -->\n)(.*?)(<!-- /bad-input -->)", re.S)
 def _shown(template: str) -> str:
     """A case's command line as the page shows it: the test's files by their short names."""
     short = {"tmp": "tmp", "store": "store.zarr", "newer": "newer.zarr", "run": "run", "image": "digit.png"}
+    short |= {"damaged": "damaged"}
     shown = template.replace("{tmp}/", "").replace("{locked}", "locked").replace("{not_image}", "notes.png")
     return shown.format(**short).replace("EXTRACT", "extract ...")
 

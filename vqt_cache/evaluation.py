@@ -267,9 +267,9 @@ def compressed_head(run_dir: str | Path) -> CompressedHead | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise DamagedFile(record, f"missing or wrong entry {exc}") from exc
     shapes = {"head.weight": (C, k), "head.bias": (C,), "feature_index": (k,)}
-    checksums = recorded_checksums(report, record, ("model.safetensors",)) or {}  # none before they were recorded
+    checksums = recorded_checksums(report, record, ("model.safetensors",))
     path = out / "model.safetensors"
-    tensors = load_tensors(path, shapes, True, checksums.get("model.safetensors"), f"{COMPRESSED}/{record.name}")
+    tensors = load_tensors(path, shapes, True, checksums["model.safetensors"], f"{COMPRESSED}/{record.name}")
     return compressed_linear(path, tensors, F)
 
 

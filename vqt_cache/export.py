@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights
-from vqt_cache.errors import VQTError, first_line
+from vqt_cache.errors import VQTError, first_line, recorded
 from vqt_cache.evaluation import compressed_head, compressed_linear, load_run
 from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
@@ -96,8 +96,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
     return path
 
 
-def _metadata(path: Path) -> tuple[dict[str, Any], str, str | None]:
-    """(the export's metadata, as parsed and as written, its checksum or None for a version-1 export)."""
+def _header(path: Path) -> tuple[dict[str, str], dict[str, Any], str]:
+    """(the file's safetensors metadata, the export's metadata as parsed and as written), of any export version."""
     from safetensors import safe_open
 
     try:
@@ -112,18 +112,26 @@ def _metadata(path: Path) -> tuple[dict[str, Any], str, str | None]:
         ) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise VQTError(f"{path} is a safetensors file but not a vqt-cache export (it has no vqt_cache metadata)")
-    if meta.get("version") not in (1, VERSION):
-        raise VQTError(f"{path} is an export of version {meta.get('version')}; this vqt-cache reads {VERSION}")
-    checksum = raw.get("checksum")
-    if meta["version"] == VERSION and not isinstance(checksum, str):
-        raise DamagedFile(path, "its checksum is missing")
+    return raw, meta, meta_json
+
+
+def _metadata(path: Path) -> tuple[dict[str, Any], str, str]:
+    """(the export's metadata, as parsed and as written, its checksum), of an export this vqt-cache reads."""
+    raw, meta, meta_json = _header(path)
+    version = recorded(meta, "version", int, str(path), "export the run again")
+    if version != VERSION:
+        raise VQTError(
+            f"{path} is an export of version {version}; this vqt-cache reads version {VERSION} only (version 1 "
+            "carried no checksum): export the run again"
+        )
+    checksum = recorded(raw, "checksum", str, str(path), "export the run again")
     return meta, meta_json, checksum
 
 
 def _is_ours(path: Path) -> bool:
     """An export (of any version), so export may replace it."""
     try:
-        _metadata(path)
+        _header(path)
     except VQTError:
         return False
     return True
@@ -140,7 +148,7 @@ def load_exported(path: str | Path) -> Exported:
         if compressed:  # the compressed head reads k of the run's features
             shapes |= {"feature_index": None, "head.weight": None, "head.bias": (shapes["head.bias"][0],)}
         tensors = load_tensors(path, {k: v for k, v in shapes.items() if v is not None}, finite=True)
-        if checksum is not None and _checksum(meta_json, tensors) != checksum:
+        if _checksum(meta_json, tensors) != checksum:
             raise DamagedFile(path, "its metadata or the run's tensors differ from the checksum it was written with")
         weights = {k.removeprefix("backbone."): v.numpy() for k, v in tensors.items() if k.startswith("backbone.")}
         backbone = backbone_from_weights(meta["backbone"], weights)

@@ -21,14 +21,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vqt_cache.errors import VQTError, first_line
+from vqt_cache.errors import Damaged, first_line
 
 
-class DamagedFile(VQTError):
+class DamagedFile(Damaged):
     """A file that exists but cannot be trusted: truncated, not the expected format, or the wrong shape."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
-        super().__init__(f"{path} is damaged ({problem}); delete it or restore it, then re-run")
+        super().__init__(str(path), problem)
         self.path = Path(path)
 
 

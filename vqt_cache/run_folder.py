@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, recorded
 from vqt_cache.files import (
     DamagedFile,
     check_digest,
@@ -101,8 +101,6 @@ class RunFolder:
         if not metrics.get("diverged") and not (self.path / "model.safetensors").is_file():
             return None
         check_files(self.path, metrics, ("config.json",) if metrics.get("diverged") else CHECKSUMMED)
-        if "checksums" not in metrics and not metrics.get("diverged"):  # a run from before checksums: readable?
-            load_model(self.path, self.config["model"])
         return metrics
 
     def save_result(self, tensors: dict | None, metrics: dict, timing: dict) -> None:
@@ -239,26 +237,21 @@ def _git_sha() -> str | None:
         return None
 
 
-def recorded_checksums(record: dict, where: Path, names: tuple[str, ...]) -> dict[str, str] | None:
-    """The checksums a completion record (a metrics.json) holds for the files `names`, checked to be there; None
-    for a record from before checksums were recorded. `where` is the record's path, for the DamagedFile."""
-    checksums = record.get("checksums")
-    if checksums is None:
-        return None
-    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
-        raise DamagedFile(where, "its checksums are not a table of file names")
+def recorded_checksums(record: dict, where: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """The checksums a completion record (a metrics.json) holds for the files `names`. Every record this vqt-cache
+    writes has them, so a missing, null or mistyped one is damage (`errors.recorded`), never "nothing to check".
+    `where` is the record's path, named in the DamagedFile."""
+    advice = "train the run again into a new --out, or restore the file"
+    checksums = recorded(record, "checksums", dict, str(where), advice, "table of checksums")
     for name in names:
-        if name not in checksums:
-            raise DamagedFile(where, f"no checksum of {name}")
+        recorded(checksums, name, str, str(where), advice, f"checksum of {name}")
     return checksums
 
 
 def check_files(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
-    """The files `names` of a run folder have the checksums its metrics.json records (runs from before they were
-    recorded have none to check); DamagedFile naming the file otherwise."""
+    """The files `names` of a run folder have the checksums its metrics.json records; DamagedFile naming the file
+    otherwise (or naming metrics.json, when it records none)."""
     checksums = recorded_checksums(metrics, folder / "metrics.json", names)
-    if checksums is None:
-        return
     for name in names:
         check_digest(folder / name, checksums[name], "metrics.json")
 
@@ -299,12 +292,12 @@ def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
     return {"queries": (depth, T, dim), **probe, "head.weight": (C, F), "head.bias": (C,)}
 
 
-def load_model(path: str | Path, model: dict, metrics: dict | None = None) -> dict:
-    """A run folder's model.safetensors, its shapes from config.json's "model" table, finite, and (given the run's
-    metrics.json) checked against the checksum recorded there, in the one read that loads it."""
+def load_model(path: str | Path, model: dict, metrics: dict) -> dict:
+    """A run folder's model.safetensors, its shapes from config.json's "model" table, finite, and checked against
+    the checksum the run's metrics.json records, in the one read that loads it."""
     path = Path(path)
-    checksums = recorded_checksums(metrics or {}, path / "metrics.json", ("model.safetensors",)) or {}
-    return load_tensors(path / "model.safetensors", model_shapes(model), True, checksums.get("model.safetensors"))
+    checksums = recorded_checksums(metrics, path / "metrics.json", ("model.safetensors",))
+    return load_tensors(path / "model.safetensors", model_shapes(model), True, checksums["model.safetensors"])
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, recorded
 from vqt_cache.formats import DTYPES, LAYOUTS, bytes_per_value, group_for, layer_shape, quantized
 
 FORMAT = "vqt-cache"
@@ -123,6 +123,7 @@ def probe_bytes(backbone: dict, dtype: str) -> int:
     return sum(math.prod(shape) * np.dtype(kind).itemsize for shape, kind in probe_shapes(1, backbone, dtype).values())
 
 
+RESTORE = "restore its zarr.json, or re-extract into a new --out"  # advice for damaged root attributes
 # what the root attributes must hold (and of which type) for a store to be opened at all
 ATTR_TYPES = {
     "backbone": dict,
@@ -143,21 +144,26 @@ IMAGES_ATTR_TYPES = {"shard_size": int, "block_stops": list, "keys": list}
 def check_format(attrs: dict, url: str) -> None:
     if attrs.get("format") != FORMAT:
         raise VQTError(f"{url} is not a vqt-cache store (no format attribute {FORMAT!r})")
-    version = attrs.get("format_version")
+    where = f"store {url}"
+    version = recorded(attrs, "format_version", int, where, RESTORE)
     if version not in READABLE_VERSIONS:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
         readable = " and ".join(map(str, READABLE_VERSIONS))
         raise VQTError(
             f"store {url} has format_version {version}, this vqt-cache reads {readable}"
-            + ("; upgrade vqt-cache" if newer else " (older stores keep each split's images apart); re-extract it")
+            + (
+                "; upgrade vqt-cache"
+                if version > FORMAT_VERSION
+                else " (older stores keep each split's images apart); re-extract it"
+            )
         )
     if attrs.get("creating"):
         raise VQTError(f"the creation of store {url} was interrupted; re-run the extract command that made it")
     check_attrs(attrs, url)
     if attrs["layout"] not in LAYOUTS or attrs["dtype"] not in DTYPES:
         raise VQTError(f"store {url} has an unknown layout or dtype ({attrs['layout']!r}, {attrs['dtype']!r})")
-    recorded = attrs.get("metadata_hash")  # absent only in stores from before it was recorded
-    if recorded is not None and recorded != metadata_hash(attrs):
+    if version >= 4:  # the frozen weights' blake3 checksum, beside their fingerprint (`backbone_from_weights`)
+        recorded(attrs["backbone"], "checksum", str, where, RESTORE, "backbone's weights checksum")
+    if recorded(attrs, "metadata_hash", str, where, RESTORE) != metadata_hash(attrs):
         raise VQTError(
             f"store {url} is damaged: its attributes (backbone, preprocessing, dataset, layout, dtype, codec) differ "
             "from the checksum recorded when it was written; restore its zarr.json, or re-extract into a new --out"
@@ -178,10 +184,9 @@ def check_attrs(attrs: dict, url: str) -> None:
 
 
 def check_types(attrs: dict, types: dict[str, type], where: str) -> None:
+    """Each attribute is there, not null, and of its type (`errors.recorded`: hashes and versions among them)."""
     for key, kind in types.items():
-        if not isinstance(attrs.get(key), kind) or kind is int and isinstance(attrs.get(key), bool):
-            found = "missing" if key not in attrs else f"a {type(attrs[key]).__name__}"
-            raise VQTError(f"{where} is damaged: attribute {key!r} is {found}, not a {kind.__name__}; re-extract it")
+        recorded(attrs, key, kind, where, "re-extract it")
 
 
 def dequantized(values: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
