@@ -151,7 +151,8 @@ def test_checksums_hashes_and_versions_are_read_through_the_fail_closed_rule():
         "store/create.py": "attrs.get(\"format_version\") not in",  # only picks check_format's version sentence
     }
 
-    pattern = re.compile(r"""\.get\(\s*["'](checksums?|metadata_hash|rows_hash|index_hash|format_version|version)["']""")
+    fields = "checksums?|metadata_hash|rows_hash|index_hash|format_version|version"
+    pattern = re.compile(rf"""\.get\(\s*["']({fields})["']""")
     found = [
         f"{path.relative_to(PACKAGE)}:{n}"
         for path in sorted(PACKAGE.rglob("*.py"))
