@@ -23,6 +23,7 @@ from torchvision import transforms
 from vqt_cache.dataset_catalog import DATASETS, FAMILIES, family
 from vqt_cache.errors import VQTError, first_line
 from vqt_cache.formats import HF_COLUMNS
+from vqt_cache.images import UnsupportedImage, to_rgb
 from vqt_cache.recipe import EVAL_SPLITS
 
 # VTAB-1k: task -> (folder names used by the common image-folder releases, number of classes, group)
@@ -137,7 +138,8 @@ class Dataset:
         return len(self.class_names)
 
     def load_image(self, source: str) -> Image.Image:
-        """Decode one image as RGB (grayscale, palette, CMYK and RGBA are converted); BadImage if unreadable."""
+        """Decode one image as upright 8-bit RGB (`images.to_rgb`: every mode, EXIF orientation); BadImage if unreadable
+        or of a mode with no 8-bit meaning."""
         if self.loader is not None:
             return self.loader(source)
         path = self.root / source
@@ -148,7 +150,7 @@ class Dataset:
         try:
             with Image.open(path) as img:
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img)
         except FileNotFoundError as exc:
             raise BadImage(f"image {path} does not exist") from exc
         except Image.DecompressionBombError as exc:
@@ -156,6 +158,8 @@ class Dataset:
         except UnidentifiedImageError as exc:
             empty = path.stat().st_size == 0
             raise BadImage(f"image {path} is {'an empty file' if empty else 'not in a readable image format'}") from exc
+        except UnsupportedImage as exc:
+            raise BadImage(f"image {path} is not supported: {exc}") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"cannot read image {path}: {exc}") from exc
 
@@ -466,7 +470,10 @@ class _HFImages:
             value = Image.open(io.BytesIO(value["bytes"]))
         if not isinstance(value, Image.Image):
             raise BadImage(f"row {source} of column {self.column!r} is a {type(value).__name__}, not an image")
-        return value.convert("RGB")
+        try:
+            return to_rgb(value)
+        except UnsupportedImage as exc:
+            raise BadImage(f"row {source} of column {self.column!r} is not supported: {exc}") from exc
 
 
 def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column: str = HF_COLUMNS["label"]) -> Dataset:
