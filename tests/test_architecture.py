@@ -146,9 +146,9 @@ def test_checksums_hashes_and_versions_are_read_through_the_fail_closed_rule():
     import re
 
     allowed = {
-        "model.py": "table.get(\"version\", 1)",  # a method's version: runs from before it are version 1 (its
+        "model.py": 'table.get("version", 1)',  # a method's version: runs from before it are version 1 (its
         # forward, not a check; config.json is covered by metrics.json's checksum)
-        "store/create.py": "attrs.get(\"format_version\") not in",  # only picks check_format's version sentence
+        "store/create.py": 'attrs.get("format_version") not in',  # only picks check_format's version sentence
     }
 
     fields = "checksums?|metadata_hash|rows_hash|index_hash|format_version|version"
