@@ -98,6 +98,7 @@ def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkey
     [planned] = json.loads(text)
     code, text = run_cli("extract", *args, "--json")
     assert code == 0, text
+    [summary] = json.loads(text)["splits"]
     store = Path(planned["store"])
     assert store.name == "vit_tiny_patch16_224-random-depth=2-embed_dim=48-img_size=32-num_heads=3-patch_size=8.zarr"
     assert store.parent.name == ("imagefolder-images" if "--val-fraction" in options else "digits")
@@ -115,6 +116,7 @@ def test_plan_and_extract_agree_on_the_store_path_and_its_bytes(tmp_path, monkey
     if "--probes" in options:
         assert {"tokens", "class_tokens", "patch_mean"} <= set(per_row)
     assert sum(per_row.values()) == planned["bytes_per_image"]
+    assert summary["bytes_written"] == summary["written"] * planned["bytes_per_image"]  # every array, probes too
     written = len(open_store(str(store)).split(splits).labels())
     assert [s["new_images"] for s in planned["splits"] if s["cached"]] == [written]
 

@@ -410,7 +410,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
                 raise VQTError(
                     f"writing to {url} failed ({exc.strerror or exc}); fix that and re-run the same command to resume"
                 ) from exc
-        per_image = store.bytes_per_image()
+        per_image = store.stored_bytes_per_image()  # every array written: layers, final, valid, probes
         summaries.append(
             SplitSummary(name, split.num_samples, todo, skipped, time.perf_counter() - started, todo * per_image)
         )

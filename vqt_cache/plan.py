@@ -22,7 +22,7 @@ from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import Dataset, open_dataset, open_extracted, published_sizes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_DTYPE, DEFAULT_LAYOUT
-from vqt_cache.store import Store, found_at, image_bytes, key_source, open_store, probe_bytes
+from vqt_cache.store import Store, found_at, key_source, open_store, stored_bytes
 
 
 @dataclass
@@ -76,8 +76,7 @@ def free_space(url: str) -> int | None:
 
 def per_image_bytes(backbone: str, model_kwargs: dict, layout: str, dtype: str, probes: bool = False) -> int:
     """Stored bytes per image: its layers, final feature (float32) and valid flag, and (--probes) its probe arrays."""
-    shape = geometry(backbone, **model_kwargs)
-    return image_bytes(shape, layout, dtype) + 4 * shape["dim"] + 1 + (probe_bytes(shape, dtype) if probes else 0)
+    return stored_bytes(geometry(backbone, **model_kwargs), layout, dtype, probes)
 
 
 def _stored_sources(url: str) -> tuple[set[str], set[str]]:

@@ -18,6 +18,7 @@ from vqt_cache.store.schema import (
     row_checksum,
     rows_hash,
     shard_checksum,
+    stored_bytes,
 )
 from vqt_cache.store.tables import Images, Split, Store, open_store
 
@@ -37,6 +38,7 @@ __all__ = [
     "key_source",
     "open_store",
     "probe_bytes",
+    "stored_bytes",
     "row_checksum",
     "rows_hash",
     "shard_checksum",

@@ -211,6 +211,14 @@ def image_bytes(backbone: dict, layout: str, dtype: str) -> int:
     return round(math.prod(shape) * bytes_per_value(dtype, group_for(shape[-1])))
 
 
+def stored_bytes(backbone: dict, layout: str, dtype: str, probes: bool) -> int:
+    """Bytes written per image, uncompressed: its layers (int8: with scales), its final feature (float32), its valid
+    flag and (extract --probes) its probe arrays."""
+    return (
+        image_bytes(backbone, layout, dtype) + 4 * backbone["dim"] + 1 + (probe_bytes(backbone, dtype) if probes else 0)
+    )
+
+
 def check_array(
     group: zarr.Group, name: str, shape: tuple, dtype: str, chunks: tuple, where: str, growing: bool = False
 ) -> None:

@@ -36,6 +36,7 @@ from vqt_cache.store.schema import (
     row_checksum,
     rows_hash,
     shard_checksum,
+    stored_bytes,
 )
 
 
@@ -547,6 +548,10 @@ class Store:
     def bytes_per_image(self) -> int:
         """Bytes of one image's layers, uncompressed (int8: with its scales)."""
         return image_bytes(self.attrs["backbone"], self.layout, self.attrs["dtype"])
+
+    def stored_bytes_per_image(self) -> int:
+        """Bytes written per image, uncompressed: layers, final feature, valid flag and any probe arrays."""
+        return stored_bytes(self.attrs["backbone"], self.layout, self.attrs["dtype"], bool(self.attrs.get("probes")))
 
     def describe(self) -> dict[str, Any]:
         """Everything `vqt-cache info` shows, JSON-ready."""
