@@ -327,6 +327,22 @@ def test_non_json_metadata_anywhere_in_a_store_is_one_line_naming_it(tiny_store,
             assert f"{node}/zarr.json cannot be read" in line, (node, args)
 
 
+def test_several_unreadable_weights_are_one_line_and_no_asyncio_traceback(tiny_store, tmp_path):
+    """zarr reads a group's members concurrently: the first failure is the sentence, and the others' unretrieved
+    task exceptions (printed by asyncio at exit, so only a separate process shows them) are not printed."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    for member in sorted(p for p in (store / "weights").iterdir() if p.is_dir())[:6]:
+        (member / "zarr.json").write_text("{not json")
+    command = [sys.executable, "-m", "vqt_cache", "train", "--store", str(store), *TRAIN, "--out", str(tmp_path / "r")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    line = error_line(done.returncode, done.stdout + done.stderr)
+    assert "zarr.json cannot be read" in line and "Task exception" not in done.stderr, done.stderr
+
+
 def test_an_empty_checkpoint_is_named(trained, tiny_store, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

@@ -5,6 +5,7 @@ in which order, with their labels) and `Store` (the opened group: its splits, ad
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,20 @@ from vqt_cache.store.schema import (
     shard_checksum,
     stored_bytes,
 )
+
+
+class _SiblingsOfAReportedError(logging.Filter):
+    """zarr lists a group's members by reading every member's metadata in concurrent tasks and raises the first
+    failure, which `Store._metadata` turns into one sentence; the other failing tasks are dropped unawaited, and
+    asyncio would print each as "Task exception was never retrieved" with a traceback after that sentence. This
+    drops exactly those records (tasks of zarr's member listing), and nothing else asyncio logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "_getitem_semaphore" in message)
+
+
+logging.getLogger("asyncio").addFilter(_SiblingsOfAReportedError())
 
 
 def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
