@@ -61,3 +61,41 @@ def test_missing_columns_are_named(tmp_path):
     args = tiny_extract_args(None, "--root", str(tmp_path / "saved"), "--out", str(tmp_path / "s.zarr"), dataset="hf")
     line = error_line(*run_cli(*args))
     assert "no column 'image'" in line and "img, fine" in line and "--image-column" in line
+
+
+def _resave(root: Path, change=None) -> None:
+    """Load a saved dataset and save it again at the same path (changed by `change`, if given)."""
+    data = hf.load_from_disk(str(root))
+    data = change(data) if change else data
+    data.save_to_disk(str(root.with_name("resaved")))
+    del data
+    shutil.rmtree(root)
+    root.with_name("resaved").rename(root)
+
+
+def test_a_dataset_saved_again_unchanged_is_the_same_dataset_and_a_changed_one_is_not(tmp_path):
+    """Identity by content, not by save: re-saving keeps the store usable; two more test rows are noticed by
+    extract and by live evaluation, which name the split."""
+    saved(tmp_path)
+    root, out, run = tmp_path / "saved", tmp_path / "s.zarr", tmp_path / "run"
+    options = ("--root", str(root), "--out", str(out), "--image-column", "img", "--label-column", "fine")
+    code, text = run_cli(*tiny_extract_args("train", *options, dataset="hf"))
+    assert code == 0, text
+    code, text = run_cli("train", "--store", str(out), "--epochs", "2", "--warmup-epochs", "1", "--eval-split", "none",
+                         "--out", str(run))  # fmt: skip
+    assert code == 0, text
+    _resave(root)
+    code, text = run_cli(*tiny_extract_args("train", *options, dataset="hf"))
+    assert code == 0 and "nothing to do" in text, text
+    code, text = run_cli("evaluate", str(run), "--split", "test", "--live", "--json")
+    assert code == 0 and '"images": 6' in text, text
+
+    def two_more(data):
+        data["test"] = hf.concatenate_datasets([data["test"], data["test"].select([0, 1])])
+        return data
+
+    _resave(root, two_more)
+    line = error_line(*run_cli("evaluate", str(run), "--split", "test", "--live"))
+    assert "has changed since the store was extracted (split 'test' differs)" in line
+    line = error_line(*run_cli(*tiny_extract_args("test", *options, dataset="hf")))
+    assert "the dataset's content differs" in line

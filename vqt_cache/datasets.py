@@ -22,6 +22,7 @@ from torchvision import transforms
 
 from vqt_cache.dataset_catalog import DATASETS, FAMILIES, family
 from vqt_cache.errors import VQTError, first_line
+from vqt_cache.errors import recorded as required
 from vqt_cache.formats import HF_COLUMNS
 from vqt_cache.images import UnsupportedImage, to_rgb
 from vqt_cache.recipe import EVAL_SPLITS
@@ -130,7 +131,8 @@ class Dataset:
     loader: Callable[[str], Image.Image] | None = field(default=None, repr=False)
     validation: dict[str, Any] | None = None  # how `with_validation` carved the val split, if it did
     columns: dict[str, str] | None = None  # a Hugging Face dataset's image and label columns
-    fingerprint: str | None = None  # a Hugging Face dataset's content fingerprint (its splits' own fingerprints)
+    fingerprint: str | None = None  # a Hugging Face dataset's content hash (of its splits' `hf_content`)
+    split_fingerprints: dict[str, str] | None = None  # each split's `hf_content`: what live evaluation checks
     unusable: dict[str, str] = field(default_factory=dict)  # split -> why it cannot be used (said when asked for)
 
     @property
@@ -194,6 +196,7 @@ class Dataset:
             described["columns"] = self.columns
         if self.fingerprint is not None:
             described["fingerprint"] = self.fingerprint
+            described["split_fingerprints"] = self.split_fingerprints
         return described if self.validation is None else {**described, "validation": self.validation}
 
     def split(self, name: str) -> list[tuple[str, int]]:
@@ -253,6 +256,19 @@ def reopen_dataset(recorded: dict[str, Any], root: str | Path | None = None) -> 
     (at `root` if given, else the recorded root), with its validation split carved again if it was carved, and its
     labels numbered by the store's recorded class names (`relabelled`), whatever folders are present now."""
     dataset = open_dataset(recorded["name"], root if root is not None else recorded["root"], recorded.get("columns"))
+    if (
+        dataset.fingerprint is not None
+        and required(recorded, "fingerprint", str, "the store's dataset record", "re-extract it into a new store")
+        != dataset.fingerprint
+    ):
+        then = recorded.get("split_fingerprints") or {}
+        now = dataset.split_fingerprints or {}
+        changed = sorted(n for n in then.keys() | now.keys() if then.get(n) != now.get(n))
+        raise VQTError(
+            f"the {recorded['name']!r} dataset at {dataset.root} has changed since the store was extracted ("
+            + (f"split {changed[0]!r} differs" if changed else "its content differs")
+            + "): its features would not be the store's; restore the dataset, or extract it into a new store"
+        )
     carving = recorded.get("validation")
     if carving:
         dataset = with_validation(dataset, carving["fraction"], carving["seed"], carving["from"])
@@ -516,7 +532,8 @@ def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column
     classes, items, unusable = _hf_labels(splits, label_column, root)
     loader = _HFImages(splits, image_column)
     columns = {"image": image_column, "label": label_column}
-    fingerprint = hashlib.sha256(json.dumps({n: s._fingerprint for n, s in sorted(splits.items())}).encode())
+    contents = {name: hf_content(split, image_column, label_column) for name, split in sorted(splits.items())}
+    fingerprint = hashlib.sha256(json.dumps(contents).encode())
     return Dataset(
         "hf",
         root,
@@ -525,8 +542,42 @@ def hf_dataset(root: Path, image_column: str = HF_COLUMNS["image"], label_column
         loader=loader,
         columns=columns,
         fingerprint=fingerprint.hexdigest(),
+        split_fingerprints=contents,
         unusable=unusable,
     )
+
+
+_HF_CONTENT: dict[tuple[str, str, str], str] = {}  # (datasets' own fingerprint, columns) -> content hash, per process
+
+
+def hf_content(split: Any, image_column: str, label_column: str) -> str:
+    """blake3 of a Hugging Face split's content, in row order: each label (as JSON) and each image's encoded bytes
+    (or, for an image kept as a path, that path). Saving the same rows again gives the same hash; another row, label
+    or image gives another. Computed once per process and split (keyed by the split's own fingerprint)."""
+    import blake3
+    import pyarrow as pa
+
+    key = (split._fingerprint, image_column, label_column)
+    if key in _HF_CONTENT:
+        return _HF_CONTENT[key]
+    digest = blake3.blake3()
+    for table in split.select_columns([image_column, label_column]).with_format("arrow").iter(batch_size=1024):
+        labels = table.column(label_column).to_pylist()
+        images = table.column(image_column).combine_chunks()
+        names = [f.name for f in images.type] if pa.types.is_struct(images.type) else []
+        if "bytes" in names:  # an Image feature: each image's encoded bytes, or its path when kept as a file
+            fields = dict(zip(names, images.flatten(), strict=True))
+            encoded = fields["bytes"].to_pylist()
+            paths = fields["path"].to_pylist() if "path" in fields else [None] * len(encoded)
+            payloads = [b if b is not None else f"path:{p}".encode() for b, p in zip(encoded, paths, strict=True)]
+        else:  # decoded arrays or anything else: its values as JSON
+            payloads = [json.dumps(v, default=str).encode() for v in images.to_pylist()]
+        for label, payload in zip(labels, payloads, strict=True):
+            entry = json.dumps(label, default=str).encode()
+            digest.update(len(entry).to_bytes(8, "little") + entry + len(payload).to_bytes(8, "little"))
+            digest.update(payload)
+    _HF_CONTENT[key] = digest.hexdigest()
+    return _HF_CONTENT[key]
 
 
 HF_UNLABELED = -1  # the Hugging Face convention for a row without a label (an unlabeled test split)
