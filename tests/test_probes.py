@@ -118,7 +118,7 @@ def test_a_probe_store_says_so_and_is_not_resumed_without_probes(probe_store):
     code, text = run_cli("info", probe_store, "--json")
     assert code == 0 and json.loads(text)["probes"] is True, text
     code, text = run_cli(*_extract_args(probe_store, "float32"))
-    assert "holds probe arrays" in error_line(code, text)
+    assert "was extracted with --probes: pass --probes to add to it" in error_line(code, text)
 
 
 def test_int8_probe_tokens_stay_within_the_quantization_bound(probe_store, tmp_path):

@@ -343,6 +343,21 @@ def test_several_unreadable_weights_are_one_line_and_no_asyncio_traceback(tiny_s
     assert "zarr.json cannot be read" in line and "Task exception" not in done.stderr, done.stderr
 
 
+def test_a_missing_weights_tensor_is_named(tiny_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    shutil.rmtree(store / "weights" / "blocks.1.mlp.fc2.weight")
+    line = error_line(*run_cli("train", "--store", str(store), *TRAIN, "--out", str(tmp_path / "r")))
+    assert "do not fit" in line and "blocks.1.mlp.fc2.weight" in line
+
+
+def test_a_store_without_probes_says_how_to_add_to_it(tiny_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    line = error_line(*run_cli(*tiny_extract_args("train800", "--out", str(store), "--probes")))
+    assert "extracted without --probes" in line and "leave out --probes" in line and "delete" not in line
+
+
 def test_an_empty_checkpoint_is_named(trained, tiny_store, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

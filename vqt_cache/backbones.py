@@ -348,7 +348,7 @@ def _create(timm_name: str, weights: str | Path | None, kwargs: dict[str, Any]) 
     except (RuntimeError, KeyError, ValueError) as exc:
         if overlay is None:
             raise
-        raise VQTError(f"weights file {weights!s} does not fit {timm_name!r}: {first_line(exc)}") from exc
+        raise VQTError(f"weights file {weights!s} does not fit {timm_name!r}: {_state_dict_error(exc)}") from exc
     except Exception as exc:  # hub, network and cache errors come in many types; report them as one sentence
         if overlay is not None:
             raise VQTError(f"could not read weights file {weights!s}: {exc}") from exc
@@ -394,6 +394,14 @@ def geometry(name: str, **kwargs: Any) -> dict[str, int]:
     return {key: getattr(shape, key) for key in keys}
 
 
+def _state_dict_error(exc: Exception) -> str:
+    """load_state_dict's complaint in one line, with the tensors it names (its first line names none)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if line.startswith(("Missing key", "Unexpected key", "size mismatch"))]
+    text = "; ".join(detail) or first_line(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.ndarray]) -> Backbone:
     """Rebuild a store's frozen backbone from its stored tensors (no download, no weights file).
 
@@ -409,7 +417,7 @@ def backbone_from_weights(description: dict[str, Any], weights: dict[str, np.nda
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
             raise RuntimeError("some tensors of the model are not in the store")
     except RuntimeError as exc:
-        raise VQTError(f"the stored weights do not fit {description['timm_name']!r}: {first_line(exc)}") from exc
+        raise VQTError(f"the stored weights do not fit {description['timm_name']!r}: {_state_dict_error(exc)}") from exc
     model.eval().requires_grad_(False)
     fingerprint = description["fingerprint"]
     if "checksum" in description:  # the same bytes as the fingerprint's, hashed fast (recorded since format 4)

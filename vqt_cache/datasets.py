@@ -620,7 +620,8 @@ def _hf_labels(splits: dict, column: str, root: Path) -> tuple[list[str], dict[s
             unusable[name] = (
                 f"split {name!r} of {root} is unlabeled (label {HF_UNLABELED} or none in "
                 + ("every row" if whole else f"{unlabeled[name]} of {len(labels)} rows")
-                + "): it can be neither trained nor evaluated on; leave it out of --splits"
+                + "): it can be neither trained nor evaluated on; use the other splits (extract: leave it out of "
+                "--splits; evaluate: another --split)"
             )
             continue
         items[name] = [(f"{name}:{i}", label) for i, label in enumerate(labels)]

@@ -278,8 +278,12 @@ def check_same(have: dict, want: dict, url: str) -> None:
             )
     _check_dataset(have["dataset"], want["dataset"], url)
     if bool(have.get("probes")) != bool(want.get("probes")):
-        held = "holds" if have.get("probes") else "does not hold"
-        raise VQTError(f"store {url} {held} probe arrays (extract --probes); use another --out or delete the store")
+        if have.get("probes"):
+            raise VQTError(f"store {url} was extracted with --probes: pass --probes to add to it")
+        raise VQTError(
+            f"store {url} was extracted without --probes, and a store holds probe arrays for all its images or "
+            "none: leave out --probes to add to it, or extract with --probes into another --out"
+        )
     for key in IDENTITY_KEYS:
         if have[key] != want[key]:
             raise VQTError(
