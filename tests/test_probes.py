@@ -179,6 +179,38 @@ def test_the_pooled_features_are_unchanged_by_the_method_objects():
     assert torch.equal(ours, reference)
 
 
+@pytest.mark.parametrize("variant", ["cls", "registers", "pre_norm"])
+def test_pooled_is_one_feature_on_a_kv_and_a_hidden_cache(variant):
+    """Each layer's mean value vector: read from a kv cache, or made from a hidden cache's mean LN1 input by the
+    block's own projection; and it is the mean of timm's own value vectors."""
+    from vqt_cache.model import CachedVQT, RunParameters
+
+    backbone = tiny_backbone(variant)
+    images = images_for(backbone)
+    features = {}
+    for layout in ("kv", "hidden"):
+        final, cache = backbone.forward_cache(images, layout=layout, layer_major=True)
+        run = RunParameters("pooled", 0, backbone.depth, backbone.dim, 3, backbone.patch_size, 0.0)
+        [features[layout]] = CachedVQT(backbone.blocks, [run], layout).eval().features(final, cache)
+    torch.testing.assert_close(features["hidden"], features["kv"], rtol=0, atol=2e-6)
+    D, L = backbone.dim, backbone.depth
+    values = []  # timm's value vectors, captured at each attention's qkv projection
+    hooks = [b.attn.qkv.register_forward_hook(lambda m, i, o: values.append(o[..., 2 * D :])) for b in backbone.blocks]
+    with torch.no_grad():
+        backbone.model.forward_features(images)
+    for hook in hooks:
+        hook.remove()
+    reference = F.normalize(torch.stack([v.mean(dim=1) for v in values], dim=1), dim=-1).flatten(1)
+    torch.testing.assert_close(features["kv"][:, D:], reference, rtol=0, atol=2e-6)
+    assert features["kv"].shape == (len(images), D * (1 + L))
+
+
+def test_linear_is_the_plain_probe_and_linear_norm_the_normalised_one():
+    final = torch.randn(4, 8) * 5
+    assert torch.equal(methods.get("linear").features(0, None, Inputs(final)), final)
+    torch.testing.assert_close(methods.get("linear-norm").features(0, None, Inputs(final)), F.normalize(final, dim=-1))
+
+
 def test_linear_multi_on_a_backbone_too_shallow_for_its_grid_is_one_sentence(tiny_store, tmp_path):
     out = tmp_path / "runs"
     args = ["--store", tiny_store, "--method", "linear-multi", "--out", str(out), "--epochs", "2"]
@@ -328,4 +360,4 @@ def test_a_run_of_the_earlier_attentive_probe_is_refused_not_reused():
     assert RunParameters.from_table({**table, "version": 2}).method.name == "attentive"
     with pytest.raises(VQTError, match="version 1 of the attentive method"):
         RunParameters.from_table(table)
-    assert RunParameters.from_table({**table, "method": "linear"}).method.name == "linear"  # version 1 still
+    assert RunParameters.from_table({**table, "method": "vqt"}).method.name == "vqt"  # version 1 still

@@ -74,9 +74,9 @@ def test_grid_in_one_pass_equals_separate_runs(tiny_store, tmp_path):
         np.testing.assert_allclose(curve(result.dir), curve(alone.dir), rtol=1e-5, atol=1e-6)
 
 
-def test_vqt_with_no_queries_is_the_linear_probe(tiny_store, tmp_path):
+def test_vqt_with_no_queries_is_the_normalised_linear_probe(tiny_store, tmp_path):
     vqt0, linear = train(
-        cfg(tiny_store, tmp_path, [RunSpec("vqt", 0, 0.5, 1e-3, 0), RunSpec("linear", 0, 0.5, 1e-3, 0)])
+        cfg(tiny_store, tmp_path, [RunSpec("vqt", 0, 0.5, 1e-3, 0), RunSpec("linear-norm", 0, 0.5, 1e-3, 0)])
     )
     np.testing.assert_allclose(curve(vqt0.dir), curve(linear.dir), rtol=1e-6, atol=1e-7)
 

@@ -102,6 +102,15 @@ def _prompts(runs: Sequence[RunParameters], batch_size: int, generators: Sequenc
     return torch.cat([run.queries(batch_size, g) for run, g in zip(runs, generators, strict=True)], dim=2)
 
 
+def value_means(blocks: nn.ModuleList, means: torch.Tensor) -> torch.Tensor:
+    """Each layer's mean value vector V̄_l from its mean LN1 input X̄_l (B, L, D): the attention's qkv projection is
+    affine, so the mean of the values is the value of the mean (V̄_l = W_v X̄_l + b_v), heads concatenated as a kv
+    store holds them. A hidden store thus gives the pooled method the feature a kv store gives it."""
+    D = means.shape[-1]
+    with torch.autocast(means.device.type, enabled=False):
+        return torch.stack([block.attn.qkv(means[:, i].float())[:, 2 * D :] for i, block in enumerate(blocks)], 1)
+
+
 class CachedVQT(nn.Module):
     """The frozen query path shared by one or more runs, fed by (final feature, layer-major cache)."""
 
@@ -170,6 +179,8 @@ class CachedVQT(nn.Module):
         outputs = self.path(prompts, cache)
         if means is None and self.needs("means"):
             means = token_means(cache.movedim(batch_axis(self.path.layout), 0), self.path.layout)
+        if means is not None and self.path.layout == "hidden":
+            means = value_means(self.path.blocks, means)
         inputs = Inputs(final, None, means, **(probes or {}))
         return [
             run.features(replace(inputs, outputs=out))

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 CATALOG: dict[str, tuple[str, str]] = {
     "vqt": ("vqt_cache.methods.vqt", "visual query tuning: T queries per layer (the paper)"),
     "linear": ("vqt_cache.methods.linear", "linear probe on the final feature f_0"),
-    "pooled": ("vqt_cache.methods.pooled", "Head2Toe-style: f_0 and each layer's mean token"),
+    "linear-norm": ("vqt_cache.methods.linear:NORMALISED", "linear probe on f_0/|f_0| (VQT's f_0 group)"),
+    "pooled": ("vqt_cache.methods.pooled", "f_0 and each layer's mean value vector (Head2Toe-like)"),
     "attentive": ("vqt_cache.methods.attentive", "attentive probe: a cross-attention block over the last tokens"),
     "linear-multi": ("vqt_cache.methods.linear_multi", "DINOv2's linear protocol: last n class tokens + patch mean"),
 }
@@ -50,7 +51,8 @@ def get(name: str) -> Method:
     """The method object called `name` (its module is imported on first use)."""
     check_name(name)
     if name not in _registered:
-        _registered[name] = importlib.import_module(CATALOG[name][0]).METHOD
+        module, _, attribute = CATALOG[name][0].partition(":")  # "module" or "module:OBJECT" (default METHOD)
+        _registered[name] = getattr(importlib.import_module(module), attribute or "METHOD")
     return _registered[name]
 
 
