@@ -107,8 +107,13 @@ def value_means(blocks: nn.ModuleList, means: torch.Tensor) -> torch.Tensor:
     affine, so the mean of the values is the value of the mean (V̄_l = W_v X̄_l + b_v), heads concatenated as a kv
     store holds them. A hidden store thus gives the pooled method the feature a kv store gives it."""
     D = means.shape[-1]
+    values = []
     with torch.autocast(means.device.type, enabled=False):
-        return torch.stack([block.attn.qkv(means[:, i].float())[:, 2 * D :] for i, block in enumerate(blocks)], 1)
+        for i, block in enumerate(blocks):  # the value rows of qkv only: a third of the projection
+            qkv = block.attn.qkv
+            bias = None if qkv.bias is None else qkv.bias[2 * D :]
+            values.append(torch.nn.functional.linear(means[:, i].float(), qkv.weight[2 * D :], bias))
+    return torch.stack(values, 1)
 
 
 class CachedVQT(nn.Module):
