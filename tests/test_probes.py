@@ -3,6 +3,8 @@ probe and DINOv2's linear protocol (linear-multi). Each is exact against its ref
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -361,3 +363,101 @@ def test_a_run_of_the_earlier_attentive_probe_is_refused_not_reused():
     with pytest.raises(VQTError, match="version 1 of the attentive method"):
         RunParameters.from_table(table)
     assert RunParameters.from_table({**table, "method": "vqt"}).method.name == "vqt"  # version 1 still
+
+
+# --- each probe trains with its paper's recipe: the released training loops, written here from their code ---
+
+
+def _dinov2_loop(run, batches, steps, lr, batch_size):
+    """dinov2/eval/linear.py: SGD(momentum 0.9, weight_decay 0) at lr · batch / 256, CosineAnnealingLR(max_iter,
+    eta_min 0) stepped after every update; the loss is the classifier's cross-entropy."""
+    optimizer = torch.optim.SGD([{"params": list(run.parameters()), "lr": lr * batch_size / 256}], momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=0)
+    for features, labels in batches:
+        loss = F.cross_entropy(run.head(run.features(features)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def _jepa_loop(run, batches, steps, lr, wd):
+    """evals/image_classification_frozen/eval.py with its in1k config (warmup 0, start_lr = lr, final_lr 0) and
+    init_opt's final_wd 1e-6: AdamW over two groups (no decay on biases and 1-D tensors), before each update
+    WarmupCosineSchedule and CosineWDSchedule advance one step, then the gradient norm is clipped to 1."""
+    named = list(run.named_parameters())
+    decayed = [p for n, p in named if "bias" not in n and p.dim() != 1]
+    excluded = [p for n, p in named if "bias" in n or p.dim() == 1]
+    optimizer = torch.optim.AdamW([{"params": decayed}, {"params": excluded, "WD_exclude": True, "weight_decay": 0}])
+    for step, (features, labels) in enumerate(batches, start=1):
+        cosine = 0.5 * (1.0 + np.cos(np.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = max(0.0, lr * cosine)
+            if not group.get("WD_exclude"):
+                group["weight_decay"] = max(1e-6, 1e-6 + (wd - 1e-6) * cosine)
+        loss = F.cross_entropy(run.head(run.features(features)), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize(("method", "loop"), [("linear", _dinov2_loop), ("attentive", _jepa_loop)])
+def test_each_probe_trains_as_its_paper_does(probe_store, tmp_path, method, loop):
+    """`train` with recipe own gives the parameters the paper's own loop gives from the same start on the same batches
+    (linear: DINOv2's linear protocol; attentive: V-JEPA's probe), and recipe shared gives others."""
+    from safetensors.torch import load_file
+
+    from vqt_cache.batches import CachedSplit
+    from vqt_cache.config import RunSpec, TrainConfig
+    from vqt_cache.model import RunParameters
+    from vqt_cache.store import open_store
+    from vqt_cache.training import train
+
+    epochs, batch_size, seed = 3, 100, 7
+    specs = (RunSpec(method, seed=seed), RunSpec(method, seed=seed, recipe="shared"))
+    cfg = TrainConfig(
+        store=probe_store,
+        runs=specs,
+        epochs=epochs,
+        warmup_epochs=1,
+        batch_size=batch_size,
+        eval_split="none",
+        out=str(tmp_path),
+        precision="float32",
+    )
+    own, shared = (load_file(f"{r.dir}/model.safetensors") for r in train(cfg))
+    table = json.loads((tmp_path / specs[0].name / "config.json").read_text())["model"]
+    run = RunParameters(
+        method,
+        0,
+        table["depth"],
+        table["dim"],
+        table["num_classes"],
+        tuple(table["patch_size"]),
+        0.0,
+        seed,
+        table["heads"],
+        specs[0].optimization.head_init,
+    )
+    start = {k: v.detach().clone() for k, v in run.tensors().items()}
+    data = CachedSplit(
+        open_store(probe_store).split("train800"),
+        2**30,
+        batch_size,
+        torch.device("cpu"),
+        table["num_classes"],
+        dtype=torch.float32,
+        cache=False,
+        means=False,
+        probes=True,
+    )
+    batches = [
+        (Inputs(b.final, **b.probes), b.labels) for e in range(epochs) for b in data.batches(data.shuffled(seed, e))
+    ]
+    args = (specs[0].lr, batch_size) if method == "linear" else (specs[0].lr, specs[0].wd)
+    loop(run, batches, len(batches), *args)
+    for name, tensor in run.tensors().items():
+        torch.testing.assert_close(own[name], tensor.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(own[k], start[k]) for k in start)  # it trained
+    assert any(not torch.allclose(shared[k], own[k], atol=1e-4) for k in own if own[k].numel())  # another recipe

@@ -23,12 +23,13 @@ def test_the_cli_shows_the_recipe():
         recipe.BATCH_SIZE,
         recipe.DROPOUT,
     )
-    assert (float(train["lr"]), float(train["wd"]), int(train["seed"]), int(train["queries"])) == (
-        recipe.LR,
-        recipe.WD,
+    assert (train["lr"], train["wd"], int(train["seed"]), int(train["queries"])) == (
+        None,  # the run's recipe's: VQT's 0.5 and 0.001 for VQT
+        None,
         recipe.SEED,
         recipe.QUERIES,
     )
+    assert train["recipe"] == recipe.RECIPE
     assert train["precision"] == formats.DEFAULT_PRECISION and train["cache_root"] == recipe.CACHE_ROOT
     extract = cli_defaults("extract")
     assert (extract["batch_size"], extract["shard_size"], extract["workers"]) == (
@@ -50,7 +51,15 @@ def test_the_library_and_the_pipeline_schema_show_the_recipe():
     protocol = Protocol()
     for name in ("epochs", "warmup_epochs", "batch_size", "dropout"):
         assert getattr(cfg, name) == getattr(protocol, name) == getattr(recipe, name.upper())
-    assert dataclasses.astuple(RunSpec()) == (recipe.METHOD, recipe.QUERIES, recipe.LR, recipe.WD, recipe.SEED)
+    assert dataclasses.astuple(RunSpec()) == (
+        recipe.METHOD,
+        recipe.QUERIES,
+        recipe.LR,
+        recipe.WD,
+        recipe.SEED,
+        recipe.RECIPE,
+    )
+    assert (recipe.VQT_RECIPE.lr, recipe.VQT_RECIPE.wd, recipe.VQT_RECIPE.lrs) == (recipe.LR, recipe.WD, Grid().lr)
     assert (Grid().lr, Grid().wd) == (recipe.GRID_LRS, recipe.GRID_WDS)
     assert (protocol.select_seed, protocol.final_seeds) == (recipe.SELECT_SEED, recipe.FINAL_SEEDS)
 

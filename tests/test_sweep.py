@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vqt_cache import recipe
 from vqt_cache.compress import compress
 from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.errors import VQTError
@@ -125,7 +126,8 @@ def test_sweep_report_rerun_and_shards(tmp_path, sweep_store):
     p = load_pipeline(write_pipeline(tmp_path, sweep_store, tmp_path / "full"))
     seen = []
     run_sweep(p, on_run=lambda done, total: seen.append((done, total)))
-    assert seen[-1] == (seen[-1][1], 4 * 3 + 3 * 2 + 4 * 2 + 2 * 2)  # selection + final runs of both datasets
+    linear = len(recipe.DINOV2_LINEAR.lrs)  # the linear probe searches DINOv2's grid (recipe own, the default)
+    assert seen[-1] == (seen[-1][1], 4 * 2 + linear + 3 * 2 + 4 + linear + 2 * 2)  # selection + final, both datasets
     report = write_report(p)
     rows = report["rows"]
     assert {(r["dataset"], r["label"]) for r in rows} == {

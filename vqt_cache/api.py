@@ -91,9 +91,10 @@ def train(
     store: str,
     queries: int | Sequence[int] = recipe.QUERIES,
     method: str | Sequence[str] = recipe.METHOD,
-    lr: float | Sequence[float] = recipe.LR,
-    wd: float | Sequence[float] = recipe.WD,
+    lr: float | Sequence[float] | None = None,
+    wd: float | Sequence[float] | None = None,
     seed: int | Sequence[int] = recipe.SEED,
+    recipe: str | Sequence[str] = recipe.RECIPE,
     progress=None,
     **options: Any,
 ) -> list[TrainedRun]:
@@ -102,7 +103,7 @@ def train(
     options: any other field of `TrainConfig` (vqt_cache/config.py, where each is described once), e.g.
     epochs=20, eval_split="none", memory_budget=2**30 (bytes).
     """
-    runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed))
+    runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed), _listed(recipe))
     return _train(TrainConfig(store=store, runs=runs, **options), progress=progress)
 
 

@@ -387,7 +387,7 @@ def train(
     from vqt_cache.training import train as run_train
 
     lists = {name: opts.pop(name) for name in RUN_FIELDS}
-    runs = grid(lists["method"], lists["queries"], lists["lr"], lists["wd"], lists["seed"])
+    runs = grid(lists["method"], lists["queries"], lists["lr"], lists["wd"], lists["seed"], lists["recipe"])
     cfg = TrainConfig(**{**opts, "store": opts["store"] or _find_store(cache_root)}, runs=runs)
     with _progress("step") as update:
         results = run_train(cfg, progress=None if json_out else update)

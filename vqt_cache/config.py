@@ -183,10 +183,18 @@ class ExtractConfig:
         )
 
 
-def listed(default: float, kind: type, flag: str, help: str) -> Any:
-    """A run field that the command line takes as a comma list of `kind` (each combination is a run)."""
-    shown = str(default) if kind is int else f"{default:g}"
-    return option(default, help=help, type=str, cli_default=shown, parse=comma_list(kind, flag))
+def listed(default: float | None, kind: type, flag: str, help: str) -> Any:
+    """A run field that the command line takes as a comma list of `kind` (each combination is a run); a default of
+    None (the run's recipe decides) is a list of one None."""
+    shown = None if default is None else str(default) if kind is int else f"{default:g}"
+    parse = comma_list(kind, flag)
+    return option(
+        default,
+        help=help,
+        type=str | None,
+        cli_default=shown,
+        parse=lambda text: [None] if text is None else parse(text),
+    )
 
 
 # --- stage two ---
@@ -195,23 +203,42 @@ def listed(default: float, kind: type, flag: str, help: str) -> Any:
 @dataclass(frozen=True)
 class RunSpec:
     """One configuration: what a run folder trains. On the command line and in the API each field takes a list,
-    and every combination of the lists is trained (`training.grid`)."""
+    and every combination of the lists is trained (`training.grid`). The learning rate and weight decay default to
+    the run's recipe's (`recipe.Optimization`); a method whose own recipe is VQT's is "own" under either choice."""
 
     method: str = option(
         recipe.METHOD, help=f"{methods.describe()}; a list", type=str, parse=comma_list(str, "--method")
     )
     queries: int = listed(recipe.QUERIES, int, "--queries", "T, or a list: 1,10")
-    lr: float = listed(recipe.LR, float, "--lr", "base learning rate(s), scaled by batch/256")
-    wd: float = listed(recipe.WD, float, "--wd", "weight decay(s), coupled L2 as in torch Adam")
+    lr: float | None = listed(None, float, "--lr", "base learning rate(s) (default: the recipe's; VQT's 0.5)")
+    wd: float | None = listed(None, float, "--wd", "weight decay(s) (default: the recipe's; VQT's 0.001)")
     seed: int = listed(recipe.SEED, int, "--seed", "seed(s); runs of one seed share a pass")
+    recipe: str = option(
+        recipe.RECIPE,
+        help="own (each method its paper's optimizer, schedule and head initialisation) or shared (VQT's for every "
+        "method); a list",
+        type=str,
+        parse=comma_list(str, "--recipe"),
+    )
 
     def __post_init__(self) -> None:
+        optimization = recipe.optimization(self.method, self.recipe)
+        if methods.get(self.method).recipe == recipe.VQT_RECIPE.name:  # own = shared here: one run, one name
+            object.__setattr__(self, "recipe", "own")
+        object.__setattr__(self, "lr", optimization.lr if self.lr is None else self.lr)
+        object.__setattr__(self, "wd", optimization.wd if self.wd is None else self.wd)
         recipe.check_run(self.method, self.queries, self.lr, self.wd, self.seed)
         object.__setattr__(self, "queries", methods.get(self.method).check_size(self.queries))  # 0 without sizes
 
     @property
+    def optimization(self) -> "recipe.Optimization":  # quoted: the field above shadows the module here
+        """How this run is optimized: its method's paper's recipe, or VQT's under the shared recipe."""
+        return recipe.optimization(self.method, self.recipe)
+
+    @property
     def name(self) -> str:
-        return f"{methods.get(self.method).run_name(self.queries)}-lr{self.lr:g}-wd{self.wd:g}-seed{self.seed}"
+        shared = "-shared" if self.recipe == "shared" else ""  # only where the method's own recipe is another
+        return f"{methods.get(self.method).run_name(self.queries)}-lr{self.lr:g}-wd{self.wd:g}-seed{self.seed}{shared}"
 
 
 @dataclass(frozen=True, kw_only=True)

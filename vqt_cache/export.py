@@ -80,7 +80,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
         "preprocessing": attrs["preprocessing"],
         "class_names": attrs["dataset"]["class_names"],
         "model": loaded.config["model"],
-        "run": loaded.config["run"],
+        "run": loaded.config["run"],  # method, size, lr, wd, seed, recipe (own or shared)
+        "recipe": loaded.config["recipe"],  # epochs, batch, ..., and the optimization the run followed
         "compressed": compressed,
     }
     tensors = {f"backbone.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in loaded.store.weights().items()}

@@ -45,12 +45,28 @@ def pooled_features(final: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.normalize(final, dim=-1), F.normalize(means, dim=-1).flatten(1)], dim=1)
 
 
-def linear_head(in_features: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
-    """The paper's head: one Linear(F, C), weight kaiming-normal (fan_out, as in the VPT/VQT code) and
-    torch's default uniform(±1/sqrt(F)) bias, both drawn from `generator`."""
+HEAD_INITS = ("kaiming_fan_out", "normal", "torch")
+
+
+def linear_head(
+    in_features: int, num_classes: int, generator: torch.Generator | None = None, init: str = "kaiming_fan_out"
+) -> nn.Linear:
+    """One Linear(F, C), drawn from `generator` as a paper initialises it (`recipe.Optimization.head_init`):
+    "kaiming_fan_out": VPT's and VQT's, weight kaiming-normal (fan_out), torch's default uniform(±1/sqrt(F)) bias;
+    "normal": DINOv2's linear classifier, weight N(0, 0.01), bias 0;
+    "torch": nn.Linear's own (V-JEPA's classifier), weight and bias uniform(±1/sqrt(F))."""
     head = nn.Linear(in_features, num_classes)
+    bound = 1 / in_features**0.5
     with torch.no_grad():
-        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out", generator=generator)
-        bound = 1 / in_features**0.5
-        nn.init.uniform_(head.bias, -bound, bound, generator=generator)
+        if init == "kaiming_fan_out":
+            nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out", generator=generator)
+            nn.init.uniform_(head.bias, -bound, bound, generator=generator)
+        elif init == "normal":
+            nn.init.normal_(head.weight, 0.0, 0.01, generator=generator)
+            nn.init.zeros_(head.bias)
+        elif init == "torch":
+            nn.init.kaiming_uniform_(head.weight, a=5**0.5, generator=generator)  # = uniform(±1/sqrt(F))
+            nn.init.uniform_(head.bias, -bound, bound, generator=generator)
+        else:
+            raise ValueError(f"unknown head initialisation {init!r}: one of {HEAD_INITS}")
     return head

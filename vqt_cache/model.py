@@ -21,11 +21,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from vqt_cache import methods
+from vqt_cache import methods, recipe
 from vqt_cache.backbones import Backbone, capturing_probes
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import DEFAULT_QUERY_PATH, batch_axis
-from vqt_cache.heads import token_means
+from vqt_cache.heads import linear_head, token_means
 from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 from vqt_cache.recipe import DROPOUT, METHOD
@@ -49,7 +49,9 @@ class RunParameters(nn.Module):
         dropout: float = DROPOUT,
         seed: int = 0,
         heads: int = 0,
+        head_init: str | None = None,
     ) -> None:
+        """`head_init`: how the head is drawn (`heads.linear_head`); None: as the method's own recipe does."""
         super().__init__()
         self.method = methods.get(method)
         self.size = self.method.check_size(num_queries)
@@ -59,7 +61,9 @@ class RunParameters(nn.Module):
         T = self.method.num_queries(self.size)
         self.queries = Queries(depth, T, dim, query_init_bound(patch_size, dim), dropout, generator)
         self.probe = self.method.probe(self.size, geometry, generator)
-        self.head = self.method.head(self.method.feature_dim(self.size, geometry), num_classes, generator)
+        if head_init is None:
+            head_init = recipe.OPTIMIZATIONS[self.method.recipe].head_init
+        self.head = linear_head(self.method.feature_dim(self.size, geometry), num_classes, generator, head_init)
 
     @classmethod
     def from_table(cls, table: dict, dropout: float = 0.0) -> RunParameters:

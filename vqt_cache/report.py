@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vqt_cache import methods
+from vqt_cache import methods, recipe
 from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import read_evaluation
 from vqt_cache.files import DamagedFile, read_json, write_bytes, write_json
@@ -42,6 +42,15 @@ def _check_recipe(p: Pipeline, run: FinishedRun, phase: str) -> None:
     proto = p.protocol
     splits = {"select": (proto.select_train, proto.select_eval), "final": (proto.final_train, proto.final_eval)}[phase]
     have = config["recipe"]
+    optimization = config["recipe"].get("optimization")
+    found = optimization.get("name") if isinstance(optimization, dict) else None
+    expected = recipe.optimization(run.method, p.recipe).name
+    if found != expected:
+        raise VQTError(
+            f"run folder {folder} was trained with the {found} recipe, the pipeline's recipe = {p.recipe!r} trains "
+            f"{run.method} with {expected}'s; re-run the sweep into a new runs_root, or report the pipeline it was "
+            "trained with"
+        )
     if any(have.get(k) != want[k] for k in want):
         key = next(k for k in want if have.get(k) != want[k])
         raise VQTError(
@@ -121,6 +130,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                     "group": p.group_of(entry),
                     "method": method,
                     "T": T,
+                    "recipe": recipe.optimization(method, p.recipe).name,
                     "lr": None,
                     "wd": None,
                     "val_top1": None,
@@ -145,6 +155,7 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                 "group": p.group_of(entry),
                 "method": method,
                 "T": T,
+                "recipe": recipe.optimization(method, p.recipe).name,
                 "lr": choice["lr"],
                 "wd": choice["wd"],
                 "val_top1": choice["val_top1"],
@@ -244,6 +255,7 @@ def _csv(rows: list[dict]) -> str:
         "label",
         "method",
         "T",
+        "recipe",
         "lr",
         "wd",
         "val_top1",
@@ -299,6 +311,17 @@ def _markdown(p: Pipeline, rows: list[dict], top: list[dict]) -> str:
         "run (non-finite loss) is never selected nor averaged. Means over datasets in two conventions: the mean "
         "of the group means, and the mean of tasks.",
         "",
+        f"Recipe: {p.recipe}: "
+        + (
+            "each method trained with its paper's optimizer, learning-rate grid, schedule and head initialisation "
+            "(the recipe column below; docs/method.md §9)"
+            if p.recipe == "own"
+            else "every method trained with VQT's (Adam, VQT's grid, warm-up and cosine per epoch): a controlled "
+            "comparison, not the papers' own recipes"
+        )
+        + f"; {proto.epochs} epochs at batch {proto.batch_size} for every method, on cached features "
+        "(no augmentation).",
+        "",
         "## Headline",
         "",
         f"VQT at each dataset's T ({', '.join(f'{d}: {T}' for d, T in with_T.items())}; of several Ts, the one "
@@ -328,12 +351,13 @@ def _markdown(p: Pipeline, rows: list[dict], top: list[dict]) -> str:
         "",
         "## Selected hyper-parameters",
         "",
-        f"| dataset | method | lr | wd | {proto.select_eval} top-1 |",
-        "|---|---|---|---|---|",
+        f"| dataset | method | recipe | lr | wd | {proto.select_eval} top-1 |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r["label"].endswith("compressed") and r["lr"] is not None:
-            lines.append(f"| {r['dataset']} | {r['label']} | {r['lr']:g} | {r['wd']:g} | {_pct(r['val_top1'])} |")
+            cells = (r["dataset"], r["label"], r["recipe"], f"{r['lr']:g}", f"{r['wd']:g}", _pct(r["val_top1"]))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

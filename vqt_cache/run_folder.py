@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vqt_cache import methods, recipe
 from vqt_cache.errors import VQTError, recorded
 from vqt_cache.files import (
     DamagedFile,
@@ -77,6 +78,12 @@ def read_config(path: Path) -> dict:
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise DamagedFile(path / "config.json", f"run {key} is {value!r}")
     config["recipe"].setdefault("precision", "float32")  # runs from before precision was recorded
+    if "recipe" not in config["run"]:  # runs from before issue 30, when every method trained with VQT's recipe
+        own = methods.get(config["run"]["method"]).recipe == recipe.VQT_RECIPE.name
+        config["run"]["recipe"] = "own" if own else "shared"  # as RunSpec names that recipe
+        config["recipe"].setdefault("optimization", recipe.VQT_RECIPE.record())
+    if not isinstance(config["run"]["recipe"], str):
+        raise DamagedFile(path / "config.json", f"run recipe is {config['run']['recipe']!r}")
     return config
 
 
@@ -312,6 +319,7 @@ class FinishedRun:
     lr: float
     wd: float
     seed: int
+    recipe: str  # "own" or "shared"
 
     @property
     def diverged(self) -> bool:
@@ -339,7 +347,7 @@ def finished_runs(folders: list[Path]) -> list[FinishedRun]:
         config = read_config(folder)
         metrics = read_json(folder / "metrics.json")
         if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
-            runs.append(FinishedRun(folder, config, metrics, **{k: config["run"][k] for k in RUN_TYPES}))
+            runs.append(FinishedRun(folder, config, metrics, **{k: config["run"][k] for k in (*RUN_TYPES, "recipe")}))
     return runs
 
 

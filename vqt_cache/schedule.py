@@ -1,6 +1,12 @@
-"""The optimization recipe that training and compression share (docs/method.md §5): Adam with decay on the weights
-and none on the biases, a learning rate scaled by batch/256 and stepped per epoch (linear warm-up, then cosine),
-and everything random drawn from (seed, epoch) so that a resumed run replays an uninterrupted one."""
+"""The optimizers and schedules of the papers' recipes (`recipe.Optimization`; docs/method.md §5 and §9), and
+everything random drawn from (seed, epoch) so that a resumed run replays an uninterrupted one.
+
+VQT's: Adam with coupled L2 decay on the weights and none on the biases, a learning rate scaled by batch/256 and
+stepped per epoch (linear warm-up, then cosine); compression uses it too. DINOv2's linear protocol: SGD with
+momentum 0.9, the lr scaled by batch/256 and annealed by a cosine every step, the schedule advanced after each
+update. V-JEPA's probe: AdamW, a per-step cosine on the lr and on the weight decay (to 1e-6), both advanced before
+each update, gradients clipped to norm 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import math
 
 import numpy as np
 import torch
+
+from vqt_cache.recipe import Optimization
 
 
 def adam(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], wd: float) -> torch.optim.Adam:
@@ -20,11 +28,61 @@ def adam(decayed: list[torch.Tensor], undecayed: list[torch.Tensor], wd: float) 
     return torch.optim.Adam(groups, lr=0.0, fused=cuda or None, foreach=not cuda or None)
 
 
+def optimizer(
+    recipe: Optimization, decayed: list[torch.Tensor], undecayed: list[torch.Tensor], wd: float
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer, weight decay `wd` on `decayed` and none on `undecayed` (biases and norms); its
+    learning rate (and V-JEPA's weight decay) are set before each step by `set_rates`."""
+    if recipe.optimizer == "adam":
+        return adam(decayed, undecayed, wd)
+    groups = [{"params": decayed, "weight_decay": wd}, {"params": undecayed, "weight_decay": 0.0}]
+    cuda = decayed[0].is_cuda
+    fast = {"fused": cuda or None, "foreach": not cuda or None}
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **fast)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, **fast)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
 def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
-    """Linear warm-up then cosine, stepped per epoch: e/W for e < W, else 0.5·(1 + cos(π(e−W)/(E−W)))."""
+    """Linear warm-up then cosine: e/W for e < W, else 0.5·(1 + cos(π(e−W)/(E−W))); e and E in epochs or steps."""
     if epoch < warmup:
         return epoch / warmup
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+def rates(
+    recipe: Optimization,
+    base_lr: float,
+    wd: float,
+    batch_size: int,
+    epoch: int,
+    step: int,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: int,
+) -> tuple[float, float]:
+    """The learning rate and weight decay of the update at (`epoch`, `step` within it), as the recipe schedules
+    them: per epoch or per step, warm-up (the pass's `warmup_epochs`) or none, the schedules advanced before the
+    update or after it, and a cosine weight decay where the recipe has one."""
+    lr = base_lr * batch_size / 256 if recipe.scale_lr else base_lr
+    warmup = warmup_epochs if recipe.warmup else 0
+    if recipe.per_step:
+        t, total = epoch * steps_per_epoch + step + recipe.step_first, epochs * steps_per_epoch
+        warmup *= steps_per_epoch
+    else:
+        t, total = epoch, epochs
+    if recipe.final_wd is not None:  # V-JEPA's CosineWDSchedule: over all steps, held at final_wd
+        cosine = recipe.final_wd + (wd - recipe.final_wd) * 0.5 * (1 + math.cos(math.pi * t / total))
+        wd = max(recipe.final_wd, cosine) if recipe.final_wd <= wd else min(recipe.final_wd, cosine)
+    return lr * lr_factor(t, total, warmup), wd
+
+
+def set_rates(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Every group's learning rate, and the decayed group's (the first) weight decay."""
+    set_epoch_lr(optimizer, lr)
+    optimizer.param_groups[0]["weight_decay"] = wd
 
 
 def epoch_lr(base_lr: float, batch_size: int, epoch: int, epochs: int, warmup: int) -> float:

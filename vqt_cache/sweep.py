@@ -81,6 +81,9 @@ class Protocol(Recipe):
 
 @dataclass(frozen=True)
 class Grid:
+    """VQT's grid: every method's under recipe = "shared"; under "own", a method with a recipe of its own searches
+    its paper's grid (`recipe.Optimization.lrs`, `.wds`)."""
+
     __pydantic_config__ = _STRICT
     lr: tuple[float, ...] = recipe.GRID_LRS  # base lrs, scaled by batch/256
     wd: tuple[float, ...] = recipe.GRID_WDS
@@ -110,6 +113,7 @@ class Pipeline:
     description: str = ""
     protocol: Protocol = field(default_factory=Protocol)
     grid: Grid = field(default_factory=Grid)
+    recipe: str = recipe.RECIPE  # "own": each method its paper's optimization; "shared": VQT's (last: it shadows)
 
     @property
     def root(self) -> Path:
@@ -175,6 +179,10 @@ def _check(p: Pipeline, path: Path) -> None:
     """Values the types allow but the protocol does not, caught before any training starts."""
     if not p.grid.lr or not p.grid.wd or not p.protocol.final_seeds:
         raise VQTError(f"pipeline file {path}: the grid (lr, wd) and final_seeds must not be empty")
+    if p.recipe not in recipe.RECIPE_CHOICES:
+        raise VQTError(
+            f"pipeline file {path}: recipe must be own (each method its paper's) or shared, got {p.recipe!r}"
+        )
     if not 0 < p.keep <= 1:
         raise VQTError(f"pipeline file {path}: keep must be in (0, 1], got {p.keep}")
     others = [name for name in methods.names() if name != VQT.name]
@@ -250,8 +258,13 @@ def select(runs: list[FinishedRun]) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...]:
-    seeds = [p.protocol.select_seed]
-    return grid([VQT.name, *p.baselines], list(entry.queries), list(p.grid.lr), list(p.grid.wd), seeds)
+    """Each method over its recipe's grid: the pipeline's [grid] where that recipe is VQT's, else its paper's."""
+    specs = []
+    for name in (VQT.name, *p.baselines):
+        optimization = recipe.optimization(name, p.recipe)
+        lrs, wds = (p.grid.lr, p.grid.wd) if optimization is recipe.VQT_RECIPE else (optimization.lrs, optimization.wds)
+        specs += grid([name], list(entry.queries), list(lrs), list(wds), [p.protocol.select_seed], [p.recipe])
+    return tuple(specs)
 
 
 def _configurations(p: Pipeline, entry: DatasetEntry) -> int:
@@ -333,7 +346,7 @@ def run_sweep(
             on_run(done, total)
         chosen = select(finished_runs(run_folders(p.folder(entry, "select"))))
         finals = tuple(
-            RunSpec(m, t, c["lr"], c["wd"], seed)
+            RunSpec(m, t, c["lr"], c["wd"], seed, c["recipe"])
             for (m, t), c in sorted(chosen.items())
             for seed in p.protocol.final_seeds
         )

@@ -114,6 +114,7 @@ class _Trainer:
                 cfg.dropout,
                 s.seed,
                 backbone.heads,
+                s.optimization.head_init,
             )
             for s in specs
         ]
@@ -121,15 +122,19 @@ class _Trainer:
         self.optimizers = []
         for run, spec in zip(runs, specs, strict=True):
             decayed, plain = _parameter_groups(run)
-            self.optimizers.append(schedule.adam(decayed, plain, spec.wd))
+            self.optimizers.append(schedule.optimizer(spec.optimization, decayed, plain, spec.wd))
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.history: list[list[dict]] = [[] for _ in specs]
         self.diverged: list[str | None] = [None] * len(specs)  # why, once a run has diverged
         self.start_epoch = self._resume()
 
-    def _lr(self, spec: RunSpec, epoch: int) -> float:
-        cfg = self.cfg
-        lr = spec.lr * methods.get(spec.method).lr_scale
-        return schedule.epoch_lr(lr, cfg.batch_size, epoch, cfg.epochs, cfg.warmup_epochs)
+    def _rates(self, spec: RunSpec, epoch: int, step: int) -> tuple[float, float]:
+        """The run's learning rate and weight decay at this step, as its recipe schedules them."""
+        cfg, optimization = self.cfg, spec.optimization
+        lr = spec.lr * (methods.get(spec.method).lr_scale if optimization is recipe.VQT_RECIPE else 1.0)
+        return schedule.rates(
+            optimization, lr, spec.wd, cfg.batch_size, epoch, step, self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs
+        )
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _resume(self) -> int:
@@ -185,7 +190,7 @@ class _Trainer:
 
     def run(self, progress: Progress | None, timing: dict[str, float]) -> None:
         cfg = self.cfg
-        steps_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
+        steps_per_epoch = self.steps_per_epoch
         label = f"train seed {self.seed} ({len(self.specs)} run{'s' if len(self.specs) > 1 else ''})"
         total = cfg.epochs * steps_per_epoch
         step = self.start_epoch * steps_per_epoch
@@ -193,22 +198,26 @@ class _Trainer:
             progress(label, step, total)
         for epoch in range(self.start_epoch, cfg.epochs):
             started = time.perf_counter()
-            for spec, optimizer in zip(self.specs, self.optimizers, strict=True):
-                schedule.set_epoch_lr(optimizer, self._lr(spec, epoch))
             self.model.train()
             generators = [
                 torch.Generator(self.device).manual_seed(schedule.derived_seed(s.seed, epoch)) for s in self.specs
             ]
             # summed on the device and read once per epoch: a per-step read would wait for every step (on a GPU)
             losses = torch.zeros(len(self.specs), dtype=torch.float64, device=self.device)
-            for batch in self.train_data.batches(self.train_data.shuffled(self.seed, epoch)):
+            for i, batch in enumerate(self.train_data.batches(self.train_data.shuffled(self.seed, epoch))):
+                for spec, optimizer in zip(self.specs, self.optimizers, strict=True):
+                    schedule.set_rates(optimizer, *self._rates(spec, epoch, i))
                 per_run = [
                     F.cross_entropy(out, batch.labels)
                     for out in self.model(batch.final, batch.cache, generators, batch.means, batch.probes)
                 ]
                 torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
-                for optimizer, diverged in zip(self.optimizers, self.diverged, strict=True):
+                for spec, run, optimizer, diverged in zip(
+                    self.specs, self.model.runs, self.optimizers, self.diverged, strict=True
+                ):
                     if diverged is None:
+                        if spec.optimization.clip is not None:
+                            torch.nn.utils.clip_grad_norm_(run.parameters(), spec.optimization.clip)
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses += torch.stack(per_run).detach().double() * len(batch.rows)
@@ -231,7 +240,7 @@ class _Trainer:
                 loss = losses[i].item() / len(self.train_data)
                 entry = {
                     "epoch": epoch + 1,  # epochs are numbered 1..E everywhere: metrics.json, metrics.csv, timing
-                    "lr": self._lr(spec, epoch),
+                    "lr": self._rates(spec, epoch, 0)[0],  # of the epoch's first step
                     "train_loss": loss if math.isfinite(loss) else None,
                 }
                 if evaluated[i] is not None:
@@ -296,7 +305,7 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
     method, geometry = methods.get(spec.method), Geometry.of(backbone)
     return {
         "run": asdict(spec),
-        "recipe": cfg.recipe(),
+        "recipe": {**cfg.recipe(), "optimization": spec.optimization.record()},  # the pass's, and the run's own
         "splits": splits,
         "store": {
             "url": absolute_url(store.url),  # evaluate and predict find it from any working directory
@@ -392,17 +401,23 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
 
 
 def grid(
-    names: list[str], queries: list[int], lrs: list[float], wds: list[float], seeds: list[int]
+    names: list[str],
+    queries: list[int],
+    lrs: list[float | None],
+    wds: list[float | None],
+    seeds: list[int],
+    recipes: list[str] = [recipe.RECIPE],  # noqa: B006 (never mutated)
 ) -> tuple[RunSpec, ...]:
     """Every combination; each method trains its own sizes for the `queries` asked (`Method.sizes`: VQT those T,
-    linear-multi n = 1 and 4, the others one), duplicates dropped."""
+    linear-multi n = 1 and 4, the others one), duplicates dropped. An lr or wd of None is the run's recipe's."""
     specs = []
     for method in names:
         for T in methods.get(method).sizes(queries):
             for lr in lrs:
                 for wd in wds:
                     for seed in seeds:
-                        spec = RunSpec(method, T, lr, wd, seed)
-                        if spec not in specs:
-                            specs.append(spec)
+                        for choice in recipes:
+                            spec = RunSpec(method, T, lr, wd, seed, choice)
+                            if spec not in specs:
+                                specs.append(spec)
     return tuple(specs)

@@ -71,7 +71,8 @@ class Attentive(Method):
     label = "attentive probe"
     reads = frozenset({"probes"})
     version = 2  # 1: with an output projection, LayerNorm eps 1e-6 and VQT's head (vqt-cache before issue 30)
-    lr_scale = 0.01  # the grid's base lrs 1 .. 0.05 become 0.01 .. 5e-4, around V-JEPA's probe lr (Adam over a block)
+    recipe = "vjepa-probe"
+    lr_scale = 0.01  # shared recipe: the grid's base lrs 1 .. 0.05 become 0.01 .. 5e-4 (Adam over a block diverges)
     style = (0, (5, 1, 1, 1))  # dash-dot-dot: beside linear-multi's dash-dot
 
     def check_geometry(self, size: int, geometry: Geometry) -> None:
@@ -80,15 +81,6 @@ class Attentive(Method):
 
     def probe(self, size: int, geometry: Geometry, generator: torch.Generator) -> nn.Module:
         return AttentivePooler(geometry.dim, geometry.heads, generator)
-
-    def head(self, in_features: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
-        """V-JEPA's classifier head: torch's default Linear initialisation, drawn from `generator`."""
-        head = nn.Linear(in_features, num_classes)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=generator)  # = uniform(+-1/sqrt(D))
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(head.bias, -bound, bound, generator=generator)
-        return head
 
     def features(self, size: int, probe: AttentivePooler, inputs: Inputs) -> torch.Tensor:
         return probe(inputs.tokens)

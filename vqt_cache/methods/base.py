@@ -2,8 +2,9 @@
 
 A run (`model.RunParameters`) is a method at one size with its parameters: T query tokens per layer (VQT only:
 they ride the shared query path, `query.QueryPath`), the method's own `probe` module (the attentive probe's
-cross-attention block; most methods have none) and a linear head over the method's features. Initialisation
-draws queries, then the probe, then the head, from one generator seeded with the run's seed.
+cross-attention block; most methods have none) and a linear head over the method's features, initialised as the
+run's recipe says (`recipe.Optimization.head_init`). Initialisation draws queries, then the probe, then the head,
+from one generator seeded with the run's seed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Method:
     compressible: bool = False  # group-lasso compression (docs/method.md §6) applies
     live_predict: bool = True  # `predict` and exports can run it on images
     style: str = "--"  # its line in the report's plots (VQT's are solid)
-    lr_scale: float = 1.0  # its learning rate is the grid's times this (a deep probe needs smaller steps)
+    recipe: str = "vqt"  # its paper's optimization (`recipe.OPTIMIZATIONS`), which recipe "own" trains it with
+    lr_scale: float = 1.0  # under the shared (VQT's) recipe, its learning rate is the grid's times this
     version: int = 1  # raised when its forward or initialisation changes: runs of another version are not reused
 
     # -- sizes and names ---------------------------------------------------------------------------------------
@@ -98,12 +100,6 @@ class Method:
     def probe(self, size: int, geometry: Geometry, generator: torch.Generator) -> nn.Module | None:
         """The method's own trainable module (None: only queries and head)."""
         return None
-
-    def head(self, in_features: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
-        """The linear head over its features, initialised as its paper does (default: VQT's, `heads.linear_head`)."""
-        from vqt_cache.heads import linear_head
-
-        return linear_head(in_features, num_classes, generator)
 
     def check_version(self, version: int) -> None:
         """Nothing, or one sentence: a run recorded with another version of this method is not this method's."""

@@ -14,6 +14,7 @@ class Linear(Method):
     name = "linear"
     label = "linear probe"
     version = 2  # 1: f_0 L2-normalised (now `linear-norm`; before issue 30)
+    recipe = "dinov2-linear"  # DINOv2's classifier with n = 1 and no average pool is this probe
     style = "--"
 
     def features(self, size: int, probe: None, inputs: Inputs) -> torch.Tensor:
@@ -24,6 +25,7 @@ class LinearNorm(Linear):
     name = "linear-norm"
     label = "linear probe on f_0/|f_0|"
     version = 1
+    recipe = "vqt"  # VQT with T = 0
     style = (0, (1, 1))  # dotted densely: beside linear's dashes
 
     def features(self, size: int, probe: None, inputs: Inputs) -> torch.Tensor:

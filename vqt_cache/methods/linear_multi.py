@@ -20,6 +20,7 @@ from vqt_cache.methods.base import Geometry, Inputs, Method
 
 class LinearMulti(Method):
     name = "linear-multi"
+    recipe = "dinov2-linear"
     label = "linear-multi (DINOv2)"
     size = "n"
     default_sizes = (1, 4)
