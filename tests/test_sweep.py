@@ -266,3 +266,27 @@ def test_a_test_set_left_uncached_is_evaluated_live_with_the_same_results(tmp_pa
     assert [(r["label"], r["test_top1_mean"]) for r in reports["live"]] == [
         (r["label"], r["test_top1_mean"]) for r in reports["cached"]
     ]
+
+
+def test_a_report_refuses_runs_of_another_recipe(tmp_path, sweep_store):
+    """A pipeline's runs are all trained with its recipe: a run trained with VQT's recipe under a pipeline that
+    says each method's own is refused by name, not averaged into the table."""
+    import dataclasses
+
+    p = load_pipeline(write_pipeline(tmp_path, sweep_store, tmp_path / "runs"))
+    entry = p.datasets[0]
+    shared = RunSpec("linear", 0, 0.5, 1e-3, p.protocol.select_seed, "shared")
+    proto = dataclasses.asdict(p.protocol)
+    recipe_keys = {k: proto[k] for k in ("epochs", "warmup_epochs", "batch_size", "dropout", "precision")}
+    train(
+        TrainConfig(
+            store=sweep_store,
+            runs=(shared,),
+            train_split=p.protocol.select_train,
+            eval_split=p.protocol.select_eval,
+            out=str(p.folder(entry, "select") / shared.name),
+            **recipe_keys,
+        )
+    )
+    with pytest.raises(VQTError, match=f"{shared.name} was trained with the vqt recipe, the pipeline's recipe = 'own'"):
+        write_report(p)

@@ -284,6 +284,27 @@ def test_recipe_values_are_checked(tiny_store, tmp_path):
     assert torch.get_num_threads() >= 1
 
 
+def test_a_run_trains_with_its_methods_recipe_unless_shared(tiny_store, tmp_path):
+    """Each method's own recipe by default, VQT's under shared: in the run's name (where it differs), its defaults,
+    its config.json; a recipe that is neither is one sentence."""
+    code, out = run_cli("train", "--store", tiny_store, "--method", "linear", "--recipe", "mine")
+    assert error_line(code, out) == (
+        "error: unknown recipe 'mine': use own (each method its paper's) or shared (VQT's for all)"
+    )
+    specs = grid(["vqt", "linear"], [1], [None], [None], [0], ["own", "shared"])
+    assert [s.name for s in specs] == [
+        "vqt-T1-lr0.5-wd0.001-seed0",  # VQT's own recipe is the shared one: one run
+        "linear-lr0.001-wd0-seed0",  # DINOv2's default lr, no weight decay
+        "linear-lr0.5-wd0.001-seed0-shared",
+    ]
+    results = train(cfg(tiny_store, tmp_path, runs=specs[1:], epochs=2))
+    recorded = [json.loads((Path(r.dir) / "config.json").read_text()) for r in results]
+    assert [(c["run"]["recipe"], c["recipe"]["optimization"]["optimizer"]) for c in recorded] == [
+        ("own", "sgd"),
+        ("shared", "adam"),
+    ]
+
+
 def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     """Trained queries make the attention produce subnormal floats, which x86 CPUs compute ~4× slower: training and
     evaluation run with them flushed to zero (checked on the arithmetic of the training thread, not by timing)."""

@@ -569,24 +569,31 @@ def export(
 def demo(
     root: Annotated[str, typer.Option(help="where the demo leaves its store and runs")] = "data",
     epochs: Annotated[int, typer.Option(help="training epochs")] = 50,
+    recipe_choice: Annotated[
+        str, typer.Option("--recipe", help="own (each method its paper's recipe) or shared (VQT's for all)")
+    ] = recipe.RECIPE,
 ) -> None:
     """The whole pipeline on scikit-learn's bundled digits, no downloads: extract, train VQT and baselines.
 
-    Example:
+    Examples:
       vqt-cache demo
+      vqt-cache demo --recipe shared
     """
-    from vqt_cache.demo import LRS, run_demo
+    from vqt_cache.demo import run_demo
 
     with _progress("step") as update:
-        rows = run_demo(root, epochs=epochs, progress=update, say=console.print)
-    table = Table(title="digits: frozen tiny ViT (pretrained on digit parity), transfer to the 10 digits")
-    for column in ("method", "T", "val top-1", "test top-1", f"{len(LRS)}-lr pass s", "pass img/s"):
+        rows = run_demo(root, epochs=epochs, recipe_choice=recipe_choice, progress=update, say=console.print)
+    title = f"digits: frozen tiny ViT (pretrained on digit parity), transfer to the 10 digits; recipe {recipe_choice}"
+    table = Table(title=title)
+    for column in ("method", "T", "recipe", "configs", "val top-1", "test top-1", "pass s", "pass img/s"):
         table.add_column(column, justify="right")
     for r in rows:
         size = methods.get(r["method"]).size
         table.add_row(
             r["method"],
             "-" if size is None else str(r["T"]) if size == "T" else f"{size}={r['T']}",
+            r["recipe"],
+            str(r["configs"]),
             f"{100 * r['val']:.1f}",
             f"{100 * r['test']:.1f}",
             f"{r['seconds']:.1f}",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vqt_cache import recipe
 from vqt_cache.backbones import load_backbone
 from vqt_cache.config import ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.datasets import ImageSplit, digits, preprocessing
@@ -28,7 +29,7 @@ from vqt_cache.training import grid, train
 
 BACKBONE = "vit_tiny_patch16_224"
 MODEL = {"img_size": 32, "patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}
-LRS = [1.0, 0.25, 0.05]
+LRS = [1.0, 0.25, 0.05]  # of VQT's grid, at weight decay 0; a method with a recipe of its own searches its paper's
 SEED = 42
 
 
@@ -78,9 +79,14 @@ def extract_config(weights: Path, out: str, splits: tuple[str, ...], **options: 
 
 
 def run_demo(
-    root: str | Path = "data", epochs: int = 50, progress=None, say: Callable[[str], Any] = print
+    root: str | Path = "data",
+    epochs: int = 50,
+    recipe_choice: str = recipe.RECIPE,
+    progress=None,
+    say: Callable[[str], Any] = print,
 ) -> list[dict]:
-    """Pretrain (once), extract (once), train every method with a small lr grid, select on val, test the best."""
+    """Pretrain (once), extract (once), train every method with a small lr grid (`recipe_choice` "own": each method
+    with its paper's recipe and grid, VQT's cut to `LRS`; "shared": VQT's for all), select on val, test the best."""
     if epochs < 2:  # one warm-up epoch, then the cosine
         raise VQTError(f"the demo needs --epochs >= 2, got {epochs}")
     root = Path(root)
@@ -93,17 +99,21 @@ def run_demo(
     say(f"stage one: extracting digits once into {store}")
     extract(extract_config(weights, store, ("train800", "val200", "train800val200", "test")), progress=progress)
     say("stage two: training from the cache alone (lr grid per method, selected on val200)")
+    parent = root / "runs" / "digits" / "demo"
     groups = [("linear", [0]), ("pooled", [0]), ("linear-multi", [0]), ("attentive", [0]), ("vqt", [1]), ("vqt", [4])]
     rows = []
     for method, queries in groups:
-        specs = grid([method], queries, LRS, [0.0], [SEED])
+        optimization = recipe.optimization(method, recipe_choice)
+        own = optimization is not recipe.VQT_RECIPE
+        lrs, wds = (list(optimization.lrs), list(optimization.wds)) if own else (LRS, [0.0])
+        specs = grid([method], queries, lrs, wds, [SEED], [recipe_choice])
         results = train(
             TrainConfig(
                 store=store,
                 runs=specs,
                 epochs=epochs,
                 warmup_epochs=max(epochs // 10, 1),
-                out=str(root / "runs" / "digits" / "demo"),
+                out=str(parent / specs[0].name if len(specs) == 1 else parent),  # one run: --out is its folder
                 eval_every=epochs,
             ),
             progress=progress,
@@ -118,6 +128,8 @@ def run_demo(
                 "method": method,
                 "T": next(s.queries for s in specs if s.name == best.name),  # linear-multi: n, selected on val
                 "run": best.name,
+                "recipe": optimization.name,
+                "configs": len(specs),
                 "val": best.final["top1"],
                 "test": evaluate(best.dir, "test")[0].top1,
                 "seconds": timing["train_seconds"],
