@@ -640,7 +640,8 @@ def _print_report(report: dict) -> None:
     """The headline (VQT at each dataset's T, beside the baselines); results.md has every T and each seed."""
     selected_on, tested_on = report["select_eval"], report["final_eval"]
     table = Table(title=f"{tested_on} top-1 (%), mean ± sample std over seeds; (lr, wd) selected on {selected_on}")
-    for column in ("dataset", "method", "T", "lr", "wd", f"{selected_on} top-1", f"{tested_on} top-1", "seeds"):
+    columns = ("dataset", "method", "T", "recipe", "lr", "wd", f"{selected_on} top-1", f"{tested_on} top-1", "seeds")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in report["headline"]:
         if r["diverged"]:
@@ -656,6 +657,7 @@ def _print_report(report: dict) -> None:
             r["dataset"],
             r["label"],
             str(r["T"]) if methods.get(r["method"]).size else "-",
+            r["recipe"],
             "-" if r["lr"] is None else f"{r['lr']:g}",
             "-" if r["wd"] is None else f"{r['wd']:g}",
             "-" if r["val_top1"] is None else f"{100 * r['val_top1']:.2f}",
