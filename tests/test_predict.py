@@ -47,7 +47,7 @@ def test_predict_equals_cached_path(tmp_path):
     assert code == 0 and [r["class"] for r in json.loads(out)] == [r.class_name for r in live[:2]]
     # one exported file predicts exactly what the run does, with the store gone
     code, out = run_cli("export", run.dir)
-    exported = tmp_path / "run.safetensors"
+    exported = tmp_path / "run" / "run.safetensors"  # inside the run folder, named after it
     assert code == 0 and exported.is_file(), out
     shutil.move(store, tmp_path / "gone.zarr")
     from_file = predict(exported, files)

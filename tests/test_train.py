@@ -305,6 +305,20 @@ def test_a_run_trains_with_its_methods_recipe_unless_shared(tiny_store, tmp_path
     ]
 
 
+def test_an_export_by_default_leaves_the_runs_parent_to_runs(tiny_store, tmp_path):
+    """`export RUN` writes into the run folder: the next `train` into the runs' parent is not refused."""
+    first = RunSpec("linear", 0, seed=1)
+    run = train(cfg(tiny_store, tmp_path, runs=(first, RunSpec("linear", 0, seed=2)), epochs=2))[0]
+    code, out = run_cli("export", run.dir)
+    assert code == 0 and (Path(run.dir) / f"{first.name}.safetensors").is_file(), out
+    assert [
+        r.skipped for r in train(cfg(tiny_store, tmp_path, runs=(first, RunSpec("linear", 0, seed=3)), epochs=2))
+    ] == [
+        True,
+        False,
+    ]
+
+
 def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     """Trained queries make the attention produce subnormal floats, which x86 CPUs compute ~4× slower: training and
     evaluation run with them flushed to zero (checked on the arithmetic of the training thread, not by timing)."""

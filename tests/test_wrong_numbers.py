@@ -270,8 +270,9 @@ def test_a_compressed_run_exports_its_compressed_head(trained, tmp_path):
     code, text = run_cli("export", str(run))
     assert code == 0 and "export " in text and "for its compressed one" in text, text
     [from_folder] = json.loads(run_cli("predict", str(run / "compressed"), str(image), "--json")[1])
-    [from_export] = json.loads(run_cli("predict", f"{run}.compressed.safetensors", str(image), "--json")[1])
-    [full] = json.loads(run_cli("predict", f"{run}.safetensors", str(image), "--json")[1])
+    exports = run / f"{run.name}.compressed.safetensors", run / f"{run.name}.safetensors"  # inside the run folder
+    [from_export] = json.loads(run_cli("predict", str(exports[0]), str(image), "--json")[1])
+    [full] = json.loads(run_cli("predict", str(exports[1]), str(image), "--json")[1])
     assert from_export["logits"] == pytest.approx(from_folder["logits"], abs=1e-5)
     assert full["logits"] != pytest.approx(from_folder["logits"], abs=1e-5)
     head = run / "compressed" / "model.safetensors"

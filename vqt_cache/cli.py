@@ -542,14 +542,17 @@ def predict(
 @app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder, or its compressed/ folder")],
-    out: Annotated[str | None, typer.Option(help="the file to write (default: <run folder>.safetensors)")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="the file to write (default: <run folder>/<run name>.safetensors)")
+    ] = None,
     store: MovedStore = None,
 ) -> None:
     """Write one standalone file (frozen backbone + queries + head + preprocessing) that `predict` takes.
 
     Example:
       vqt-cache export data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42
-      vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42.safetensors bird.jpg
+      vqt-cache predict data/runs/cub/vit_b16/vqt-T10-lr0.5-wd0.001-seed42/vqt-T10-lr0.5-wd0.001-seed42.safetensors \
+          bird.jpg
       vqt-cache export data/runs/cub/vit_b16/vqt-T1-lr0.5-wd0.001-seed42/compressed   # the compressed head
     """
     from vqt_cache.export import export_run

@@ -60,14 +60,15 @@ def _checksum(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: str | None = None) -> Path:
-    """Write the run's export file (default: <run folder>.safetensors beside it, or <run folder>.compressed.safetensors
-    for `<run>/compressed`, the compressed head) and return its path. An existing file is replaced only if it is an
-    export itself."""
+    """Write the run's export file and return its path. By default it goes inside the run folder, named after the
+    run (`<run>/<run>.safetensors`, or `<run>/<run>.compressed.safetensors` for `<run>/compressed`, the compressed
+    head): beside the run folders it would be an entry of the runs' parent that is not a run, which a later `train`
+    into that parent refuses. An existing file is replaced only if it is an export itself."""
     parent = compressed_run(run_dir)
     compressed = parent is not None
     folder = parent or Path(run_dir)
     loaded = load_run(folder, store_url)
-    default = str(folder.resolve()) + (f".{COMPRESSED}" if compressed else "") + SUFFIX
+    default = folder / (folder.resolve().name + (f".{COMPRESSED}" if compressed else "") + SUFFIX)
     path = Path(out) if out is not None else Path(default)
     if path.is_dir() or path.exists() and not _is_ours(path):
         raise VQTError(f"{path} exists and is not a vqt-cache export; it is left untouched: choose another --out")
