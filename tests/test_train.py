@@ -319,6 +319,36 @@ def test_an_export_by_default_leaves_the_runs_parent_to_runs(tiny_store, tmp_pat
     ]
 
 
+def test_piped_output_is_neither_wrapped_nor_cut_and_progress_names_the_runs(tiny_store, tmp_path):
+    """Output to a pipe (a log, CI, Slurm) keeps every line whole: the run folder's path and name are not broken
+    at 80 columns nor cut to "..."; progress lines say which methods and sizes train; the API reports the same."""
+    import subprocess
+    import sys
+
+    out = tmp_path / ("a-folder-with-a-long-name-" * 4) / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    args = ["train", "--store", tiny_store, "--method", "vqt,linear", "--queries", "2", "--epochs", "2"]
+    args += ["--warmup-epochs", "1", "--eval-split", "none", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "vqt_cache", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(str(out / "vqt-T2-lr0.5-wd0.001-seed42") in line for line in lines), done.stdout
+    assert any(line.startswith("train seed 42: VQT T=2, linear probe (2 runs): ") for line in lines), done.stdout
+    seen = []
+    from vqt_cache import api
+
+    api.train(
+        store=tiny_store,
+        method="linear",
+        epochs=2,
+        warmup_epochs=1,
+        eval_split="none",
+        out=str(tmp_path / "api"),
+        progress=lambda name, done, total: seen.append(name),
+    )
+    assert seen and set(seen) == {"train seed 42: linear probe (1 run)"}
+
+
 def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     """Trained queries make the attention produce subnormal floats, which x86 CPUs compute ~4× slower: training and
     evaluation run with them flushed to zero (checked on the arithmetic of the training thread, not by timing)."""

@@ -7,11 +7,16 @@ and run folders:
     summary = vqt.extract(backbone="vit_b16", dataset="digits", weights="random", splits=["train800", "val200"])
     runs = vqt.train(store=summary.store, queries=[1, 10], lr=[0.5, 0.25], epochs=20)
     [result] = vqt.evaluate(runs[0].dir, split="test")
+
+`extract`, `train` and `evaluate` show progress bars in a terminal or a notebook (`progress=True`, the default;
+nothing where output is not interactive, as under pytest), or call `progress(description, done, total)` if it is a
+function, or show nothing with `progress=False`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from vqt_cache.extraction import ExtractSummary
 from vqt_cache.extraction import extract as _extract
 from vqt_cache.prediction import Prediction
 from vqt_cache.prediction import predict as _predict
+from vqt_cache.progress import Update, console, shown
 from vqt_cache.store import Store, dequantized, open_store
 from vqt_cache.training import TrainedRun, grid
 from vqt_cache.training import train as _train
@@ -47,6 +53,18 @@ class SplitTensors:
     valid: torch.Tensor = field(repr=False)  # (n,) bool: False where extraction skipped an unreadable image
 
 
+@contextmanager
+def _shown(progress: Update | bool, unit: str) -> Iterator[Update | None]:
+    """The callback work reports to: a rich display (True: only where output is interactive), the caller's, or none."""
+    if callable(progress):
+        yield progress
+    elif progress:
+        with shown(unit, console(stderr=True), plain=False) as update:
+            yield update
+    else:
+        yield None
+
+
 def _listed(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -60,7 +78,7 @@ def extract(
     out: str | None = None,
     weights: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    progress=None,
+    progress: Update | bool = True,
     **options: Any,
 ) -> ExtractSummary:
     """Stage one: run the frozen backbone once over `dataset` and write (or resume) a store.
@@ -83,7 +101,8 @@ def extract(
         model_kwargs=dict(model_kwargs or {}),
         **options,
     )
-    return _extract(cfg, progress=progress)
+    with _shown(progress, "img") as update:
+        return _extract(cfg, progress=update)
 
 
 def train(
@@ -95,7 +114,7 @@ def train(
     wd: float | Sequence[float] | None = None,
     seed: int | Sequence[int] = recipe.SEED,
     recipe: str | Sequence[str] = recipe.RECIPE,
-    progress=None,
+    progress: Update | bool = True,
     **options: Any,
 ) -> list[TrainedRun]:
     """Stage two: every combination of the given lists (the fields of `RunSpec`), one pass over the cache per seed.
@@ -104,17 +123,24 @@ def train(
     epochs=20, eval_split="none", memory_budget=2**30 (bytes).
     """
     runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed), _listed(recipe))
-    return _train(TrainConfig(store=store, runs=runs, **options), progress=progress)
+    cfg = TrainConfig(store=store, runs=runs, **options)
+    with _shown(progress, "step") as update:
+        return _train(cfg, progress=update)
 
 
 def evaluate(
-    runs: str | Path | Sequence[str | Path], *, split: str = recipe.FINAL_EVAL, **options: Any
+    runs: str | Path | Sequence[str | Path],
+    *,
+    split: str = recipe.FINAL_EVAL,
+    progress: Update | bool = True,
+    **options: Any,
 ) -> list[Evaluation]:
     """Accuracy of finished runs (of one store) on `split`: from the cache when the store holds it, else live.
 
-    options: store_url, root, memory_budget, batch_size, device, workers, progress, live, precision.
+    options: store_url, root, memory_budget, batch_size, device, workers, live, precision.
     """
-    return _evaluate(runs, split, **options)
+    with _shown(progress, "img") as update:
+        return _evaluate(runs, split, progress=update, **options)
 
 
 def predict(

@@ -1,4 +1,5 @@
-"""The `vqt-cache` command line: parse, call the library, render. The only module importing typer and rich."""
+"""The `vqt-cache` command line: parse, call the library, render. The only module importing typer; rich beside
+progress.py."""
 
 from __future__ import annotations
 
@@ -7,27 +8,16 @@ import functools
 import inspect
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from vqt_cache import methods, recipe
+from vqt_cache import methods, progress, recipe
 from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.config import options as config_options
 from vqt_cache.errors import VQTError
@@ -44,8 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+console = progress.console()
+errors = progress.console(stderr=True)
 
 
 def _print_version(wanted: bool) -> None:
@@ -123,58 +113,9 @@ def _options(*configs: type, defaults: dict[str, Any] | None = None) -> Callable
     return decorate
 
 
-class _Rate(ProgressColumn):
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:.1f} {self.unit}/s")
-
-
-def _plain_progress():
-    """Progress as plain lines where output is not a terminal (piped, logged, CI): each task when it starts, at each
-    tenth of its way, and when it ends, so a long command is never silent."""
-    reported: dict[str, int] = {}
-    started: dict[str, float] = {}
-
-    def update(name: str, done: int, total: int) -> None:
-        import time
-
-        step = max(total // 10, 1)
-        last = reported.get(name)
-        if last is not None and done // step == last // step and not (done >= total > last):
-            return
-        reported[name] = done
-        now = time.monotonic()
-        elapsed = now - started.setdefault(name, now)
-        console.print(f"{name}: {done}/{total} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
-
-    return update
-
-
 @contextmanager
-def _progress(unit: str):
-    if not console.is_terminal:
-        yield _plain_progress()
-        return
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(unit),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks: dict[str, Any] = {}
-
-        def update(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total)
-            progress.update(tasks[name], completed=done, total=total)
-
+def _progress(unit: str) -> Iterator[progress.Update]:
+    with progress.shown(unit, console) as update:
         yield update
 
 

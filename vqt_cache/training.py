@@ -191,7 +191,8 @@ class _Trainer:
     def run(self, progress: Progress | None, timing: dict[str, float]) -> None:
         cfg = self.cfg
         steps_per_epoch = self.steps_per_epoch
-        label = f"train seed {self.seed} ({len(self.specs)} run{'s' if len(self.specs) > 1 else ''})"
+        described = ", ".join(dict.fromkeys(methods.get(s.method).describe(s.queries) for s in self.specs))
+        label = f"train seed {self.seed}: {described} ({len(self.specs)} run{'s' if len(self.specs) > 1 else ''})"
         total = cfg.epochs * steps_per_epoch
         step = self.start_epoch * steps_per_epoch
         if progress:
