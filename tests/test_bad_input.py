@@ -218,7 +218,7 @@ CASES = [
     (
         "train/other-config-in-out",
         "train --store {store} --epochs 3 --warmup-epochs 1 --out {run}",
-        "another configuration",
+        "pass --epochs 2 to finish or reuse it",
     ),
     # evaluate
     ("evaluate/missing-run", "evaluate {tmp}/nowhere", "not a finished run folder"),

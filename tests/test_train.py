@@ -270,9 +270,17 @@ def test_run_folder_from_another_store(tiny_store, tmp_path):
 
 
 def test_run_folder_with_another_configuration(tiny_store, tmp_path):
+    """The setting that differs is named, with the option that finishes or reuses the folder."""
     train(cfg(tiny_store, tmp_path / "run", epochs=2))
-    with pytest.raises(VQTError, match="holds another configuration"):
+    with pytest.raises(VQTError) as refused:
         train(cfg(tiny_store, tmp_path / "run", epochs=3))
+    assert str(refused.value) == (
+        f"run folder {tmp_path / 'run'} was trained with recipe.epochs = 2, this run has 3: pass --epochs 2 to "
+        "finish or reuse it, or use another --out"
+    )
+    with pytest.raises(VQTError, match="splits.eval = 'val200', this run has None: pass --eval-split val200"):
+        train(cfg(tiny_store, tmp_path / "run", epochs=2, eval_split="none"))
+    assert train(cfg(tiny_store, tmp_path / "run", epochs=2))[0].skipped
 
 
 def test_recipe_values_are_checked(tiny_store, tmp_path):

@@ -197,20 +197,48 @@ def _check_claimable(path: Path, config: dict) -> None:
     if (path / "config.json").exists():
         existing = read_config(path)
         if identity(existing) != identity(config):
-            have, want = existing["recipe"]["precision"], config["recipe"]["precision"]
-            same_but_precision = {**existing, "recipe": {**existing["recipe"], "precision": want}}
-            if have != want and identity(same_but_precision) == identity(config):
-                raise VQTError(
-                    f"run folder {path} was trained in {have}, this run asks for {want} (precision auto picks per "
-                    f"machine): pass --precision {have} to finish or reuse it, or use another --out"
-                )
-            raise VQTError(f"run folder {path} holds another configuration; use another --out or delete it")
+            raise VQTError(f"run folder {path} {_difference(identity(existing), identity(config))}")
         return
     if any(not _ignorable(name) for name in folder_entries(path)):
         raise VQTError(
             f"{path} holds {describe_entries(path)} but no config.json, so it is not a vqt-cache run folder; "
             "runs are written only into a new or empty folder: choose another --out"
         )
+
+
+# a recorded setting -> the option that sets it (the pipeline key is the same name without dashes)
+_OPTIONS = {
+    "recipe.epochs": "--epochs",
+    "recipe.warmup_epochs": "--warmup-epochs",
+    "recipe.batch_size": "--batch-size",
+    "recipe.dropout": "--dropout",
+    "recipe.eval_every": "--eval-every",
+    "recipe.precision": "--precision",
+    "splits.train": "--train-split",
+    "splits.eval": "--eval-split",
+}
+
+
+def _difference(have: dict, want: dict, where: str = "") -> str:
+    """What makes a run folder's identity another than this run's, in words: the first setting that differs, and
+    the option that finishes or reuses the folder, if an option sets it."""
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if a == b:
+            continue
+        name = f"{where}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            return _difference(a, b, f"{name}.")
+        said = f"was trained with {name} = {a!r}, this run has {b!r}"
+        if name == "recipe.precision":
+            said += " (precision auto picks per machine)"
+        if name in _OPTIONS:
+            shown = "none" if a is None else a
+            return f"{said}: pass {_OPTIONS[name]} {shown} to finish or reuse it, or use another --out"
+        if name.startswith("store."):
+            return f"{said} (another store, or another version of it): use another --out, or train from its store"
+        return f"{said}: use another --out, or delete the folder"
+    return "holds another configuration: use another --out, or delete the folder"
 
 
 def check_parent(path: str | Path) -> None:
