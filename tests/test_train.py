@@ -357,6 +357,18 @@ def test_piped_output_is_neither_wrapped_nor_cut_and_progress_names_the_runs(tin
     assert seen and set(seen) == {"train seed 42: linear probe (1 run)"}
 
 
+def test_an_epoch_of_a_few_steps_is_warned_about(tiny_store, tmp_path):
+    code, out = run_cli(
+        "train", "--store", tiny_store, "--method", "linear", "--epochs", "2", "--warmup-epochs", "1",
+        "--batch-size", "512", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 0, out
+    assert (
+        "warning: an epoch of train800 (800 images) is 2 steps at batch size 512, too few updates for the schedule; "
+        "--batch-size 64 gives 13 steps an epoch"
+    ) in out
+
+
 def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     """Trained queries make the attention produce subnormal floats, which x86 CPUs compute ~4× slower: training and
     evaluation run with them flushed to zero (checked on the arithmetic of the training thread, not by timing)."""

@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 from vqt_cache import methods, progress, recipe
 from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig
 from vqt_cache.config import options as config_options
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, VQTWarning
 from vqt_cache.formats import (
     WORKERS,
 )
@@ -697,9 +698,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Our warnings as one `warning:` line; anything else as Python shows it."""
+    if issubclass(category, VQTWarning):
+        errors.print(f"[yellow]warning[/yellow]: {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Console-script entry: bad input ends with one sentence and exit code 2, never a traceback."""
     command = typer.main.get_command(app)
+    warnings.showwarning = _show_warning
     try:
         code = command.main(prog_name="vqt-cache", standalone_mode=False)
     except typer.TyperException as exc:  # unknown option, wrong type, missing argument: typer's sentence, one line

@@ -11,6 +11,10 @@ class VQTError(Exception):
     """Bad input or an unsupported request; the message is one sentence meant for the user."""
 
 
+class VQTWarning(UserWarning):
+    """Something that will run but likely not as meant (one sentence); the CLI prints it as `warning: ...`."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none (an empty file's EOFError)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from vqt_cache import methods, recipe, schedule
 from vqt_cache.backbones import Backbone, backbone_from_weights, resolve_device
 from vqt_cache.batches import NO_PROBES, CachedSplit, default_memory_budget
 from vqt_cache.config import RunSpec, TrainConfig
-from vqt_cache.errors import VQTError
+from vqt_cache.errors import VQTError, VQTWarning
 from vqt_cache.evaluation import accuracy, cached_logits
 from vqt_cache.files import DamagedFile
 from vqt_cache.methods.base import Geometry
@@ -274,6 +275,24 @@ class _Trainer:
         return results
 
 
+MIN_STEPS = 5  # an epoch of fewer steps than this is warned about: warm-up and cosine then have a handful of updates
+
+
+def _warn_if_few_steps(images: int, batch_size: int, split: str) -> None:
+    """Warn when an epoch is only a few steps (small data at a large batch): the schedules then take too few updates
+    (VQT stayed at chance at one step an epoch where a batch of 32 reached 80%)."""
+    steps = math.ceil(images / batch_size)
+    if steps < MIN_STEPS:
+        suggested = max(2 ** int(math.log2(max(images // (2 * MIN_STEPS), 1))), 1)
+        warnings.warn(
+            f"an epoch of {split} ({images} images) is {steps} step{'s' if steps > 1 else ''} at batch size "
+            f"{batch_size}, too few updates for the schedule; --batch-size {suggested} gives "
+            f"{math.ceil(images / suggested)} steps an epoch",
+            VQTWarning,
+            stacklevel=3,
+        )
+
+
 def _parameter_groups(run: RunParameters) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A run's parameters with weight decay (queries, matrices) and without (biases, norms): VQT's recipe decays
     the queries and the head's weight, not its bias; a probe's parameters follow the same rule by shape."""
@@ -388,6 +407,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
             **{k: any(k in methods.get(s.method).reads for s in todo) for k in ("means", "probes")},
         }
         train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device, num_classes, **reads)
+        _warn_if_few_steps(len(train_data), cfg.batch_size, splits["train"])
         eval_data = eval_split and CachedSplit(
             eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device, num_classes, **reads
         )
