@@ -38,6 +38,18 @@ def test_a_store_without_a_validation_split_is_never_evaluated_on_test(folder, t
     # named explicitly, a split is what the user asked for
     code, out = run_cli("train", *args, "--eval-split", "none", "--out", str(tmp_path / "no-eval"))
     assert code == 0, out
+    # carving one later changes train: the advice is a new store, not "leave out --val-fraction"
+    options = ("--root", str(folder), "--out", str(store), "--val-fraction", "0.25")
+    line = error_line(*run_cli(*tiny_extract_args(None, *options, dataset="imagefolder")))
+    assert "extract with --val-fraction into a new --out" in line, line
+
+
+def test_imagefolder_on_a_flat_class_folder_points_at_classfolder(folder, tmp_path):
+    """<root>/<class>/<image> given as imagefolder: the advice names classfolder, not an empty split."""
+    options = ("--root", str(folder / "train"), "--out", str(tmp_path / "s.zarr"))
+    args = tiny_extract_args(None, *options, dataset="imagefolder")
+    line = error_line(*run_cli(*args))
+    assert "which --dataset classfolder reads" in line, line
 
 
 def test_val_fraction_carves_a_seeded_stratified_validation_split_that_training_selects_on(folder, tmp_path):

@@ -407,6 +407,13 @@ def imagefolder(root: Path) -> Dataset:
     if not split_dirs:
         raise VQTError(f"image folder {root} has no split folders (expected <root>/<split>/<class>/<image>)")
     folders = {split_dir: _class_folders(split_dir) for split_dir in split_dirs}
+    flat = [d.name for d, found in folders.items() if not found and any(_is_image(f) for f in d.iterdir())]
+    if flat and all(not found for found in folders.values()):
+        names = ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else "")
+        raise VQTError(
+            f"image folder {root} holds images right inside its folders ({names}): that is <root>/<class>/<image>, "
+            "which --dataset classfolder reads; imagefolder reads <root>/<split>/<class>/<image>"
+        )
     classes = sorted({c.name for found in folders.values() for c in found})
     index = {c: i for i, c in enumerate(classes)}
     splits = {split_dir.name: _class_images(found, index, root) for split_dir, found in folders.items()}

@@ -306,11 +306,13 @@ def _check_dataset(have: dict, want: dict, url: str) -> None:
         if recorded == asked:
             continue
         if key == "validation":
-            hint = (
-                f"its validation split was carved with --val-fraction {recorded['fraction']}: pass the same"
-                if isinstance(recorded, dict)
-                else "its dataset had no carved validation split: leave out --val-fraction"
-            )
+            if isinstance(recorded, dict):
+                hint = f"its validation split was carved with --val-fraction {recorded['fraction']}: pass the same"
+            else:  # carving now would change the store's train split: a store is never rewritten
+                hint = (
+                    "it has none carved, and carving one changes its train split: extract with --val-fraction into "
+                    "a new --out (or leave --val-fraction out to add splits to this store)"
+                )
             raise VQTError(f"store {url} was extracted with another validation split; {hint}")
         if key == "class_names":
             detail = f"its {len(recorded)} classes differ from the {len(asked)} this dataset has now"
