@@ -135,3 +135,21 @@ def test_fgvc_classes_are_named_after_their_folders(tmp_path):
     for split in ("train", "val", "test"):
         (root / f"{split}.json").write_text(json.dumps(mapping))
     assert open_dataset("fgvc/stanforddogs", root).class_names == ["n02085620-Chihuahua", "n02085782-Japanese_spaniel"]
+
+
+def test_every_layout_with_a_validation_split_has_trainval(tmp_path):
+    """The paper's final step trains on train + val: an image folder with its own val split offers `trainval`, as a
+    carved one does (and FGVC's release, and any Dataset with train and val)."""
+    from vqt_cache.datasets import Dataset, open_dataset
+
+    root = make_imagefolder(tmp_path / "imgs", per_class=3, splits=("train", "val", "test"))
+    data = open_dataset("imagefolder", root)
+    assert data.split("trainval") == data.split("train") + data.split("val")
+    assert "trainval" not in open_dataset("imagefolder", make_imagefolder(tmp_path / "plain", per_class=3)).splits
+    mine = Dataset("mine", None, ["a"], {"train": [("0", 0)], "validation": [("1", 0)]}, loader=lambda s: None)
+    assert mine.splits["trainval"] == [("0", 0), ("1", 0)]
+    store = tmp_path / "s.zarr"
+    options = ("--root", str(root), "--out", str(store))
+    code, out = run_cli(*tiny_extract_args("train,val,trainval", *options, dataset="imagefolder"))
+    assert code == 0, out
+    assert len(open_store(str(store)).split("trainval").sources) == 2 * 3 * 3

@@ -111,6 +111,10 @@ class BadImage(Exception):
     """An image file that cannot be decoded; the message names the file."""
 
 
+VALIDATION_NAMES = ("val", "valid", "validation")  # a split of one of these names beside train gets a trainval
+TRAINVAL = "trainval"
+
+
 @dataclass
 class Dataset:
     """Named splits of (source, label) plus how to turn a source into an RGB image.
@@ -134,6 +138,13 @@ class Dataset:
     fingerprint: str | None = None  # a Hugging Face dataset's content hash (of its splits' `hf_content`)
     split_fingerprints: dict[str, str] | None = None  # each split's `hf_content`: what live evaluation checks
     unusable: dict[str, str] = field(default_factory=dict)  # split -> why it cannot be used (said when asked for)
+
+    def __post_init__(self) -> None:
+        """A dataset with a train and a validation split also has their union, `trainval`: the split the paper's
+        protocols train their final runs on, after selecting on the validation split."""
+        val = next((name for name in VALIDATION_NAMES if name in self.splits and name not in self.unusable), None)
+        if val and "train" in self.splits and "train" not in self.unusable and TRAINVAL not in self.splits:
+            self.splits = {**self.splits, TRAINVAL: [*self.splits["train"], *self.splits[val]]}
 
     @property
     def num_classes(self) -> int:
