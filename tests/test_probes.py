@@ -217,7 +217,15 @@ def test_linear_multi_on_a_backbone_too_shallow_for_its_grid_is_one_sentence(tin
     out = tmp_path / "runs"
     args = ["--store", tiny_store, "--method", "linear-multi", "--out", str(out), "--epochs", "2"]
     line = error_line(*run_cli("train", *args, "--warmup-epochs", "1"))
-    assert "linear-multi n=4 needs 4 blocks, but the backbone has 2" in line and not out.exists()
+    assert "linear-multi n=4 needs 4 blocks, but the backbone has 2: choose n <= 2 with --blocks" in line
+    assert not out.exists()
+
+
+def test_linear_multi_trains_the_n_the_user_chooses(probe_store, tmp_path):
+    args = ["--store", probe_store, "--method", "linear-multi", "--epochs", "2", "--warmup-epochs", "1", "--json"]
+    code, out = run_cli("train", *args, "--blocks", "2,3", "--eval-split", "none", "--out", str(tmp_path))
+    assert code == 0, out
+    assert [r["name"].split("-lr")[0] for r in json.loads(out)] == ["linear-multi-n2", "linear-multi-n3"]
 
 
 def test_the_probes_resume_from_a_checkpoint_to_the_uninterrupted_result(probe_store, tmp_path):

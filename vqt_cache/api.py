@@ -114,6 +114,7 @@ def train(
     wd: float | Sequence[float] | None = None,
     seed: int | Sequence[int] = recipe.SEED,
     recipe: str | Sequence[str] = recipe.RECIPE,
+    blocks: int | Sequence[int] = recipe.LINEAR_MULTI_BLOCKS,
     progress: Update | bool = True,
     **options: Any,
 ) -> list[TrainedRun]:
@@ -122,7 +123,9 @@ def train(
     options: any other field of `TrainConfig` (vqt_cache/config.py, where each is described once), e.g.
     epochs=20, eval_split="none", memory_budget=2**30 (bytes).
     """
-    runs = grid(_listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed), _listed(recipe))
+    runs = grid(
+        _listed(method), _listed(queries), _listed(lr), _listed(wd), _listed(seed), _listed(recipe), _listed(blocks)
+    )
     cfg = TrainConfig(store=store, runs=runs, **options)
     with _shown(progress, "step") as update:
         return _train(cfg, progress=update)

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vqt_cache import methods, progress, recipe
-from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig
+from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig, comma_list
 from vqt_cache.config import options as config_options
 from vqt_cache.errors import VQTError, VQTWarning
 from vqt_cache.formats import (
@@ -314,6 +314,10 @@ RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))  # each a list o
 @_options(RunSpec, TrainConfig)
 def train(
     cache_root: Annotated[str, typer.Option(help="where to look for the store")] = recipe.CACHE_ROOT,
+    blocks: Annotated[
+        str,
+        typer.Option(help="linear-multi's n, the last blocks whose class tokens it reads; a list (n <= depth)"),
+    ] = ",".join(map(str, recipe.LINEAR_MULTI_BLOCKS)),
     json_out: Annotated[bool, _flag("--json", help="print results as JSON")] = False,
     *,
     opts: dict[str, Any],
@@ -329,7 +333,8 @@ def train(
     from vqt_cache.training import train as run_train
 
     lists = {name: opts.pop(name) for name in RUN_FIELDS}
-    runs = grid(lists["method"], lists["queries"], lists["lr"], lists["wd"], lists["seed"], lists["recipe"])
+    n = comma_list(int, "--blocks")(blocks)
+    runs = grid(lists["method"], lists["queries"], lists["lr"], lists["wd"], lists["seed"], lists["recipe"], n)
     cfg = TrainConfig(**{**opts, "store": opts["store"] or _find_store(cache_root)}, runs=runs)
     with _progress("step") as update:
         results = run_train(cfg, progress=None if json_out else update)
@@ -585,7 +590,8 @@ def _print_report(report: dict) -> None:
     """The headline (VQT at each dataset's T, beside the baselines); results.md has every T and each seed."""
     selected_on, tested_on = report["select_eval"], report["final_eval"]
     table = Table(title=f"{tested_on} top-1 (%), mean ± sample std over seeds; (lr, wd) selected on {selected_on}")
-    columns = ("dataset", "method", "T", "recipe", "lr", "wd", f"{selected_on} top-1", f"{tested_on} top-1", "seeds")
+    columns = ("dataset", "method", "T", "n", "recipe", "lr", "wd", f"{selected_on} top-1", f"{tested_on} top-1")
+    columns += ("seeds",)
     for column in columns:
         table.add_column(column, justify="right")
     for r in report["headline"]:
@@ -601,7 +607,8 @@ def _print_report(report: dict) -> None:
         table.add_row(
             r["dataset"],
             r["label"],
-            str(r["T"]) if methods.get(r["method"]).size else "-",
+            str(r["T"]) if methods.get(r["method"]).size == "T" else "-",  # VQT's queries
+            str(r["T"]) if methods.get(r["method"]).size == "n" else "-",  # linear-multi's blocks
             r["recipe"],
             "-" if r["lr"] is None else f"{r['lr']:g}",
             "-" if r["wd"] is None else f"{r['wd']:g}",

@@ -19,6 +19,7 @@ BASELINES = ("linear", "pooled")  # a pipeline's default: what every store can s
 # one run (a RunSpec)
 METHOD = "vqt"
 QUERIES = 1
+LINEAR_MULTI_BLOCKS = (1, 4)  # linear-multi's n: the last blocks whose class tokens it reads (DINOv2's two)
 LR = 0.5  # base learning rate; the optimizer uses lr · batch_size / 256
 WD = 1e-3
 SEED = 42

@@ -94,6 +94,7 @@ class DatasetEntry:
     __pydantic_config__ = _STRICT
     name: str
     queries: tuple[int, ...] = (1,)
+    blocks: tuple[int, ...] = recipe.LINEAR_MULTI_BLOCKS  # linear-multi's n
     group: str | None = None
     compress: bool | None = None  # None: the pipeline's default
     store: str | None = None  # None: <cache_root>/<name>/<backbone>.zarr
@@ -194,6 +195,7 @@ def _check(p: Pipeline, path: Path) -> None:
         raise VQTError(f"pipeline file {path}: a dataset is listed twice")
     lists = {"[grid] lr": p.grid.lr, "[grid] wd": p.grid.wd, "[protocol] final_seeds": p.protocol.final_seeds}
     lists |= {f"[[datasets]] {d.name} queries": d.queries for d in p.datasets}
+    lists |= {f"[[datasets]] {d.name} blocks": d.blocks for d in p.datasets}
     lists |= {"baselines": p.baselines}
     for where, values in lists.items():
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
@@ -263,13 +265,15 @@ def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...
     for name in (VQT.name, *p.baselines):
         optimization = recipe.optimization(name, p.recipe)
         lrs, wds = (p.grid.lr, p.grid.wd) if optimization is recipe.VQT_RECIPE else (optimization.lrs, optimization.wds)
-        specs += grid([name], list(entry.queries), list(lrs), list(wds), [p.protocol.select_seed], [p.recipe])
+        seeds = [p.protocol.select_seed]
+        specs += grid([name], list(entry.queries), list(lrs), list(wds), seeds, [p.recipe], list(entry.blocks))
     return tuple(specs)
 
 
 def _configurations(p: Pipeline, entry: DatasetEntry) -> int:
     """The (method, size) pairs the protocol selects for a dataset: each has one final run per seed."""
-    return sum(len(methods.get(name).sizes(list(entry.queries))) for name in (VQT.name, *p.baselines))
+    sizes = {"T": list(entry.queries), "n": list(entry.blocks)}
+    return sum(len(methods.get(name).sizes(sizes)) for name in (VQT.name, *p.baselines))
 
 
 def _recipe(p: Pipeline) -> dict[str, Any]:

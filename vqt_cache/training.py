@@ -428,12 +428,13 @@ def grid(
     wds: list[float | None],
     seeds: list[int],
     recipes: list[str] = [recipe.RECIPE],  # noqa: B006 (never mutated)
+    blocks: list[int] | None = None,
 ) -> tuple[RunSpec, ...]:
-    """Every combination; each method trains its own sizes for the `queries` asked (`Method.sizes`: VQT those T,
-    linear-multi n = 1 and 4, the others one), duplicates dropped. An lr or wd of None is the run's recipe's."""
+    """Every combination; each method trains its own sizes (`Method.sizes`: VQT the T of `queries`, linear-multi the
+    n of `blocks`, default 1 and 4, the others one), duplicates dropped. An lr or wd of None is the run's recipe's."""
     specs = []
     for method in names:
-        for T in methods.get(method).sizes(queries):
+        for T in methods.get(method).sizes({"T": queries, "n": blocks or []}):
             for lr in lrs:
                 for wd in wds:
                     for seed in seeds:

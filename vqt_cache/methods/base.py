@@ -9,7 +9,7 @@ from one generator seeded with the run's seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +68,12 @@ class Method:
     version: int = 1  # raised when its forward or initialisation changes: runs of another version are not reused
 
     # -- sizes and names ---------------------------------------------------------------------------------------
-    def sizes(self, requested: Sequence[int]) -> list[int]:
-        """The sizes a grid trains for the `--queries` values requested (VQT trains those; others their own)."""
-        return list(self.default_sizes)
+    def sizes(self, requested: Mapping[str, Sequence[int]]) -> list[int]:
+        """The sizes a grid trains, from the lists asked for by size name ({"T": --queries, "n": --blocks}): a
+        method with a size trains those asked for its size (else its defaults), one without trains one."""
+        if not self.size:
+            return list(self.default_sizes)
+        return list(requested.get(self.size) or self.default_sizes)
 
     def check_size(self, size: int) -> int:
         """The run's size as recorded (methods without one: 0), or one sentence saying why it is wrong."""

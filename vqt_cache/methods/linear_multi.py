@@ -16,6 +16,7 @@ import torch
 
 from vqt_cache.errors import VQTError
 from vqt_cache.methods.base import Geometry, Inputs, Method
+from vqt_cache.recipe import LINEAR_MULTI_BLOCKS
 
 
 class LinearMulti(Method):
@@ -23,7 +24,7 @@ class LinearMulti(Method):
     recipe = "dinov2-linear"
     label = "linear-multi (DINOv2)"
     size = "n"
-    default_sizes = (1, 4)
+    default_sizes = LINEAR_MULTI_BLOCKS
     reads = frozenset({"probes"})
     style = "-."
 
@@ -35,8 +36,9 @@ class LinearMulti(Method):
     def check_geometry(self, size: int, geometry: Geometry) -> None:
         if size > geometry.depth:
             raise VQTError(
-                f"linear-multi n={size} needs {size} blocks, but the backbone has {geometry.depth} (a grid trains "
-                f"n = {' and '.join(map(str, self.default_sizes))}; RunSpec('linear-multi', n, ...) trains one n)"
+                f"linear-multi n={size} needs {size} blocks, but the backbone has {geometry.depth}: choose n <= "
+                f"{geometry.depth} with --blocks (default {','.join(map(str, self.default_sizes))}; in a pipeline, "
+                "blocks = [...] in its [[datasets]] table)"
             )
 
     def feature_dim(self, size: int, geometry: Geometry) -> int:

@@ -3,8 +3,6 @@ reads f_0 and every layer's query outputs, each group L2-normalised (docs/method
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from vqt_cache.heads import assemble_features, feature_dim
@@ -19,9 +17,6 @@ class VQT(Method):
     reads = frozenset({"cache"})
     compressible = True
     style = "-"
-
-    def sizes(self, requested: Sequence[int]) -> list[int]:
-        return list(requested)
 
     def reads_cache(self, size: int) -> bool:
         return size > 0  # T = 0 is the linear probe on f_0, computed without the cache
