@@ -188,6 +188,8 @@ def test_sweep_and_report_commands(tmp_path, sweep_store):
     assert "digits-b" in out and (tmp_path / "cli" / "tiny" / "results.md").exists()
     code, out = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
     assert code == 0 and (tmp_path / "rep" / "results.csv").exists()
+    wrote = next(line for line in out.splitlines() if line.startswith("wrote "))
+    assert all(str(tmp_path / "rep" / name) in wrote for name in ("results.csv", "headline.csv", "per_seed.csv"))
     code, out = run_cli("sweep", str(path), "--part", "2/2")
     assert code == 2 and "need 0 <= i < n" in out
 

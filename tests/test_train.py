@@ -369,6 +369,19 @@ def test_an_epoch_of_a_few_steps_is_warned_about(tiny_store, tmp_path):
     ) in out
 
 
+def test_info_and_compress_say_what_they_did(tiny_store, tmp_path, monkeypatch):
+    """info's sizes in a unit that shows them; compress says where it wrote and warns when it costs accuracy."""
+    from vqt_cache import cli
+
+    code, out = run_cli("info", tiny_store)
+    assert code == 0 and " kB per image" in out and "0.00 MB" not in out, out
+    [run] = train(cfg(tiny_store, tmp_path / "run", epochs=2))
+    monkeypatch.setattr(cli, "COMPRESSION_LOSS_WARNED", -101.0)  # any change is "a loss": the warning shows
+    code, out = run_cli("compress", run.dir, "--keep", "0.5")
+    assert code == 0 and f"wrote {Path(run.dir) / 'compressed'}" in out, out
+    assert "warning: compression lost" in out and "--keep above 0.5" in out, out
+
+
 def test_training_and_evaluation_flush_subnormals(tiny_store, tmp_path):
     """Trained queries make the attention produce subnormal floats, which x86 CPUs compute ~4× slower: training and
     evaluation run with them flushed to zero (checked on the arithmetic of the training thread, not by timing)."""

@@ -268,8 +268,8 @@ def info(
     )
     console.print(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "
-        f"{data['bytes_per_image'] / 1e6:.2f} MB per image"
-        + (f", probe arrays {data['probe_bytes_per_image'] / 1e3:.1f} kB per image" if data["probes"] else "")
+        f"{_size(data['bytes_per_image'])} per image"
+        + (f", probe arrays {_size(data['probe_bytes_per_image'])} per image" if data["probes"] else "")
     )
     images = data["images"]
     console.print(
@@ -617,7 +617,7 @@ def _print_report(report: dict) -> None:
             str(r["seeds"]),
         )
     console.print(table)
-    console.print(f"wrote {report['csv']}, {report['markdown']}" + "".join(f", {p}" for p in report["plots"]))
+    console.print(f"wrote {', '.join(report['files'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -661,6 +661,27 @@ def compress(
     )
     for split, acc in result["accuracy"].items():
         console.print(f"{split}: top-1 {100 * acc['before']['top1']:.2f}% -> {100 * acc['after']['top1']:.2f}%")
+    console.print(f"wrote {result['folder']}", highlight=False, soft_wrap=True)
+    for split, acc in result["accuracy"].items():
+        lost = 100 * (acc["before"]["top1"] - acc["after"]["top1"])
+        if lost > COMPRESSION_LOSS_WARNED:
+            errors.print(
+                f"[yellow]warning[/yellow]: compression lost {lost:.1f} points of top-1 on {split}: keep more "
+                f"features (--keep above {keep:g}) or weaken the lasso (--lasso below {lasso:g})",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+COMPRESSION_LOSS_WARNED = 2.0  # points of top-1 a compression may lose before `compress` warns
+
+
+def _size(n: float) -> str:
+    """Bytes in the unit that shows them (10^3 steps): 3.47 kB, 0.52 MB, 36.1 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 @app.command()

@@ -134,4 +134,4 @@ def compress(
         record.unlink(missing_ok=True)  # an earlier compression's record must not describe this model
         checksum = save_tensors(out / "model.safetensors", tensors)
         write_json(record, {**report, "checksums": {"model.safetensors": checksum}})  # last: marks it done
-    return report
+    return {**report, "folder": str(out)}

@@ -420,6 +420,7 @@ def write_report(p: Pipeline, out_dir: str | Path | None = None) -> dict[str, An
         "csv": str(out / "results.csv"),
         "markdown": str(out / "results.md"),
         "plots": plots,
+        "files": [str(out / name) for name in files],  # everything it wrote
     }
 
 
