@@ -169,6 +169,7 @@ def extract(
 @_options(ExtractConfig, defaults={"backbone": recipe.BACKBONE, "dataset": None})
 def plan(
     pipeline: Annotated[str | None, typer.Argument(help="a pipeline file (else: plan one extract command)")] = None,
+    no_time: Annotated[bool, _flag("--no-time", help="sizes only: do not time the backbone and the passes")] = False,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
     *,
     opts: dict[str, Any],
@@ -187,16 +188,27 @@ def plan(
     from vqt_cache.plan import plan_extract, plan_pipeline, size
     from vqt_cache.sweep import load_pipeline
 
+    timed = None
     if pipeline is not None:
         if opts["dataset"] is not None:
             raise VQTError("plan takes a pipeline file or --dataset, not both")
-        plans = plan_pipeline(load_pipeline(pipeline), opts["layout"], opts["dtype"], opts["probes"])
+        loaded = load_pipeline(pipeline)
+        plans = plan_pipeline(loaded, opts["layout"], opts["dtype"], opts["probes"])
+        if not no_time:
+            from vqt_cache.estimate import estimate_pipeline
+
+            with console.status("timing the backbone and the training passes on this device"):
+                timed = estimate_pipeline(loaded, plans)
     elif opts["dataset"] is None:
         raise VQTError("plan takes a pipeline file, or --dataset (and --backbone) as for extract")
     else:
         plans = [plan_extract(ExtractConfig(**opts))]
     if json_out:
-        print(json.dumps([p.as_dict() for p in plans]))
+        found = [p.as_dict() for p in plans]
+        if timed is not None:
+            for entry, estimate in zip(found, timed[1], strict=True):
+                entry["seconds"] = {**estimate.as_dict(), "device": timed[0]}
+        print(json.dumps(found))
         return
     table = Table(title="plan: what the stores hold (kB, MB, GB: 10^3, 10^6, 10^9 bytes)")
     for column in ("dataset", "split", "images", "cached", "new images", "per image", "to write"):
@@ -206,7 +218,7 @@ def plan(
             table.add_row(
                 p.dataset if i == 0 else "",
                 s.name,
-                str(s.images),
+                "unknown" if s.images is None else str(s.images),
                 "cached" if s.cached else "live",
                 str(s.new_images) if s.cached else "-",
                 size(p.bytes_per_image) if i == 0 else "",
@@ -231,6 +243,27 @@ def plan(
     free = {p.free_bytes for p in plans}
     if len(free) == 1 and None not in free:
         console.print(f"free at the destination: {size(free.pop())}")
+    if timed is not None:
+        _print_times(*timed, loaded)
+
+
+def _print_times(device: str, times: list, pipeline: Any) -> None:
+    """plan's time table: each dataset's phases and total, measured on this device and extrapolated."""
+    from vqt_cache.estimate import clock
+
+    seeds = len(pipeline.protocol.final_seeds)
+    table = Table(title=f"plan: how long, measured on {device} and extrapolated")
+    for column in ("dataset", "extract", "select", f"final ({seeds} seeds)", "live test", "compress", "total"):
+        table.add_column(column, justify="right")
+    for t in times:
+        parts = (t.extract, t.select, t.final, t.live, t.compress, t.total)
+        table.add_row(t.dataset, *(clock(x) for x in parts))
+    console.print(table)
+    known = [t.total for t in times if t.total is not None]
+    console.print(f"total: {clock(sum(known))} on {device}", highlight=False, soft_wrap=True)
+    for t in times:
+        if t.total is None:
+            console.print(f"{t.dataset}: its store does not exist yet; plan times its training once it is extracted")
 
 
 @app.command()

@@ -28,7 +28,7 @@ from vqt_cache.store import Store, found_at, key_source, open_store, stored_byte
 @dataclass
 class SplitPlan:
     name: str
-    images: int
+    images: int | None  # None: unknown (a live split of a dataset that cannot be opened here)
     cached: bool  # False: evaluated live, never stored
     new_images: int  # images this split adds to the store (0 when live, stored already, or listed by another split)
 
@@ -168,7 +168,14 @@ def plan_pipeline(
             if store is None:
                 raise
             splits, sizes_from = _store_plans(store, cached), "store"  # as the sweep, which needs only the store
-        per_image = per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
+            if not store.has_split(proto.final_eval):  # evaluated live from a dataset this process cannot open
+                splits.append(SplitPlan(proto.final_eval, None, False, 0))
+        # an existing store's own geometry (its backbone may be any size, whatever the pipeline's backbone name)
+        per_image = (
+            store.stored_bytes_per_image()
+            if store is not None
+            else per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
+        )
         plans.append(DatasetPlan(entry.name, url, *kind, per_image, splits, free_space(url), sizes_from))
     return plans
 

@@ -8,8 +8,10 @@ does. No image code and no backbone forward: the frozen blocks come from the sto
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -97,11 +99,12 @@ class _Trainer:
         train: CachedSplit,
         evaluation: CachedSplit | None,
         specs: list[RunSpec],
-        folders: dict[RunSpec, RunFolder],
+        folders: dict[RunSpec, RunFolder] | None,
         device: torch.device,
     ) -> None:
         self.cfg, self.train_data, self.eval_data = cfg, train, evaluation
-        self.specs, self.folders, self.device = specs, [folders[s] for s in specs], device
+        self.specs, self.device = specs, device
+        self.folders = [folders[s] for s in specs] if folders is not None else []  # none: measured, not trained
         self.seed = specs[0].seed
         num_classes = store.attrs["dataset"]["num_classes"]
         runs = [
@@ -127,7 +130,7 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.history: list[list[dict]] = [[] for _ in specs]
         self.diverged: list[str | None] = [None] * len(specs)  # why, once a run has diverged
-        self.start_epoch = self._resume()
+        self.start_epoch = self._resume() if self.folders else 0
 
     def _rates(self, spec: RunSpec, epoch: int, step: int) -> tuple[float, float]:
         """The run's learning rate and weight decay at this step, as its recipe schedules them."""
@@ -189,6 +192,45 @@ class _Trainer:
             ):
                 self.diverged[i] = f"non-finite loss or parameters in epoch {epoch + 1}"
 
+    def _step(self, batch: Any, epoch: int, i: int, generators: list[torch.Generator]) -> torch.Tensor:
+        """One update of every run on `batch` (step `i` of `epoch`); each run's loss, on the device."""
+        for spec, optimizer in zip(self.specs, self.optimizers, strict=True):
+            schedule.set_rates(optimizer, *self._rates(spec, epoch, i))
+        per_run = [
+            F.cross_entropy(out, batch.labels)
+            for out in self.model(batch.final, batch.cache, generators, batch.means, batch.probes)
+        ]
+        torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
+        for spec, run, optimizer, diverged in zip(
+            self.specs, self.model.runs, self.optimizers, self.diverged, strict=True
+        ):
+            if diverged is None:
+                if spec.optimization.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(run.parameters(), spec.optimization.clip)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return torch.stack(per_run).detach()
+
+    def seconds_per_step(self, steps: int) -> tuple[float, float]:
+        """(training step, evaluation batch) seconds, each the median of `steps` after one unmeasured warm-up:
+        what `plan` extrapolates. The runs' parameters move; nothing is saved."""
+        self.model.train()
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in self.specs]
+        batches = list(itertools.islice(self.train_data.batches(self.train_data.shuffled(self.seed, 0)), steps + 1))
+        train = []
+        for i in range(steps + 1):  # a split of fewer batches is cycled
+            started = time.perf_counter()
+            self._step(batches[i % len(batches)], 0, i % len(batches), generators).cpu()  # .cpu(): waits for it
+            train.append(time.perf_counter() - started)
+        self.model.eval()
+        evaluate = []
+        with torch.no_grad():
+            for batch in batches[:2]:
+                started = time.perf_counter()
+                [out.cpu() for out in self.model(batch.final, batch.cache, None, batch.means, batch.probes)]
+                evaluate.append(time.perf_counter() - started)
+        return statistics.median(train[1:]), evaluate[-1]
+
     def run(self, progress: Progress | None, timing: dict[str, float]) -> None:
         cfg = self.cfg
         steps_per_epoch = self.steps_per_epoch
@@ -207,22 +249,7 @@ class _Trainer:
             # summed on the device and read once per epoch: a per-step read would wait for every step (on a GPU)
             losses = torch.zeros(len(self.specs), dtype=torch.float64, device=self.device)
             for i, batch in enumerate(self.train_data.batches(self.train_data.shuffled(self.seed, epoch))):
-                for spec, optimizer in zip(self.specs, self.optimizers, strict=True):
-                    schedule.set_rates(optimizer, *self._rates(spec, epoch, i))
-                per_run = [
-                    F.cross_entropy(out, batch.labels)
-                    for out in self.model(batch.final, batch.cache, generators, batch.means, batch.probes)
-                ]
-                torch.stack(per_run).sum().backward()  # each run's parameters get only their own loss's gradient
-                for spec, run, optimizer, diverged in zip(
-                    self.specs, self.model.runs, self.optimizers, self.diverged, strict=True
-                ):
-                    if diverged is None:
-                        if spec.optimization.clip is not None:
-                            torch.nn.utils.clip_grad_norm_(run.parameters(), spec.optimization.clip)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses += torch.stack(per_run).detach().double() * len(batch.rows)
+                losses += self._step(batch, epoch, i, generators).double() * len(batch.rows)
                 step += 1
                 if progress:
                     progress(label, step, total)
@@ -354,12 +381,9 @@ def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str,
     }
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun]:
-    """Train every run of `cfg` (one pass per seed); complete runs are skipped. Returns one result per run.
-
-    A diverged run is a result with `diverged` true and no accuracy. Each run folder is claimed and locked for
-    the whole call: another process training the same folders waits, then finds them complete.
-    """
+def _opened(cfg: TrainConfig) -> tuple[Store, dict[str, str | None], Backbone, torch.device]:
+    """The store, the splits (train, eval or None), the frozen backbone and the device of a pass, checked: what no
+    store can serve, then what this one lacks, is refused before anything is made."""
     flush_subnormals()  # else the trained regime runs four times slower on a CPU
     store = open_store(cfg.store)
     no_eval = cfg.eval_split == NO_EVAL
@@ -367,14 +391,86 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
         "train": resolve_split(store, cfg.train_split, recipe.TRAIN_SPLITS, NO_TRAIN_SPLIT),
         "eval": None if no_eval else resolve_split(store, cfg.eval_split, recipe.EVAL_SPLITS, NO_EVAL_SPLIT),
     }
-    train_split = store.split(splits["train"])
-    eval_split = None if no_eval else store.split(splits["eval"])
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
-    for spec in cfg.runs:  # refused before any run folder is made: what no store can serve, then what this one lacks
+    for spec in cfg.runs:
         methods.get(spec.method).check_geometry(spec.queries, Geometry.of(backbone))
     if any("probes" in methods.get(spec.method).reads for spec in cfg.runs) and not store.images.probes:
         raise VQTError(f"store {store.url} {NO_PROBES}")
-    device = resolve_device(cfg.device)
+    return store, splits, backbone, resolve_device(cfg.device)
+
+
+def _data(
+    cfg: TrainConfig,
+    store: Store,
+    backbone: Backbone,
+    train_split: Any,
+    eval_split: Any,
+    specs: list[RunSpec],
+    device: torch.device,
+) -> tuple[CachedSplit, CachedSplit | None]:
+    """The train and eval splits as the runs `specs` read them, within the memory budget (which covers the frozen
+    weights and the cached features, held in memory or the streaming batches)."""
+    budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
+    budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    num_classes = store.attrs["dataset"]["num_classes"]
+    reads = {  # what the runs read: the cache only for queries, the rest as their methods say
+        "dtype": CACHE_DTYPES[cfg.precision],
+        "cache": any(methods.get(s.method).reads_cache(s.queries) for s in specs),
+        **{k: any(k in methods.get(s.method).reads for s in specs) for k in ("means", "probes")},
+    }
+    train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device, num_classes, **reads)
+    eval_data = eval_split and CachedSplit(
+        eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device, num_classes, **reads
+    )
+    return train_data, eval_data
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """What one training pass of a `TrainConfig` costs on its device, measured on its store (`measure_pass`)."""
+
+    load_seconds: float  # opening the store and reading its splits into memory
+    step_seconds: float  # one training step of every run of the pass
+    eval_seconds: float  # one evaluation batch of every run
+    steps_per_epoch: int
+    eval_batches: int  # per evaluation of the eval split
+
+    def seconds(self, epochs: int, evaluations: int) -> float:
+        """A pass of `epochs` with `evaluations` of the eval split, its loading included."""
+        work = epochs * self.steps_per_epoch * self.step_seconds + evaluations * self.eval_batches * self.eval_seconds
+        return self.load_seconds + work
+
+
+def measure_pass(cfg: TrainConfig, steps: int = 5) -> PassCost:
+    """Time `steps` training steps (after a warm-up) of the runs of `cfg`'s first seed on its store and device,
+    without run folders: what a pass of `cfg` costs, for `plan`'s estimate."""
+    started = time.perf_counter()
+    store, splits, backbone, device = _opened(cfg)
+    specs = [s for s in cfg.runs if s.seed == cfg.runs[0].seed]
+    train_split = store.split(splits["train"])
+    eval_split = splits["eval"] and store.split(splits["eval"])
+    train_data, eval_data = _data(cfg, store, backbone, train_split, eval_split, specs, device)
+    loaded = time.perf_counter() - started
+    trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, None, device)
+    step, evaluation = trainer.seconds_per_step(steps)
+    return PassCost(
+        loaded,
+        step,
+        evaluation,
+        math.ceil(len(train_data) / cfg.batch_size),
+        math.ceil(len(eval_data) / cfg.batch_size) if eval_data is not None else 0,
+    )
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun]:
+    """Train every run of `cfg` (one pass per seed); complete runs are skipped. Returns one result per run.
+
+    A diverged run is a result with `diverged` true and no accuracy. Each run folder is claimed and locked for
+    the whole call: another process training the same folders waits, then finds them complete.
+    """
+    store, splits, backbone, device = _opened(cfg)
+    train_split = store.split(splits["train"])
+    eval_split = splits["eval"] and store.split(splits["eval"])
     dirs = run_dirs(cfg, store)
     if not (cfg.out and len(cfg.runs) == 1):
         check_parent(next(iter(dirs.values())).parent)
@@ -397,20 +493,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun
                 todo.append(spec)
         if not todo:
             return results
-        # the budget covers the frozen weights and the cached features (held in memory, or the streaming batches)
-        budget = default_memory_budget() if cfg.memory_budget is None else cfg.memory_budget
-        budget -= sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
-        num_classes = store.attrs["dataset"]["num_classes"]
-        reads = {  # what the runs still to train read: the cache only for queries, the rest as their methods say
-            "dtype": CACHE_DTYPES[cfg.precision],
-            "cache": any(methods.get(s.method).reads_cache(s.queries) for s in todo),
-            **{k: any(k in methods.get(s.method).reads for s in todo) for k in ("means", "probes")},
-        }
-        train_data = CachedSplit(train_split, max(budget, 0), cfg.batch_size, device, num_classes, **reads)
+        train_data, eval_data = _data(cfg, store, backbone, train_split, eval_split, todo, device)
         _warn_if_few_steps(len(train_data), cfg.batch_size, splits["train"])
-        eval_data = eval_split and CachedSplit(
-            eval_split, max(budget - train_data.resident_bytes, 0), cfg.batch_size, device, num_classes, **reads
-        )
         for seed in sorted({s.seed for s in todo}):
             specs = [s for s in todo if s.seed == seed]
             timing = {"train_seconds": 0.0, "train_images": 0, "in_memory": train_data.in_memory, "epoch_seconds": {}}
