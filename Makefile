@@ -7,7 +7,7 @@ PIPELINE ?= pipelines/demo.toml
 DEMO_STORE := data/cache/digits/tiny_vit_parity.zarr/zarr.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-faults test-all lint format docs bench demo sweep clean
+.PHONY: help setup test test-faults test-timing test-all lint format docs bench demo sweep clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: $(STAMP)  ## run the test suite (CPU, 3 to 4 minutes on 2 cores; the fault
 
 test-faults: $(STAMP)  ## run the fault-injection trials (kill -9 inside writes, Ctrl-C, concurrent processes; ~3 min)
 	$(PY) -m pytest -m faults
+
+test-timing: $(STAMP)  ## plan's time estimate against the sweep it plans, alone on the machine (~1 min)
+	$(PY) -m pytest -m timing
 
 test-all: $(STAMP)  ## run every test, slow ones included
 	$(PY) -m pytest -m ''
