@@ -50,7 +50,7 @@ def test_each_declared_option_is_on_the_command_line_with_its_default_and_help(c
 def test_plan_takes_every_option_of_extract():
     extract, plan = cli_params("extract"), cli_params("plan")
     assert set(extract) <= set(plan)
-    assert set(plan) - set(extract) == {"pipeline"}
+    assert set(plan) - set(extract) == {"pipeline", "no_time"}
 
 
 def test_the_command_line_parses_each_option_into_its_field(tmp_path, monkeypatch):

@@ -457,7 +457,7 @@ def test_an_unlabeled_test_split_does_not_block_the_others(tmp_path):
     assert code == 0, text
     code, text = _hf_extract(root, out, None)  # every split: the labeled ones
     assert code == 0, text
-    assert sorted(open_store(str(out)).split_names()) == ["train", "validation"]
+    assert sorted(open_store(str(out)).split_names()) == ["train", "trainval", "validation"]  # trainval: both
     line = error_line(*_hf_extract(root, out, "test"))
     assert "split 'test'" in line and "unlabeled" in line
 
