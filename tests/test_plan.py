@@ -127,10 +127,14 @@ def test_a_pipeline_the_sweep_runs_is_planned_from_its_stores_when_the_dataset_c
     path = tmp_path / "own.toml"
     body = GOOD_PIPELINE.replace("STORE", tiny_store).replace("RUNS", str(tmp_path / "runs"))
     path.write_text(body.replace('name = "digits"', 'name = "my-own-data"'))
-    code, text = run_cli("plan", str(path), "--json")
+    code, text = run_cli("plan", str(path), "--json", "--no-time")
     assert code == 0, text
     [planned] = json.loads(text)
     assert planned["sizes_from"] == "store" and planned["store"] == tiny_store and planned["total_bytes"] == 0
+    # sized by the store's own geometry (a tiny ViT), not by the pipeline's backbone name (vit_b16)
+    from vqt_cache.store import open_store
+
+    assert planned["bytes_per_image"] == open_store(tiny_store).stored_bytes_per_image()
     assert [(s["name"], s["images"], s["cached"]) for s in planned["splits"]] == [
         ("train800", 800, True),
         ("val200", 200, True),
@@ -138,3 +142,12 @@ def test_a_pipeline_the_sweep_runs_is_planned_from_its_stores_when_the_dataset_c
     code, text = run_cli("plan", str(path))
     assert code == 0 and "my-own-data: not openable here; sizes are its store's" in text
     assert f"my-own-data: {tiny_store}" in text
+    assert "plan: how long, measured on CPU" in text and "total: " in text  # timed on this device
+
+
+def test_a_pipeline_whose_backbone_only_names_its_store_needs_the_store(tmp_path):
+    path = tmp_path / "demo.toml"
+    body = GOOD_PIPELINE.replace("STORE", str(tmp_path / "none.zarr")).replace("RUNS", str(tmp_path / "runs"))
+    path.write_text('backbone = "tiny_vit_parity"\n' + body)
+    line = error_line(*run_cli("plan", str(path)))
+    assert "does not exist yet, and the pipeline's backbone 'tiny_vit_parity' is no model plan can size" in line

@@ -171,11 +171,16 @@ def plan_pipeline(
             if not store.has_split(proto.final_eval):  # evaluated live from a dataset this process cannot open
                 splits.append(SplitPlan(proto.final_eval, None, False, 0))
         # an existing store's own geometry (its backbone may be any size, whatever the pipeline's backbone name)
-        per_image = (
-            store.stored_bytes_per_image()
-            if store is not None
-            else per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
-        )
+        if store is not None:
+            per_image = store.stored_bytes_per_image()
+        else:
+            try:
+                per_image = per_image_bytes(pipeline.backbone, {}, *kind, has_probes)
+            except VQTError as exc:  # a name only its store's path uses (the demo's): nothing to size it from
+                raise VQTError(
+                    f"dataset {entry.name}: its store {url} does not exist yet, and the pipeline's backbone "
+                    f"{pipeline.backbone!r} is no model plan can size ({exc}); extract the store first"
+                ) from exc
         plans.append(DatasetPlan(entry.name, url, *kind, per_image, splits, free_space(url), sizes_from))
     return plans
 
