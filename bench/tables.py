@@ -89,6 +89,14 @@ def protocol(results: list[dict]) -> str:
     return table(["one VTAB-1k-sized task", "wall s", "× float32"], rows)
 
 
+def plan(results: list[dict]) -> str:
+    rows = [
+        [r["what"], number(r["wall_s"]), f"{r['estimate/taken']:.2f}" if "estimate/taken" in r else "-"]
+        for r in rows_of(results, "plan")
+    ]
+    return table(["how long the demo pipeline takes", "wall s", "estimate / taken"], rows)
+
+
 def precision(results: list[dict]) -> str:
     rows = [
         [
@@ -238,6 +246,7 @@ TABLES: dict[str, Callable[[list[dict]], str]] = {
     "training": training,
     "grid": grid,
     "protocol": protocol,
+    "plan": plan,
     "precision": precision,
     "sizing": sizing,
     "sizing_backbones": sizing_backbones,
