@@ -473,6 +473,9 @@ def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], rows: list[dict])
     return _saved(fig, f"heatmap-{entry.name.replace('/', '-')}")
 
 
+BASELINE_MARKERS = ("s", "^", "D", "v", "P", "X")
+
+
 def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
     """Test accuracy against T for each dataset with several T, with its baselines as dashed lines."""
     import matplotlib.pyplot as plt
@@ -493,6 +496,9 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
     left_out = [e.name for e in p.datasets if e.name not in curves]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
     all_T = sorted({T for points in curves.values() for T, _, _ in points})
+    baselines = sorted({r["method"] for r in rows if not _is_vqt(r) and r["test_top1_mean"] is not None})
+    # each baseline its line style and its own hollow marker at every T: lines that coincide stay told apart
+    marker = {name: BASELINE_MARKERS[i % len(BASELINE_MARKERS)] for i, name in enumerate(baselines)}
     for k, (name, points) in enumerate(curves.items()):
         colour = f"C{k}"
         T, mean, std = zip(*points, strict=True)
@@ -500,7 +506,9 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
         for r in rows:
             if r["dataset"] == name and not _is_vqt(r) and r["test_top1_mean"] is not None:
                 style = methods.get(r["method"]).style
-                ax.axhline(100 * r["test_top1_mean"], color=colour, linestyle=style, linewidth=1)
+                level = [100 * r["test_top1_mean"]] * len(all_T)
+                ax.plot(all_T, level, color=colour, linestyle=style, linewidth=1, marker=marker[r["method"]],
+                        fillstyle="none", markersize=6)  # fmt: skip
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(all_T))
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -508,9 +516,10 @@ def _accuracy_vs_T(p: Pipeline, rows: list[dict]) -> dict[str, bytes]:
     ax.set_xlabel("queries per layer T")
     ax.set_ylabel(f"{p.protocol.final_eval} top-1 (%)")
     handles, labels = ax.get_legend_handles_labels()
-    baselines = sorted({r["method"] for r in rows if not _is_vqt(r) and r["test_top1_mean"] is not None})
     for name in baselines:
-        handles.append(plt.Line2D([], [], color="grey", linestyle=methods.get(name).style))
+        handle = plt.Line2D([], [], color="grey", linestyle=methods.get(name).style, marker=marker[name])
+        handle.set_fillstyle("none")
+        handles.append(handle)
         labels.append(methods.get(name).label)
     ax.legend(handles, labels, fontsize=8)
     title = f"VQT against T (mean ± sample std over {len(p.protocol.final_seeds)} seeds)"
