@@ -435,39 +435,51 @@ def _saved(figure, stem: str) -> dict[str, bytes]:
 
 
 def _heatmap(p: Pipeline, entry, grid_runs: list[FinishedRun], rows: list[dict]) -> dict[str, bytes]:
-    """Selection accuracy over lr × wd, one panel per T, one colour scale for the figure (a labelled colourbar),
-    the selected cell outlined, each cell's value in a colour that reads on it."""
+    """Selection accuracy over lr × wd, one panel per method and size (VQT's T, linear-multi's n, each baseline),
+    each on the grid its recipe searched, one colour scale for the figure (a labelled colourbar), the selected cell
+    outlined, each cell's value in a colour that reads on it."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    Ts = sorted({r.queries for r in grid_runs})
-    grids = {T: np.full((len(p.grid.lr), len(p.grid.wd)), np.nan) for T in Ts}
-    for run in grid_runs:
-        if run.lr in p.grid.lr and run.wd in p.grid.wd:
-            grids[run.queries][p.grid.lr.index(run.lr), p.grid.wd.index(run.wd)] = 100 * run.eval_top1
-    values = np.concatenate([g[~np.isnan(g)] for g in grids.values()])
+    order = {name: i for i, name in enumerate(methods.names())}
+    panels = sorted({(r.method, r.queries) for r in grid_runs}, key=lambda k: (order.get(k[0], len(order)), k[1]))
+    grids = {}
+    for key in panels:
+        mine = [r for r in grid_runs if (r.method, r.queries) == key]
+        lrs, wds = sorted({r.lr for r in mine}, reverse=True), sorted({r.wd for r in mine}, reverse=True)
+        grid = np.full((len(lrs), len(wds)), np.nan)
+        for run in mine:
+            grid[lrs.index(run.lr), wds.index(run.wd)] = 100 * run.eval_top1
+        grids[key] = (grid, lrs, wds)
+    values = np.concatenate([g[~np.isnan(g)] for g, _, _ in grids.values()])
     low, high = float(values.min()), float(values.max())
     high = high if high > low else low + 1  # one value: any scale shows it
     cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, len(Ts), figsize=(0.9 + 2.9 * len(Ts), 3.2), squeeze=False, layout="constrained")
-    for ax, T in zip(axes[0], Ts, strict=True):
-        grid = grids[T]
-        image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high)
-        ax.set_xticks(range(len(p.grid.wd)), [f"{w:g}" for w in p.grid.wd])
-        ax.set_yticks(range(len(p.grid.lr)), [f"{lr:g}" for lr in p.grid.lr])
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    tallest = max(len(lrs) for _, lrs, _ in grids.values())
+    figsize = (0.9 + 2.9 * columns, lines * (1.2 + 0.3 * max(tallest, 4)))
+    fig, axes = plt.subplots(lines, columns, figsize=figsize, squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (method, size) in zip(axes.flat, panels, strict=False):
+        grid, lrs, wds = grids[(method, size)]
+        image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+        ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
+        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7 if len(lrs) > 8 else None)
         ax.set_xlabel("weight decay")
         ax.set_ylabel("base learning rate")
-        ax.set_title(f"VQT T={T}")
+        ax.set_title(_label(method, size), fontsize=9)
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 r, g, b, _ = cmap((value - low) / (high - low))
                 ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=8)
-        chosen = [r for r in rows if r["dataset"] == entry.name and r["label"] == _label(VQT.name, T)]  # selected
-        if chosen and chosen[0]["lr"] in p.grid.lr and chosen[0]["wd"] in p.grid.wd:
-            i, j = p.grid.lr.index(chosen[0]["lr"]), p.grid.wd.index(chosen[0]["wd"])
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=7)
+        chosen = [r for r in rows if r["dataset"] == entry.name and r["label"] == _label(method, size)]  # selected
+        if chosen and chosen[0]["lr"] in lrs and chosen[0]["wd"] in wds:
+            i, j = lrs.index(chosen[0]["lr"]), wds.index(chosen[0]["wd"])
             ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5))
-    bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
+    bar = fig.colorbar(image, ax=list(axes.flat), shrink=0.9)
     bar.set_label(f"{p.protocol.select_eval} top-1 (%)")
     fig.suptitle(f"{entry.name}: selection on {p.protocol.select_eval} (red: selected)", fontsize=10)
     return _saved(fig, f"heatmap-{entry.name.replace('/', '-')}")
@@ -537,7 +549,7 @@ def _plots(p: Pipeline, rows: list[dict], runs: Runs) -> dict[str, bytes]:
 
     written = {}
     for entry in p.datasets:
-        grid_runs = [r for r in runs[entry.name][0] if r.method == VQT.name and r.eval_top1 is not None]
+        grid_runs = [r for r in runs[entry.name][0] if r.eval_top1 is not None]  # every method's selection
         if grid_runs:
             written |= _heatmap(p, entry, grid_runs, rows)
     written |= _accuracy_vs_T(p, rows)
