@@ -22,9 +22,7 @@ from vqt_cache import methods, progress, recipe
 from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig, comma_list
 from vqt_cache.config import options as config_options
 from vqt_cache.errors import VQTError, VQTWarning
-from vqt_cache.formats import (
-    WORKERS,
-)
+from vqt_cache.formats import WORKERS, size
 
 if TYPE_CHECKING:
     from vqt_cache.training import TrainedRun
@@ -185,7 +183,7 @@ def plan(
       vqt-cache plan pipelines/vtab1k.toml --layout hidden --dtype int8
       vqt-cache plan --backbone vit_b16 --dataset cub --root ~/data/CUB_200_2011 --splits train,val
     """
-    from vqt_cache.plan import plan_extract, plan_pipeline, size
+    from vqt_cache.plan import plan_extract, plan_pipeline
     from vqt_cache.sweep import load_pipeline
 
     timed = None
@@ -301,8 +299,8 @@ def info(
     )
     console.print(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "
-        f"{_size(data['bytes_per_image'])} per image"
-        + (f", probe arrays {_size(data['probe_bytes_per_image'])} per image" if data["probes"] else "")
+        f"{size(data['bytes_per_image'])} per image"
+        + (f", probe arrays {size(data['probe_bytes_per_image'])} per image" if data["probes"] else "")
     )
     images = data["images"]
     console.print(
@@ -707,14 +705,6 @@ def compress(
 
 
 COMPRESSION_LOSS_WARNED = 2.0  # points of top-1 a compression may lose before `compress` warns
-
-
-def _size(n: float) -> str:
-    """Bytes in the unit that shows them (10^3 steps): 3.47 kB, 0.52 MB, 36.1 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} bytes"
 
 
 @app.command()

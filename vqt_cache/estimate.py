@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from vqt_cache import methods
 from vqt_cache.backbones import Backbone, backbone_from_weights, load_backbone, resolve_device
 from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.formats import EXTRACT_BATCH_SIZE
+from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.plan import DatasetPlan
 from vqt_cache.store import found_at, open_store
 from vqt_cache.sweep import Pipeline, _configurations, _recipe, _specs_for_selection
-from vqt_cache.training import PassCost, measure_pass
+from vqt_cache.training import PassCost, grid, measure_pass
 
 FORWARD_SECONDS = 2.0  # how long the backbone's forward is timed
 
@@ -71,15 +71,10 @@ def forward_rate(backbone: Backbone, device: torch.device, batch: int = EXTRACT_
 
 
 def _final_specs(p: Pipeline, entry: Any) -> tuple[RunSpec, ...]:
-    """One run per (method, size) the protocol selects: what each final pass trains (their lr and wd are chosen by
-    selection, which does not change a step's cost)."""
-    sizes = {"T": list(entry.queries), "n": list(entry.blocks)}
-    seed = p.protocol.final_seeds[0]
-    return tuple(
-        RunSpec(name, size, seed=seed, recipe=p.recipe)
-        for name in (methods.get("vqt").name, *p.baselines)
-        for size in methods.get(name).sizes(sizes)
-    )
+    """One run per (method, size) the protocol selects: what each final pass trains (at their recipes' default lr
+    and wd: selection picks others, which does not change a step's cost)."""
+    names, seeds = [VQT.name, *p.baselines], [p.protocol.final_seeds[0]]
+    return grid(names, list(entry.queries), [None], [None], seeds, [p.recipe], list(entry.blocks))
 
 
 def estimate_pipeline(p: Pipeline, plans: list[DatasetPlan]) -> tuple[str, list[TaskTime]]:

@@ -122,7 +122,8 @@ def _check_space(cfg: ExtractConfig, dataset: Dataset, split_names: list[str]) -
     """Refuse, before anything is written, a store the free space at its destination cannot hold."""
     if not cfg.check_space:
         return
-    from vqt_cache.plan import plan_extract, size
+    from vqt_cache.formats import size
+    from vqt_cache.plan import plan_extract
 
     plan = plan_extract(dataclasses.replace(cfg, splits=tuple(split_names)), opened=dataset)
     if not plan.fits:

@@ -69,3 +69,11 @@ def bytes_per_value(kind: str, group: int = GROUP) -> float:
 
 
 HF_COLUMNS = {"image": "image", "label": "label"}  # --dataset hf: the default image and label columns
+
+
+def size(n: float) -> str:
+    """Bytes in the unit that shows them: 512 B, 24.6 kB, 3.42 MB, 1.87 GB, 36.1 TB (decimal units)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} B"

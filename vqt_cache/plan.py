@@ -56,14 +56,6 @@ class DatasetPlan:
         return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
 
 
-def size(n: float) -> str:
-    """Bytes in the unit that shows them: 512 B, 24.6 kB, 3.42 MB, 1.87 GB, 36.1 TB (decimal units)."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f} B"
-
-
 def free_space(url: str) -> int | None:
     """Free bytes on the file system a local store goes to (its nearest existing folder); None for URLs."""
     if "://" in url and not url.startswith("file://"):

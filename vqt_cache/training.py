@@ -453,13 +453,8 @@ def measure_pass(cfg: TrainConfig, steps: int = 5) -> PassCost:
     loaded = time.perf_counter() - started
     trainer = _Trainer(cfg, store, backbone, train_data, eval_data, specs, None, device)
     step, evaluation = trainer.seconds_per_step(steps)
-    return PassCost(
-        loaded,
-        step,
-        evaluation,
-        math.ceil(len(train_data) / cfg.batch_size),
-        math.ceil(len(eval_data) / cfg.batch_size) if eval_data is not None else 0,
-    )
+    eval_batches = math.ceil(len(eval_data) / cfg.batch_size) if eval_data is not None else 0
+    return PassCost(loaded, step, evaluation, trainer.steps_per_epoch, eval_batches)
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> list[TrainedRun]:
