@@ -6,7 +6,7 @@ images (decoding and preprocessing included in both), so the ratio isolates what
 K/V or LN1 outputs, casting or quantizing, and writing a real Zarr store on disk.
 
 The disk: its sequential write bandwidth (1 GiB in 64 MiB blocks, fsync'd), measured in the same run, and what
-extraction's writer (`ShardWriter`: chunk writes on WRITERS threads, the checksum on one more) sustains on the same
+extraction's writer (`ShardWriter`: shards written and hashed on WRITERS threads) sustains on the same
 disk when fed real hidden int8 rows as fast as it takes them (a GPU's forward is faster than this disk), synced
 at the end, with WRITERS threads and with one.
 """
@@ -21,14 +21,14 @@ import time
 import numpy as np
 import torch
 
+from bench.host import write_shards
 from bench.synthetic import new_store, synthetic_dataset
 from vqt_cache.backbones import load_backbone
 from vqt_cache.config import ExtractConfig
 from vqt_cache.datasets import Dataset, ImageSplit
-from vqt_cache.extraction import WRITERS, ShardWriter, extract_shards
-from vqt_cache.formats import CODECS
+from vqt_cache.extraction import extract_shards
+from vqt_cache.formats import CODECS, WRITERS
 from vqt_cache.quantize import quantize
-from vqt_cache.store import row_checksum
 
 
 def extract_rate(url: str, backbone, dataset: Dataset, cfg: ExtractConfig) -> float:
@@ -126,14 +126,10 @@ def _disk(tmp: str, backbone, dataset, quick: bool) -> list[dict]:
     n = 256 if quick else 512
     rows = [{"bench": "extract", "what": "disk: sequential write, fsync'd", "MB_s": disk}]
     for writers in (WRITERS, 1):
-        cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout="hidden", dtype="int8", shard_size=n)
+        cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout="hidden", dtype="int8")
         _, split = new_store(f"{tmp}/writer-{writers}.zarr", backbone, synthetic_dataset(n), cfg)
-        checksum = row_checksum()
         start = time.perf_counter()
-        with ShardWriter(split.images, writers) as writer:
-            for at in range(0, n, len(values)):
-                writer.submit(at, values, scales, checksum)
-            writer.wait()
+        write_shards(split.images, values, scales, n, writers)
         os.sync()
         seconds = time.perf_counter() - start
         written = n * (values[0].nbytes + scales[0].nbytes) / 1e6

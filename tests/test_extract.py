@@ -386,3 +386,30 @@ def test_a_version_3_store_is_read_resumed_and_verified_with_its_own_checksums(t
     assert code == 0 and "no faults" in text, text
     images.group["checksum"][0] = np.frombuffer(shard_checksum(b"x", final[:0], valid[:0], 3), np.uint8)
     assert run_cli("verify", str(out))[0] == 1  # and its checksums are really checked
+
+
+@pytest.mark.parametrize(
+    "layout, dtype, codec", [("hidden", "int8", "none"), ("kv", "float16", "zstd"), ("hidden", "float32", "blosc")]
+)
+def test_chunks_written_without_zarr_are_the_bytes_zarr_writes(tmp_path, monkeypatch, layout, dtype, codec):
+    """Extraction writes a local store's image chunks itself (store/chunks.py), on its writer threads; the store is
+    byte for byte the one zarr's own writes make, so the format and its checks are unchanged."""
+    from vqt_cache.store import chunks
+
+    settings = dict(layout=layout, dtype=dtype, codec=codec, splits=("val200",))
+    direct = config(tmp_path, "direct.zarr", **settings)
+    put, written = chunks._put, []
+    monkeypatch.setattr(chunks, "_put", lambda path, data: written.append(path) or put(path, data))
+    extract(direct)
+    arrays = [Path(path).relative_to(direct.store_url).parts[1] for path in written]
+    assert arrays.count(layout) == 200 and arrays.count("scale") == (200 if dtype == "int8" else 0)
+    assert arrays.count("shard_done") == 7  # and each shard's final features, valid flags, checksum and flag
+    monkeypatch.setattr(chunks, "LocalStore", type("NoStoreIsThis", (), {}))  # every chunk through zarr
+    through_zarr = config(tmp_path, "zarr.zarr", **settings)
+    extract(through_zarr)
+    files = {}
+    for root in (direct.store_url, through_zarr.store_url):
+        files[root] = {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    a, b = files.values()
+    assert a.keys() == b.keys() and len(a) > 200  # one chunk per image, and no temporary file left
+    assert [name for name in a if a[name] != b[name]] == []

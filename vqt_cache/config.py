@@ -35,6 +35,7 @@ from vqt_cache.formats import (
     QUERY_PATHS,
     SHARD_SIZE,
     WORKERS,
+    WRITERS,
 )
 
 FIELD_DEFAULT = object()  # a `Cli.cli_default` that is the field's own default
@@ -132,6 +133,7 @@ class ExtractConfig:
     )
     on_bad_image: str = option(ON_BAD_IMAGE[0], help="fail or skip (skipped images are recorded)")
     workers: int = option(WORKERS, help="image decoding processes")
+    writers: int = option(WRITERS, help="threads writing and hashing shards (a GPU host: about its cores / 2)")
     check_space: bool = option(
         True,
         help="start even when `vqt-cache plan` says the store cannot fit",
@@ -167,6 +169,8 @@ class ExtractConfig:
             raise VQTError("batch size and shard size must be at least 1")
         if self.workers < 0:
             raise VQTError("workers must be >= 0")
+        if self.writers < 1:
+            raise VQTError("writers must be at least 1")
 
     @property
     def columns(self) -> dict[str, str]:

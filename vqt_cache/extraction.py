@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from vqt_cache.datasets import (
 )
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
+    WRITERS,
     forward_dtype,
     group_for,
     quantized,
@@ -186,53 +189,83 @@ def _shard_batches(images: Images, shards: list[int], batch_size: int) -> list[l
     return batches
 
 
-WRITERS = 4  # image chunks written at once: one Python thread cannot keep a fast disk (or an object store) busy
+QUEUED_BYTES = 2**31  # rows waiting to be written, at most (the caller blocks beyond; a batch always passes)
 
 
 class ShardWriter:
-    """Writes rows of the image table on WRITERS threads while one more thread hashes them in row order (hashlib
-    and the chunk writes release the GIL), so the next batch computes meanwhile. Rows on a GPU are copied into
-    pinned host memory without waiting; the threads wait for that copy, the caller does not."""
+    """Writes shards of the image table in the background, on `writers` threads, while the caller computes the next
+    batches: a shard's rows are written (`Images.write_images`), fed in row order to its checksum and, once all of
+    that succeeded, the shard is marked complete (`Images.finish_shard`), all on one thread; the next shard goes to
+    the next thread. Rows on a GPU are copied into pinned host memory without waiting; the threads wait for that
+    copy, the caller does not. At most QUEUED_BYTES of rows wait; a failure is raised by the next call."""
 
     def __init__(self, images: Images, writers: int = WRITERS) -> None:
-        self.images, self.writers = images, writers
+        self.images = images
         self._stack = ExitStack()
-        self._writers = self._stack.enter_context(ThreadPoolExecutor(max_workers=writers))
-        self._hasher = self._stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        self._pending: list = []
+        self._lanes = [self._stack.enter_context(ThreadPoolExecutor(max_workers=1)) for _ in range(writers)]
+        self._shards: dict[int, tuple[ThreadPoolExecutor, Any, list[Future]]] = {}  # lane, checksum, its tasks
+        self._queued: deque[tuple[Future, int]] = deque()  # every task not yet collected, with its rows' bytes
+        self._bytes = 0
+        self._turn = itertools.count()
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self._stack.close()  # lets what was submitted finish: a shard is complete or not, never half marked
 
-    def submit(self, start: int, rows: torch.Tensor, scales: torch.Tensor | None, checksum: Any) -> None:
-        """Write rows start.. (and int8 scales) and feed them to the shard's `checksum`, in the background."""
+    def submit(self, shard: int, start: int, rows: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Write rows start.. of `shard` (and int8 scales) and feed them to its checksum, in the background."""
         copied = None
         if rows.device.type == "cuda":  # into pinned memory (torch does that for a non-blocking copy to the host)
             rows, scales = (t if t is None else t.to("cpu", non_blocking=True) for t in (rows, scales))
             copied = torch.cuda.Event()
             copied.record()
 
-        def host(tensor: torch.Tensor | None) -> np.ndarray | None:
+        def write(checksum: Any) -> None:
             if copied is not None:
                 copied.synchronize()
-            return None if tensor is None else tensor.numpy()
+            values, scale = rows.numpy(), None if scales is None else scales.numpy()
+            for i in range(len(values)):  # each row hashed right after its write, while the CPU's cache holds it
+                row, row_scale = values[i : i + 1], None if scale is None else scale[i : i + 1]
+                self.images.write_images(start + i, row, row_scale)
+                hash_rows(checksum, row, row_scale)
 
-        def write(a: int, b: int) -> None:
-            self.images.write_images(start + a, host(rows[a:b]), host(None if scales is None else scales[a:b]))
+        if shard not in self._shards:
+            lane = self._lanes[next(self._turn) % len(self._lanes)]  # in turn, whichever shards a rank owns
+            self._shards[shard] = (lane, self.images.row_checksum(), [])
+        lane, checksum, tasks = self._shards[shard]
+        tasks.append(lane.submit(write, checksum))
+        size = rows.nbytes + (0 if scales is None else scales.nbytes)
+        self._queue(tasks[-1], size)
 
-        step = max(1, -(-len(rows) // self.writers))
-        for a in range(0, len(rows), step):
-            self._pending.append(self._writers.submit(write, a, a + step))
-        self._pending.append(self._hasher.submit(lambda: hash_rows(checksum, host(rows), host(scales))))
+    def finish(self, shard: int, final: np.ndarray, valid: np.ndarray, probes: dict | None) -> None:
+        """Mark `shard` complete, with its final features, valid flags and probes, once its rows are written and
+        hashed; a shard whose writes failed is left incomplete (and the failure raised)."""
+        lane, checksum, tasks = self._shards.pop(shard)
+
+        def finish() -> None:
+            for task in tasks:  # done already (the same thread ran them): re-raises a failed write
+                task.result()
+            self.images.finish_shard(shard, final, valid, checksum.digest(), probes)
+
+        self._queue(lane.submit(finish), 0)
+
+    def _queue(self, task: Future, size: int) -> None:
+        self._queued.append((task, size))
+        self._bytes += size
+        while self._queued and (self._queued[0][0].done() or self._bytes > QUEUED_BYTES):
+            self._collect()
+
+    def _collect(self) -> None:
+        task, size = self._queued.popleft()
+        self._bytes -= size
+        task.result()  # waits, and re-raises a failure
 
     def wait(self) -> None:
-        """Every write and hash submitted so far has finished (a failed one is re-raised)."""
-        pending, self._pending = self._pending, []
-        for task in pending:
-            task.result()
+        """Every shard finished so far is marked complete (a failure is re-raised)."""
+        while self._queued:
+            self._collect()
 
 
 def extract_shards(
@@ -259,11 +292,10 @@ def extract_shards(
     batches = iter(loader)
     dtype = getattr(torch, forward_dtype(cfg.dtype))  # int8: quantized after the forward
     skipped: list[str] = []
-    with ShardWriter(images) as writer:
+    with ShardWriter(images, cfg.writers) as writer:
         for shard in shards:
             start, stop = images.shard_range(shard)
             finals, valid, probes = [], [], []
-            checksum = images.row_checksum()  # of the rows as written, in order; `vqt-cache verify` checks it again
             position = start
             while position < stop:
                 batch, ok, errors = next(batches)
@@ -284,17 +316,15 @@ def extract_shards(
                 if quantized(cfg.dtype):  # on the device, before the copy: a quarter of the bytes cross
                     layers, scales = quantize(layers, "int8", group_for(layers.shape[-1]))
                     _check_finite_scales(scales, position, sources)
-                writer.submit(position, layers, scales, checksum)
+                writer.submit(shard, position, layers, scales)
                 finals.append(final.float().cpu().numpy())
                 valid.append(ok.numpy().astype(np.uint8))
                 position += len(batch)
-                if position == stop:
-                    writer.wait()  # re-raises a failed write before the shard is marked complete
+                if position == stop:  # marked complete in the background, once its rows are written and hashed
                     shard_probes = {k: np.concatenate([p[k] for p in probes]) for k in probes[0]} if probes else None
-                    images.finish_shard(
-                        shard, np.concatenate(finals), np.concatenate(valid), checksum.digest(), shard_probes
-                    )
+                    writer.finish(shard, np.concatenate(finals), np.concatenate(valid), shard_probes)
                 advance(len(batch))
+        writer.wait()
     return skipped
 
 

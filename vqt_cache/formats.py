@@ -16,10 +16,12 @@ DEFAULT_DTYPE = "int8"
 DEFAULT_CODEC = "none"
 
 # stage one (extract; the live forward of evaluate and predict): images per forward, images per logical shard
-# (the unit of writing and resuming), image-decoding processes, and what to do with an unreadable image
+# (the unit of writing and resuming), image-decoding processes, threads writing shards (their chunk writes and
+# hashing release the GIL, so they add up to cores), and what to do with an unreadable image
 EXTRACT_BATCH_SIZE = 32
 SHARD_SIZE = 64
 WORKERS = 2
+WRITERS = 4
 ON_BAD_IMAGE = ("fail", "skip")
 
 # stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import zarr
 
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import group_for, quantized
+from vqt_cache.store.chunks import ChunkWriter
 from vqt_cache.store.schema import (
     FORMAT_VERSION,
     IMAGES_ATTR_TYPES,
@@ -154,14 +156,20 @@ class Images:
         return f"image shard {shard} (rows {start}..{stop - 1}, from {self.source(start)})"
 
     def write_images(self, start: int, features: np.ndarray, scales: np.ndarray | None = None) -> None:
-        """Write features (and, int8, their scales) of rows start.. (one chunk per image). Every chunk is written,
-        zeros too: zarr would otherwise compare each chunk with the fill value first (a quarter of a write's time)."""
-        whole = {"write_empty_chunks": True}
-        self.features.with_config(whole)[start : start + len(features)] = features
+        """Write features (and, int8, their scales) of rows start.. , one chunk per image, on the calling thread
+        (`ChunkWriter`: threads add up). Every chunk is written, zeros too."""
+        self._chunks(self.layout).write(start, features)
         if scales is not None:
-            self.scales.with_config(whole)[start : start + len(scales)] = scales
+            self._chunks("scale").write(start, scales)
 
-    @property
+    def _chunks(self, name: str) -> ChunkWriter:
+        """The writer of one of the table's arrays (kept: opening an array reads its metadata)."""
+        writers = self.__dict__.setdefault("_writers", {})
+        if name not in writers:
+            writers[name] = ChunkWriter(self.group[name], empty=name in (self.layout, "scale"))
+        return writers[name]
+
+    @cached_property
     def probes(self) -> bool:
         """Whether the table holds the probe arrays (extract --probes)."""
         return "class_tokens" in self.group.array_keys()
@@ -179,16 +187,16 @@ class Images:
 
         rows_digest: the `row_checksum()` digest of the shard's feature rows as written, in row order.
         """
-        start, stop = self.shard_range(shard)
-        self.group["final"][start:stop] = final
-        self.group["valid"][start:stop] = valid
+        start, _ = self.shard_range(shard)
+        self._chunks("final").write(start, final)
+        self._chunks("valid").write(start, valid)
         if self.probes != (probes is not None):
             raise VQTError(f"{self.where(shard)}: the probe arrays are {'missing' if self.probes else 'unexpected'}")
         for name, values in (probes or {}).items():
-            self.group[name][start:stop] = values
+            self._chunks(name).write(start, values)
         checksum = shard_checksum(rows_digest, final, valid, self.version, probes)
-        self.group["checksum"][shard] = np.frombuffer(checksum, np.uint8)
-        self.group["shard_done"][shard] = 1
+        self._chunks("checksum").write(shard, np.frombuffer(checksum, np.uint8)[None])
+        self._chunks("shard_done").write(shard, np.ones(1, np.uint8))
 
     def read_shard(self, shard: int, probes: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
         """A complete shard's feature rows and scales, with its faults: unreadable chunks, NaN/Inf, or data that
@@ -248,6 +256,7 @@ class Images:
     def _resize(self, rows: int) -> None:
         """Grow (or shrink back) every array to `rows` rows; the attributes, written after, commit it."""
         shards = math.ceil(rows / self.shard_size)
+        self.__dict__.pop("_writers", None)  # they know the arrays' old length
         for name, array in self._arrays().items():
             length = shards if name in ("shard_done", "checksum") else rows
             if array.shape[0] != length:
