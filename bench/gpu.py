@@ -6,7 +6,8 @@ runs it, each command in a fresh process on the first CUDA device (the CPU where
 
 - extraction: `vqt-cache extract` of ViT-B/16 (random weights, hidden int8, the default) over the 1,000 training
   images, beside its bounds: a plain float32 forward of preprocessed batches already on the device, the data
-  loader alone (decoding and preprocessing with the same workers), and the disk's sequential write bandwidth;
+  loader alone (decoding and preprocessing with the same workers), the disk's sequential write bandwidth, and
+  extraction's writer with 1 and 8 threads into a store in memory (the host's room for extraction, disk aside);
 - stage two: `vqt-cache train` of one run (T = 1, 100 epochs on train800) and of a 20-run grid (5 lrs × 4 wds,
   batch 128), with the eager and the batched query path: ms per step (from timing.json), the epochs' seconds, and
   the command's seconds outside its epochs (start, imports, store, saving);
@@ -33,12 +34,14 @@ import torch
 from PIL import Image
 
 from bench.extraction import disk_write_MB_s
+from bench.host import writer_rows
 from vqt_cache.files import write_text
 from vqt_cache.run_folder import read_timing
 
 PROFILE = Path(__file__).parent / "gpu_profile.md"
 TASK = "eurosat"  # a 10-class VTAB-1k task: its layout, with our own images
 WORKERS = 8  # image decoding processes (the H200 machine has 16 cores)
+WRITERS = 8  # extraction's writer threads there
 VIT_B16 = ["--backbone", "vit_b16", "--weights", "random"]
 TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "random", "--model-arg", "img_size=32"]
 TINY += ["--model-arg", "patch_size=8", "--model-arg", "depth=2", "--model-arg", "embed_dim=48"]
@@ -199,6 +202,7 @@ def run(quick: bool = False) -> list[dict]:
         store = str(tmp / "task.zarr")
         extract_args = ["extract", *model, "--dataset", f"vtab1k/{TASK}", "--root", str(tmp / "data")]
         extract_args += ["--splits", "train800,val200,train800val200", "--workers", str(workers)]
+        extract_args += ["--writers", str(WRITERS)]
         wall, out = vqt(*extract_args, "--device", device, "--batch-size", "128", "--out", store, "--json")
         summary = json.loads(out)
         written = sum(s["written"] for s in summary["splits"])
@@ -218,6 +222,8 @@ def run(quick: bool = False) -> list[dict]:
                 "wall_s": wall,
             },
         ]
+        host = writer_rows((1, WRITERS), 64 if quick else 2048)  # the host's room for extraction, disk aside
+        rows += [{"bench": "gpu", "what": r["what"], "img_s": r["images_per_s"]} for r in host]
         runs = tmp / "runs"
         rows += train_rows(store, runs, model, device, epochs, quick)
         finals = sorted(p.parent for p in (runs / "20-run-grid-batched").glob("*/timing.json"))[:5]

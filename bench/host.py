@@ -6,6 +6,8 @@ store lives in memory, under /dev/shm). The goal: <= 1 ms of CPU an image, and c
 - hashing a shard's rows for its checksum, with the hash of format 4 (blake3) and of format 3 (blake2b);
 - zarr's own chunk writes (what extraction used before issue 32: every write runs on zarr's one event-loop thread,
   so more threads do not add up), on 4 threads;
+- the floor: the same files (values and scales, temporary file and rename) written and hashed by a bare Python
+  loop, with 1 and 2 threads, which is what the kernel and blake3 alone cost;
 - extraction's writer as it runs (`ShardWriter`: each shard's chunks written by `ChunkWriter` and hashed, then
   marked complete, on one of its threads), with 1, 2 and 4 threads;
 - for scale, int8 quantization on the CPU (on a GPU it runs on the device, before the copy to the host).
@@ -72,6 +74,20 @@ def run(quick: bool = False) -> list[dict]:
                 hash_rows(d, v, s)
 
         rows.append({"bench": "host", "what": f"hash the rows for the shard checksum ({name})", **_timed(hashing, n)})
+    return rows + writer_rows((1, 2, WRITERS), n, backbone, values, scales, before=True)
+
+
+def writer_rows(
+    counts: tuple[int, ...], n: int, backbone=None, values=None, scales=None, before: bool = False
+) -> list[dict]:
+    """Extraction's writer with each number of threads in `counts` (and, `before`, zarr's own writes as extraction
+    made them before issue 32) writing n ViT-B/16 hidden int8 rows into a store in memory."""
+    if backbone is None:
+        torch.manual_seed(0)
+        backbone = load_backbone("vit_b16", weights="random")
+        values, scales = quantize(torch.randn(32, backbone.depth, backbone.tokens, backbone.dim), "int8", 64)
+    batch, v, s = len(values), values.numpy(), scales.numpy()
+    rows = []
     tmp = tempfile.mkdtemp(prefix="vqt-bench-host-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     cfg = ExtractConfig(backbone="vit_b16", dataset="synthetic", layout="hidden", dtype="int8")
     dataset = synthetic_dataset(n)
@@ -87,8 +103,34 @@ def run(quick: bool = False) -> list[dict]:
             with ThreadPoolExecutor(WRITERS) as pool:
                 list(pool.map(write, range(0, n, batch)))
 
-        cases = [(f"zarr's own chunk writes alone (before), {WRITERS} threads", through_zarr, None)]
-        for writers in (1, 2, WRITERS):
+        def floor(threads: int):  # the same files and hash with nothing of zarr's or ours: the kernel's share
+            def work(images) -> None:
+                folder = images.features.store_path.store.root / images.features.store_path.path
+
+                def part(lo: int) -> None:
+                    digest = row_checksum()
+                    for at in range(lo, n, threads):
+                        for name, data in (("floor-values", v[at % batch]), ("floor-scales", s[at % batch])):
+                            path = folder / name / f"{at}" / "0"
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            temporary = path.with_suffix(".partial")
+                            with open(temporary, "wb") as handle:
+                                handle.write(data)
+                            os.replace(temporary, path)
+                            digest.update(data.reshape(-1).view(np.uint8))
+
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(part, range(threads)))
+
+            return work
+
+        cases = []
+        if before:
+            cases.append((f"zarr's own chunk writes alone (before), {WRITERS} threads", through_zarr, None))
+            for threads in (1, 2):
+                what = f"floor: the same files written and hashed by a bare Python loop, {threads} thread(s)"
+                cases.append((what, floor(threads), None))
+        for writers in counts:
             what = f"extraction's writer: chunk writes + blake3 hash + shard marks, {writers} thread(s)"
             cases.append((what, lambda images, w=writers: write_shards(images, values, scales, n, w), writers))
         one = None
@@ -97,10 +139,10 @@ def run(quick: bool = False) -> list[dict]:
             _, split = new_store(path, backbone, dataset, cfg)
             timed = _timed(lambda work=work, images=split.images: work(images), n)
             row = {"bench": "host", "what": f"{what}, store in memory", **timed}
-            if writers == 1:
+            if writers == counts[0]:
                 one = row["images_per_s"]
             if writers is not None:
-                row["x_one_thread"] = row["images_per_s"] / one
+                row[f"x_{counts[0]}_thread"] = row["images_per_s"] / one
             rows.append(row)
             shutil.rmtree(path)  # memory: a full /dev/shm slows every later write
     finally:

@@ -124,13 +124,15 @@ def test_only_the_query_path_does_attention_math():
 
 
 def test_every_file_outside_a_store_is_written_through_files_py():
-    """Whole or absent: only vqt_cache/files.py writes files (temporary file, fsync, rename), lock files aside."""
+    """Whole or absent: only vqt_cache/files.py writes files (temporary file, fsync, rename), lock files aside. A
+    store's chunks are the store's: zarr writes them, or store/chunks.py as zarr's local store does (temporary
+    file, rename), and a shard's checksum and completion flag, written last, vouch for them."""
     import re
 
     # a figure saved into an in-memory buffer (`savefig(buffer`) is fine: the bytes then go through files.py
     writes = re.compile(r"\.write_text\(|\.write_bytes\(|\bsave_file\(|torch\.save\(|\.savefig\([^b]|open\([^)]*\"w")
     for path in PACKAGE.rglob("*.py"):
-        if path.name != "files.py":
+        if path.name != "files.py" and path.relative_to(PACKAGE).as_posix() != "store/chunks.py":
             found = [line for line in path.read_text().splitlines() if writes.search(line) and ".lock" not in line]
             assert not found, (path.name, found)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,7 +21,7 @@ import zarr
 
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import group_for, quantized
-from vqt_cache.store.chunks import ChunkWriter
+from vqt_cache.store.chunks import Chunks
 from vqt_cache.store.schema import (
     FORMAT_VERSION,
     IMAGES_ATTR_TYPES,
@@ -55,6 +57,8 @@ class _SiblingsOfAReportedError(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_SiblingsOfAReportedError())
+
+READ_AHEAD = 4  # shards read at once when a split is loaded
 
 
 def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
@@ -157,16 +161,20 @@ class Images:
 
     def write_images(self, start: int, features: np.ndarray, scales: np.ndarray | None = None) -> None:
         """Write features (and, int8, their scales) of rows start.. , one chunk per image, on the calling thread
-        (`ChunkWriter`: threads add up). Every chunk is written, zeros too."""
+        (`Chunks`: threads add up). Every chunk is written, zeros too."""
         self._chunks(self.layout).write(start, features)
         if scales is not None:
             self._chunks("scale").write(start, scales)
 
-    def _chunks(self, name: str) -> ChunkWriter:
-        """The writer of one of the table's arrays (kept: opening an array reads its metadata)."""
+    @cached_property
+    def _names(self) -> set[str]:
+        return set(self.group.array_keys())
+
+    def _chunks(self, name: str) -> Chunks:
+        """The reader and writer of one of the table's arrays (kept: opening an array reads its metadata)."""
         writers = self.__dict__.setdefault("_writers", {})
         if name not in writers:
-            writers[name] = ChunkWriter(self.group[name], empty=name in (self.layout, "scale"))
+            writers[name] = Chunks(self.group[name], empty=name in (self.layout, "scale"))
         return writers[name]
 
     @cached_property
@@ -205,11 +213,12 @@ class Images:
         start, stop = self.shard_range(shard)
         where = self.where(shard)
         try:
-            features = self.features[start:stop]
-            scales = self.scales[start:stop] if self.quantized else None
-            final, valid = self.group["final"][start:stop], self.group["valid"][start:stop]
-            read = {name: self.group[name][start:stop] for name in PROBES if self.probes and name in self.group}
-            recorded = self.group["checksum"][shard].tobytes()
+            features = self._chunks(self.layout).read(start, stop)
+            scales = self._chunks("scale").read(start, stop) if self.quantized else None
+            final, valid = self._chunks("final").read(start, stop), self._chunks("valid").read(start, stop)
+            names = [name for name in PROBES if self.probes and name in self._names]
+            read = {name: self._chunks(name).read(start, stop) for name in names}
+            recorded = self._chunks("checksum").read(shard, shard + 1)[0].tobytes()
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
             return np.empty(0), None, [f"{where}: a chunk cannot be read ({type(exc).__name__}: {exc})"]
         finite = np.isfinite(scales if self.quantized else features).reshape(stop - start, -1).all(axis=1)
@@ -362,9 +371,9 @@ class Split:
         int8 scales or None, their probe arrays by name (none in a store without them)), in split order within a
         shard."""
         rows = self.rows()
-        for shard in self.shards():
-            probes: dict[str, np.ndarray] = {}
-            shard_features, shard_scales, faults = self.images.read_shard(shard, probes)
+        for shard, (shard_features, shard_scales, faults, probes) in zip(
+            self.shards(), self._read_ahead(), strict=True
+        ):
             if faults:
                 raise VQTError(f"{faults[0]}; run `vqt-cache verify` on the store, then re-extract it")
             start, _ = self.images.shard_range(shard)
@@ -374,6 +383,23 @@ class Split:
                 at = slice(None)  # the whole shard in order (the usual case): a view, not a copy
             scales = None if shard_scales is None else shard_scales[at]
             yield here, shard_features[at], scales, {name: values[at] for name, values in probes.items()}
+
+    def _read_ahead(self) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str], dict[str, np.ndarray]]]:
+        """`read_shard` of each of the split's shards in order, READ_AHEAD of them read at once on threads (file
+        reads, decoding and hashing release the GIL)."""
+
+        def read(shard: int) -> tuple[np.ndarray, np.ndarray | None, list[str], dict[str, np.ndarray]]:
+            probes: dict[str, np.ndarray] = {}
+            return (*self.images.read_shard(shard, probes), probes)
+
+        with ThreadPoolExecutor(READ_AHEAD) as pool:
+            ahead: deque = deque()
+            for shard in self.shards():
+                ahead.append(pool.submit(read, shard))
+                if len(ahead) == READ_AHEAD:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
@@ -408,6 +434,9 @@ class Store:
 
     def __init__(self, group: zarr.Group, url: str) -> None:
         self.group, self.url = group, url
+        # opened read-only, the checked image table and complete splits are kept: checking them reads every array's
+        # metadata, and stage two asks for them several times (a writer's store changes, so it checks each time)
+        self._checked: dict[str, Any] | None = {} if group.read_only else None
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -420,6 +449,8 @@ class Store:
     @property
     def images(self) -> Images:
         """The image table (its metadata checked against its arrays)."""
+        if self._checked is not None and "images/" in self._checked:
+            return self._checked["images/"]
         with self._metadata("the image table (images/)"):
             if "images" not in self.group.group_keys():
                 raise VQTError(f"store {self.url} is damaged: it has no image table; re-extract it")
@@ -428,6 +459,8 @@ class Store:
                 images.check_metadata(self.attrs["backbone"])
             except VQTError as exc:
                 raise VQTError(f"store {self.url}: {exc}") from exc
+        if self._checked is not None:
+            self._checked["images/"] = images
         return images
 
     @contextmanager
@@ -474,6 +507,8 @@ class Store:
             return sorted(self._splits().group_keys())
 
     def split(self, name: str, require_complete: bool = True) -> Split:
+        if self._checked is not None and name in self._checked:
+            return self._checked[name]
         if name not in self.split_names():
             have = ", ".join(self.split_names()) or "none"
             raise VQTError(f"store {self.url} has no split {name!r} (it has: {have})")
@@ -494,6 +529,8 @@ class Store:
                 f"split {name!r} of {self.url} is incomplete ({missing} of {len(split.shards())} shards missing); "
                 "re-run the same extract command to finish it"
             )
+        if self._checked is not None and split.complete:
+            self._checked[name] = split
         return split
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -503,16 +540,18 @@ class Store:
                 raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
             weights = self.group["weights"]
             names = list(weights.array_keys())
-        out = {}
-        for name in names:
+
+        def read(name: str) -> np.ndarray:
             try:
-                out[name] = weights[name][...]
+                return weights[name][...]
             except Exception as exc:  # a truncated chunk fails to decode in many ways
                 raise VQTError(
                     f"store {self.url} is damaged: the stored weight {name!r} cannot be read ({type(exc).__name__}); "
                     "re-extract it"
                 ) from exc
-        return out
+
+        with ThreadPoolExecutor(READ_AHEAD) as pool:  # zarr's loop then reads several at once
+            return dict(zip(names, pool.map(read, names), strict=True))
 
     def create_split(self, name: str, keys: list[str], labels: list[int], index_hash: str) -> Split:
         """Create a split of the images `keys` ("<source>#<content digest>"): images the store does not hold yet
