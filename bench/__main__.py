@@ -19,6 +19,7 @@ from bench import (
     gpu,
     host,
     live_eval,
+    loader,
     object_storage,
     plan,
     precision,
@@ -27,6 +28,7 @@ from bench import (
     quantization,
     sizing,
     stage_two,
+    startup,
     tables,
     training,
 )
@@ -38,6 +40,7 @@ BENCHES = {
     "grid": training.run_grid,
     "extraction": extraction.run,
     "host": host.run,
+    "loader": loader.run,
     "object_storage": object_storage.run,
     "quantization": quantization.run,
     "precision": precision.run,
@@ -46,6 +49,7 @@ BENCHES = {
     "sizing": sizing.run,
     "probes": probes.run,
     "live_eval": live_eval.run,
+    "startup": startup.run,
     "gpu": gpu.run,  # every GPU figure in one call (on the GPU machine); not part of a plain `python -m bench`
 }
 DEFAULT = [name for name in BENCHES if name != "gpu"]

@@ -215,6 +215,16 @@ def host(results: list[dict]) -> str:
     return table([*header, "× 1 thread"], rows)
 
 
+def loader(results: list[dict]) -> str:
+    rows = [[r["what"], number(r["img_s_per_core"])] for r in rows_of(results, "loader")]
+    return table(["decode + preprocess for ViT-B/16, one core", "img/s per core"], rows)
+
+
+def startup(results: list[dict]) -> str:
+    rows = [[r["what"], number(r["wall_s"]), number(r.get("beyond_torch_s"))] for r in rows_of(results, "startup")]
+    return table(["a stage-two command, fresh process, this CPU", "seconds", "beyond import torch"], rows)
+
+
 def gpu(results: list[dict]) -> str:
     found = rows_of(results, "gpu")
     if not found:
@@ -262,6 +272,8 @@ TABLES: dict[str, Callable[[list[dict]], str]] = {
     "memory": memory,
     "gpu": gpu,
     "host": host,
+    "startup": startup,
+    "loader": loader,
     "probes": probes,
 }
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import vqt_cache
-from vqt_cache.config import RunSpec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,7 +27,7 @@ def test_the_readme_example_runs_and_gives_typed_results(tmp_path, monkeypatch, 
     assert all(Path(r.dir, "metrics.json").is_file() for r in runs)
     assert isinstance(test, vqt_cache.Evaluation) and test.live and test.images == 20 and 0 <= test.top1 <= 1
     assert Path(best.dir, "eval", "test.json").is_file()
-    assert isinstance(loaded, vqt_cache.LoadedRun) and RunSpec(**loaded.config["run"]).name == best.name
+    assert isinstance(loaded, vqt_cache.LoadedRun) and loaded.config.run.name == best.name
     assert tuple(val.features.shape) == (20, 2, 17, 48) and val.labels.tolist() == [i % 3 for i in range(80, 100)]
     assert "test" in capsys.readouterr().out
 

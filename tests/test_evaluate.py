@@ -27,10 +27,11 @@ def float32_runs(tmp_path_factory) -> tuple[str, list[str]]:
     return store, [r.dir for r in train(cfg)]
 
 
-@pytest.mark.parametrize("layout", ["kv", "hidden"])
-def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, layout):
+@pytest.mark.parametrize(("layout", "resample"), [("kv", "pillow"), ("hidden", "pillow"), ("hidden", "torch")])
+def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, layout, resample):
+    """Live evaluation preprocesses as the store records (with either resampler), so it equals the cache."""
     store = str(tmp_path / "s.zarr")
-    common = dict(dataset="digits", dtype="float32", layout=layout, workers=0)
+    common = dict(dataset="digits", dtype="float32", layout=layout, workers=0, resample=resample)
     extract(ExtractConfig(**TINY_EXTRACT, **common, splits=("train800", "val200"), out=store))
     cfg = TrainConfig(
         store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(tmp_path / "runs"), precision="float32"

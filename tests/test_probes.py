@@ -4,6 +4,7 @@ probe and DINOv2's linear protocol (linear-multi). Each is exact against its ref
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,13 +365,15 @@ def test_a_run_of_the_earlier_attentive_probe_is_refused_not_reused():
     """Runs recorded before method versions are version 1; the attentive probe is version 2 (V-JEPA's as released)."""
     from vqt_cache.errors import VQTError
     from vqt_cache.model import RunParameters
+    from vqt_cache.run_folder import ModelRecord
 
     table = {"method": "attentive", "queries": 0, "depth": 2, "dim": 64, "heads": 4, "num_classes": 3}
     table |= {"patch_size": [16, 16], "feature_dim": 64}
-    assert RunParameters.from_table({**table, "version": 2}).method.name == "attentive"
+    record = lambda t: ModelRecord.from_json(t, Path("config.json"))  # noqa: E731
+    assert RunParameters.from_record(record({**table, "version": 2})).method.name == "attentive"
     with pytest.raises(VQTError, match="version 1 of the attentive method"):
-        RunParameters.from_table(table)
-    assert RunParameters.from_table({**table, "method": "vqt"}).method.name == "vqt"  # version 1 still
+        RunParameters.from_record(record(table))  # no version recorded: version 1
+    assert RunParameters.from_record(record({**table, "method": "vqt"})).method.name == "vqt"  # version 1 still
 
 
 # --- each probe trains with its paper's recipe: the released training loops, written here from their code ---

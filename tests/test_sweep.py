@@ -56,9 +56,17 @@ def test_bad_pipeline_files(tmp_path, text, message):
 
 def _fake_run(folder: Path, method: str, T: int, lr: float, wd: float, top1: float | None) -> Path:
     folder.mkdir(parents=True)
-    run = {"method": method, "queries": T, "lr": lr, "wd": wd, "seed": 100}  # as config.json records it
-    config = {"run": run, "recipe": {}, "splits": {}, "store": {}, "model": {}}
-    (folder / "config.json").write_text(json.dumps(config))
+    from vqt_cache.config import RunSpec
+    from vqt_cache.run_folder import ModelRecord, RecipeRecord, RunConfig, SplitsRecord, StoreRecord
+
+    config = RunConfig(  # as a run folder records it; selection reads only the run and the result
+        run=RunSpec(method, T, lr, wd, 100),
+        recipe=RecipeRecord(epochs=2, warmup_epochs=1, batch_size=8, dropout=0.0, eval_every=1),
+        splits=SplitsRecord(train="train", eval="val"),
+        store=StoreRecord(url="s.zarr", fingerprint="f"),
+        model=ModelRecord(method=method, queries=T, depth=2, dim=8, num_classes=3, patch_size=[4, 4], feature_dim=8),
+    )
+    (folder / "config.json").write_text(json.dumps(config.to_json()))
     final = {} if top1 is None else {"top1": top1}
     metrics = {"complete": True, "diverged": top1 is None, "final": final}
     (folder / "metrics.json").write_text(json.dumps(metrics))

@@ -250,6 +250,32 @@ def test_nan_in_the_cache(tiny_store, tmp_path):
         assert "row 5 holds NaN or Inf" in line
 
 
+def test_config_json_reads_back_as_the_records_it_was_written_from(tiny_store, tmp_path):
+    """config.json is written from a RunConfig and read back as it (the same JSON, the same identity); a run from
+    before an entry was recorded reads with that field's default; a mistyped entry is one sentence naming it."""
+    from vqt_cache.files import DamagedFile
+    from vqt_cache.run_folder import RunConfig, read_config
+
+    [run] = train(TrainConfig(store=tiny_store, runs=(RunSpec("linear", 0, 0.5, 0.0, 1),), epochs=2, warmup_epochs=1,
+                              out=str(tmp_path / "run")))  # fmt: skip
+    written = json.loads((Path(run.dir) / "config.json").read_text())
+    config = read_config(Path(run.dir))
+    assert config.to_json() == written and config.run == RunSpec("linear", 0, 0.5, 0.0, 1)
+    assert config.recipe.optimization["name"] == "dinov2-linear" and config.model.version >= 1
+    old = json.loads(json.dumps(written))  # as runs before issue 30 recorded it: no recipe, precision or version
+    del old["run"]["recipe"], old["recipe"]["precision"], old["recipe"]["optimization"], old["model"]["version"]
+    legacy = RunConfig.from_json(old, Path("config.json"))
+    assert legacy.run.recipe == "shared" and legacy.recipe.precision == "float32" and legacy.model.version == 1
+    assert legacy.recipe.optimization["name"] == "vqt"  # what every method trained with then
+    wrong = [("run", "lr", "0.5", "run lr is '0.5'"), ("model", "depth", True, "model depth is True")]
+    wrong += [("store", "url", None, "store url is None"), ("splits", "train", 3, "splits train is 3")]
+    for table, key, value, said in wrong:
+        bad = json.loads(json.dumps(written))
+        bad[table][key] = value
+        with pytest.raises(DamagedFile, match=said):
+            RunConfig.from_json(bad, Path("config.json"))
+
+
 def test_run_folder_from_another_store(tiny_store, tmp_path):
     from vqt_cache.config import ExtractConfig
     from vqt_cache.extraction import extract

@@ -294,8 +294,8 @@ def info(
     )
     p = data["preprocessing"]
     console.print(
-        f"preprocess {p['resize']} resize to {p['input_size'][1:]} {p['interpolation']}, mean {p['mean']}, "
-        f"std {p['std']}"
+        f"preprocess {p['resize']} resize to {p['input_size'][1:]} {p['interpolation']}"
+        f"{' (resampled by torch)' if p.get('resample') == 'torch' else ''}, mean {p['mean']}, std {p['std']}"
     )
     console.print(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "

@@ -22,7 +22,7 @@ from vqt_cache.evaluation import accuracy, load_run
 from vqt_cache.files import describe_entries, folder_entries, save_tensors, write_json
 from vqt_cache.heads import linear_head
 from vqt_cache.query import flush_subnormals
-from vqt_cache.run_folder import claimed, compressed_folder, compression_record
+from vqt_cache.run_folder import RecipeRecord, claimed, compressed_folder, compression_record
 
 OUTPUTS = ("model.safetensors", "metrics.json")  # what compress writes into <run>/compressed/
 
@@ -40,7 +40,7 @@ def train_head(
     x: torch.Tensor,
     y: torch.Tensor,
     num_classes: int,
-    recipe: dict,
+    recipe: RecipeRecord,
     lr: float,
     wd: float,
     seed: int,
@@ -49,7 +49,7 @@ def train_head(
     """A fresh linear head on fixed features with the run's recipe (Adam, warm-up + cosine per epoch)."""
     head = linear_head(x.shape[1], num_classes, torch.Generator().manual_seed(seed))
     optimizer = schedule.adam([head.weight], [head.bias], wd)
-    epochs, warmup, batch = recipe["epochs"], recipe["warmup_epochs"], recipe["batch_size"]
+    epochs, warmup, batch = recipe.epochs, recipe.warmup_epochs, recipe.batch_size
     for epoch in range(epochs):
         schedule.set_epoch_lr(optimizer, schedule.epoch_lr(lr, batch, epoch, epochs, warmup))
         order = torch.from_numpy(schedule.epoch_order(seed, epoch, len(x)))
@@ -86,12 +86,12 @@ def compress(
     out = compressed_folder(run_dir)
     if any(name not in OUTPUTS and not name.startswith(".") for name in folder_entries(out)):
         raise VQTError(f"{out} holds {describe_entries(out)}, more than compress writes; move them away first")
-    spec, recipe, C = config["run"], config["recipe"], config["model"]["num_classes"]
-    train_split = store.split(config["splits"]["train"])
+    spec, recipe, C = config.run, config.recipe, config.model.num_classes
+    train_split = store.split(config.splits.train)
     train_x, train_y = _features(model, CachedSplit(train_split, memory_budget, num_classes=C, **model.reads()))
-    lr = 0.5 * spec["lr"]
-    seed = schedule.derived_seed(spec["seed"], 10_000)  # its own stream, not the run's
-    lasso_head = train_head(train_x, train_y, C, recipe, lr, spec["wd"], seed, lasso)
+    lr = 0.5 * spec.lr
+    seed = schedule.derived_seed(spec.seed, 10_000)  # its own stream, not the run's
+    lasso_head = train_head(train_x, train_y, C, recipe, lr, spec.wd, seed, lasso)
     F_all = train_x.shape[1]
     k = int(keep * F_all)
     if k < 1:
@@ -99,12 +99,10 @@ def compress(
     if not all(torch.isfinite(p).all() for p in lasso_head.parameters()):
         raise VQTError("the group-lasso head diverged (non-finite weights); lower --lasso")
     kept = torch.argsort(lasso_head.weight.detach().norm(dim=0), descending=True)[:k].sort().values
-    head = train_head(train_x[:, kept], train_y, C, recipe, lr, spec["wd"], seed + 1)
+    head = train_head(train_x[:, kept], train_y, C, recipe, lr, spec.wd, seed + 1)
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise VQTError("the compressed head diverged (non-finite weights); nothing was written")
-    eval_splits = splits or tuple(
-        dict.fromkeys(s for s in (config["splits"]["eval"], "test") if s in store.split_names())
-    )
+    eval_splits = splits or tuple(dict.fromkeys(s for s in (config.splits.eval, "test") if s in store.split_names()))
     accuracies = {}
     for name in eval_splits:
         x, y = _features(model, CachedSplit(store.split(name), memory_budget, num_classes=C, **model.reads()))

@@ -27,12 +27,14 @@ from vqt_cache.formats import (
     DEFAULT_LAYOUT,
     DEFAULT_PRECISION,
     DEFAULT_QUERY_PATH,
+    DEFAULT_RESAMPLE,
     DTYPES,
     EXTRACT_BATCH_SIZE,
     HF_COLUMNS,
     LAYOUTS,
     ON_BAD_IMAGE,
     QUERY_PATHS,
+    RESAMPLERS,
     SHARD_SIZE,
     WORKERS,
     WRITERS,
@@ -133,6 +135,11 @@ class ExtractConfig:
     )
     on_bad_image: str = option(ON_BAD_IMAGE[0], help="fail or skip (skipped images are recorded)")
     workers: int = option(WORKERS, help="image decoding processes")
+    resample: str = option(
+        DEFAULT_RESAMPLE,
+        help="pillow (timm's eval transform) or torch: resample the decoded pixels with torch, faster per core, "
+        "each pixel within one level of Pillow's (recorded in the store)",
+    )
     writers: int = option(WRITERS, help="threads writing and hashing shards (a GPU host: about its cores / 2)")
     check_space: bool = option(
         True,
@@ -162,6 +169,7 @@ class ExtractConfig:
             (self.dtype, DTYPES, "dtype"),
             (self.codec, CODECS, "codec"),
             (self.on_bad_image, ON_BAD_IMAGE, "on-bad-image"),
+            (self.resample, RESAMPLERS, "resample"),
         ):
             if value not in allowed:
                 raise VQTError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")

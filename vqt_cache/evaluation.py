@@ -14,6 +14,7 @@ results are written. Image code is imported only for a live evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
 from vqt_cache.run_folder import (
     COMPRESSED,
+    RunConfig,
     compressed_folder,
     compression_record,
     load_finished,
@@ -86,7 +88,7 @@ class Evaluation:
 class LoadedRun:
     """A finished run folder, ready to use: its config, store, frozen backbone and trained model."""
 
-    config: dict[str, Any]
+    config: RunConfig  # config.json, as the records it was written from
     store: Store
     backbone: Backbone
     model: CachedVQT
@@ -130,16 +132,11 @@ def cached_logits(
     return [torch.cat(lg) for lg in logits], torch.cat(labels)
 
 
-def _trained_run(folder: Path) -> tuple[dict, RunParameters]:
+def _trained_run(folder: Path) -> tuple[RunConfig, RunParameters]:
     """A finished run folder -> (its config, its trained Run)."""
     config, metrics = load_finished(folder)
-    try:
-        m = config["model"]
-        run = RunParameters.from_table(m, float(config["recipe"]["dropout"]))
-        _ = config["store"]["url"], config["store"]["fingerprint"]  # both are needed to find the store
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DamagedFile(folder / "config.json", f"missing or wrong entry {exc}") from exc
-    run.load_tensors(load_model(folder, m, metrics))
+    run = RunParameters.from_record(config.model, config.recipe.dropout)
+    run.load_tensors(load_model(folder, config.model, metrics))
     return config, run
 
 
@@ -155,22 +152,22 @@ def load_runs(
     if not run_dirs:
         raise VQTError("no run folders given")
     configs, runs = zip(*(_trained_run(Path(d)) for d in run_dirs), strict=True)
-    url = store_url or configs[0]["store"]["url"]
+    url = store_url or configs[0].store.url
     store = open_store(url)
     for folder, config in zip(run_dirs, configs, strict=True):
-        if store_url is None and config["store"]["url"] != url:
+        if store_url is None and config.store.url != url:
             raise VQTError(
-                f"run {folder} was trained on store {config['store']['url']}, not {url}: evaluate the runs of one "
+                f"run {folder} was trained on store {config.store.url}, not {url}: evaluate the runs of one "
                 "store at a time"
             )
-        if store.attrs["backbone"]["fingerprint"] != config["store"]["fingerprint"]:
+        if store.attrs["backbone"]["fingerprint"] != config.store.fingerprint:
             raise VQTError(f"run {folder} was trained on another store (backbone fingerprint differs from {store.url})")
     backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
     for folder, run in zip(run_dirs, runs, strict=True):
         if (backbone.depth, backbone.dim) != (run.queries.prompts.shape[0], run.queries.prompts.shape[2]):
             raise DamagedFile(Path(folder) / "config.json", "its model does not fit the store's backbone")
     if precision is None:
-        recorded = {c["recipe"]["precision"] for c in configs}
+        recorded = {c.recipe.precision for c in configs}
         precision = recorded.pop() if len(recorded) == 1 else "float32"
     precision = resolve_precision(precision, resolve_device("auto"))
     return list(configs), store, backbone, CachedVQT(backbone.blocks, list(runs), store.layout, precision).eval()
@@ -217,7 +214,7 @@ def evaluate(
     dirs = [run_dirs] if isinstance(run_dirs, str | Path) else list(run_dirs)
     target = resolve_device(device)
     configs, store, backbone, model = load_runs(dirs, store_url, precision and resolve_precision(precision, target))
-    batch_size = batch_size or configs[0]["recipe"]["batch_size"]
+    batch_size = batch_size or configs[0].recipe.batch_size
     num_classes = store.attrs["dataset"]["num_classes"]
     live = live or not store.has_split(split)
     compressed: list[dict | None] = [None] * len(dirs)
@@ -244,7 +241,7 @@ def evaluate(
             live=live,
             images=len(labels),
             store=store.url,
-            run=config["run"],
+            run=dataclasses.asdict(config.run),
             precision=model.path.precision,
             compressed=packed_result,
             **accuracy(run_logits, labels, num_classes),

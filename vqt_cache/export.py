@@ -25,7 +25,7 @@ from vqt_cache.errors import VQTError, first_line, recorded
 from vqt_cache.evaluation import compressed_head, compressed_linear, load_run
 from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
-from vqt_cache.run_folder import COMPRESSED, compressed_run, model_shapes
+from vqt_cache.run_folder import COMPRESSED, ModelRecord, compressed_run, model_shapes
 
 FORMAT = "vqt-cache-export"
 VERSION = 2  # 2: a checksum over the metadata and the run's tensors; compressed heads
@@ -80,9 +80,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
         "layout": attrs["layout"],
         "preprocessing": attrs["preprocessing"],
         "class_names": attrs["dataset"]["class_names"],
-        "model": loaded.config["model"],
-        "run": loaded.config["run"],  # method, size, lr, wd, seed, recipe (own or shared)
-        "recipe": loaded.config["recipe"],  # epochs, batch, ..., and the optimization the run followed
+        **{k: v for k, v in loaded.config.to_json().items() if k in ("model", "run", "recipe")},
+        # model: the tensors' shapes; run: method, size, lr, wd, seed, recipe (own or shared); recipe: epochs,
+        # batch, ..., and the optimization the run followed
         "compressed": compressed,
     }
     tensors = {f"backbone.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in loaded.store.weights().items()}
@@ -144,8 +144,9 @@ def load_exported(path: str | Path) -> Exported:
     path = Path(path)
     meta, meta_json, checksum = _metadata(path)
     try:
-        run = RunParameters.from_table(meta["model"])
-        shapes = model_shapes(meta["model"])
+        model = ModelRecord.from_json(meta.get("model"), path)
+        run = RunParameters.from_record(model)
+        shapes = model_shapes(model)
         compressed = meta.get("compressed") is True
         if compressed:  # the compressed head reads k of the run's features
             shapes |= {"feature_index": None, "head.weight": None, "head.bias": (shapes["head.bias"][0],)}
@@ -156,7 +157,7 @@ def load_exported(path: str | Path) -> Exported:
         backbone = backbone_from_weights(meta["backbone"], weights)
         kept = head = None
         if compressed:
-            kept, head = compressed_linear(path, tensors, model_shapes(meta["model"])["head.weight"][1])
+            kept, head = compressed_linear(path, tensors, model_shapes(model)["head.weight"][1])
         else:
             run.load_tensors(tensors)
         if len(meta["class_names"]) != shapes["head.bias"][0]:

@@ -111,7 +111,7 @@ def _creation_lock(url: str):
 def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dict[str, Any]:
     return {
         "backbone": backbone.describe(),
-        "preprocessing": preprocessing(backbone.data_config, dataset.resize),
+        "preprocessing": preprocessing(backbone.data_config, dataset.resize, cfg.resample),
         "dataset": dataset.describe(),
         "layout": cfg.layout,
         "dtype": cfg.dtype,

@@ -23,6 +23,11 @@ SHARD_SIZE = 64
 WORKERS = 2
 WRITERS = 4
 ON_BAD_IMAGE = ("fail", "skip")
+# which library resamples images to the backbone's input size: Pillow (timm's own eval transform), or torch on the
+# decoded 8-bit pixels (several times faster on the CPU, each pixel within one level of Pillow's; recorded in the
+# store when chosen)
+RESAMPLERS = ("pillow", "torch")
+DEFAULT_RESAMPLE = "pillow"
 
 # stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is
 # bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (docs/guide.md, "Precision";

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from vqt_cache.heads import linear_head, token_means
 from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
 from vqt_cache.recipe import DROPOUT, METHOD
+
+if TYPE_CHECKING:
+    from vqt_cache.run_folder import ModelRecord
 
 
 class RunParameters(nn.Module):
@@ -66,15 +70,12 @@ class RunParameters(nn.Module):
         self.head = linear_head(self.method.feature_dim(self.size, geometry), num_classes, generator, head_init)
 
     @classmethod
-    def from_table(cls, table: dict, dropout: float = 0.0) -> RunParameters:
-        """Untrained parameters shaped by a run folder's config.json "model" table (KeyError, TypeError or
-        ValueError when it lacks an entry or holds a wrong one; VQTError for an unknown method)."""
-        dims = (int(table[k]) for k in ("queries", "depth", "dim", "num_classes"))
-        version = table.get("version", 1)  # recorded since issue 30; earlier runs are version 1 of every method
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise TypeError(f"'version' is {version!r}")
-        methods.get(table["method"]).check_version(version)
-        return cls(table["method"], *dims, tuple(table["patch_size"]), dropout, heads=int(table.get("heads", 0)))
+    def from_record(cls, model: ModelRecord, dropout: float = 0.0) -> RunParameters:
+        """Untrained parameters shaped by a run's model record (config.json's "model" table, or an export's): VQTError
+        for an unknown method or version."""
+        methods.get(model.method).check_version(model.version)
+        dims = (model.queries, model.depth, model.dim, model.num_classes)
+        return cls(model.method, *dims, tuple(model.patch_size), dropout, heads=model.heads)
 
     @property
     def reads_cache(self) -> bool:

@@ -7,6 +7,7 @@ written by several `--part`s, processes or machines merge into one report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,8 @@ def _check_recipe(p: Pipeline, run: FinishedRun, phase: str) -> None:
     want = recorded_recipe(p)
     proto = p.protocol
     splits = {"select": (proto.select_train, proto.select_eval), "final": (proto.final_train, proto.final_eval)}[phase]
-    have = config["recipe"]
-    optimization = config["recipe"].get("optimization")
-    found = optimization.get("name") if isinstance(optimization, dict) else None
+    have = dataclasses.asdict(config.recipe)
+    found = config.recipe.optimization.get("name")
     expected = recipe.optimization(run.method, p.recipe).name
     if found != expected:
         raise VQTError(
@@ -60,8 +60,9 @@ def _check_recipe(p: Pipeline, run: FinishedRun, phase: str) -> None:
     allowed = [splits]
     if phase == "final":  # a final run whose test set is evaluated live trains without evaluating
         allowed.append((proto.final_train, None))
-    if (config["splits"].get("train"), config["splits"].get("eval")) not in allowed:
-        raise VQTError(f"run folder {folder} was trained on splits {config['splits']}, not the pipeline's {splits}")
+    if (config.splits.train, config.splits.eval) not in allowed:
+        trained = (config.splits.train, config.splits.eval)
+        raise VQTError(f"run folder {folder} was trained on splits {trained}, not the pipeline's {splits}")
 
 
 Runs = dict[str, tuple[list[FinishedRun], list[FinishedRun]]]  # dataset -> (its selection runs, its final runs)
@@ -92,17 +93,15 @@ def collect(p: Pipeline, runs: Runs) -> list[dict[str, Any]]:
                 _check_recipe(p, run, phase)
         chosen = select(select_runs)
         # the backbone the runs were trained on, and where its weights came from
-        stores = [r.config["store"] for r in [*select_runs, *final_runs]]
-        described = {
-            f"{s.get('backbone', p.backbone)}, weights {describe_weights(s.get('weights') or {})}" for s in stores
-        }
+        stores = [r.config.store for r in [*select_runs, *final_runs]]
+        described = {f"{s.backbone or p.backbone}, weights {describe_weights(s.weights)}" for s in stores}
         backbone = "; ".join(sorted(described))
         finals: dict[tuple[str, int], list[dict]] = {}
         for run in final_runs:
             if run.seed not in p.protocol.final_seeds:
                 continue
             # tested during training, or (trained without an eval split) live afterwards
-            live = run.config["splits"].get("eval") is None
+            live = run.config.splits.eval is None
             tested = (read_evaluation(run.folder, p.protocol.final_eval) or {}) if live else run.metrics["final"]
             final = {"test": tested.get("top1"), "diverged": run.diverged, "seed": run.seed}
             compressed = compression_record(run.folder)

@@ -16,18 +16,22 @@ by the run that wrote it; one process at a time trains a folder, and another one
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import math
 import re
+import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vqt_cache import methods, recipe
+from vqt_cache.config import RunSpec
 from vqt_cache.errors import VQTError, recorded
 from vqt_cache.files import (
     DamagedFile,
@@ -44,55 +48,187 @@ from vqt_cache.files import (
     write_json,
 )
 
-CONFIG_KEYS = ("run", "recipe", "splits", "store", "model")
 CHECKSUMMED = ("config.json", "model.safetensors")  # the files of a finished run whose checksums metrics.json holds
-RUN_TYPES = {"method": str, "queries": int, "lr": (int, float), "wd": (int, float), "seed": int}
 CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
 LOCK = ".lock"
 KEEP_CHECKPOINTS = 2  # two, so the runs of a pass can meet at a common epoch again
 
 
-def identity(config: dict) -> dict:
-    """What must match for a run folder to be resumed or skipped: not versions, nor where the store lives, nor where
-    its weights came from (the fingerprint is their identity)."""
-    kept = {k: v for k, v in config.items() if k not in ("versions", "git_sha")}
-    return {**kept, "store": {k: v for k, v in config["store"].items() if k not in ("url", "weights")}}
+# -- config.json: what was trained on what, as the records it is written from and read back as -------------------
 
 
-def identity_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()
+@dataclass(frozen=True)
+class RecipeRecord:
+    """config.json's "recipe": the schedule the run's pass shared (`TrainConfig.recipe()`) and the optimization the
+    run followed (`recipe.Optimization.record()`)."""
+
+    epochs: int
+    warmup_epochs: int
+    batch_size: int
+    dropout: float
+    eval_every: int
+    precision: str = "float32"  # runs from before precision was recorded trained in float32
+    optimization: dict[str, Any] = field(default_factory=recipe.VQT_RECIPE.record)  # runs from before issue 30
+
+
+@dataclass(frozen=True)
+class SplitsRecord:
+    """config.json's "splits": what the run trained on and evaluated on (None: no evaluation during training)."""
+
+    train: str
+    eval: str | None
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """config.json's "store": where the run's store was and what identifies it."""
+
+    url: str  # evaluate and predict find it from any working directory
+    fingerprint: str  # of the frozen weights
+    layout: str | None = None
+    dtype: str | None = None
+    dataset: str | None = None
+    backbone: str | None = None
+    index_hash: dict[str, str] | None = None  # each split's identity
+    weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from (provenance, not identity)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """config.json's "model": the shapes of the run's tensors, and its method's version."""
+
+    method: str
+    queries: int  # the method's size: T for VQT, n for linear-multi, else 0
+    depth: int
+    dim: int
+    num_classes: int
+    patch_size: list[int]
+    feature_dim: int
+    heads: int = 0
+    version: int = 1  # of the method's forward and initialisation; runs from before issue 30 are version 1
+
+    @classmethod
+    def from_json(cls, table: Any, where: Path) -> ModelRecord:
+        """A "model" table (of a config.json, or an export's metadata), checked: DamagedFile naming what is wrong."""
+        return _record(cls, table, where, "model")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run folder's config.json: written from these records when the folder is claimed, read back as them."""
+
+    run: RunSpec
+    recipe: RecipeRecord
+    splits: SplitsRecord
+    store: StoreRecord
+    model: ModelRecord
+    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] | None = None  # of the packages that trained it (not identity)
+    git_sha: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        tables = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in tables.items()}
+        return {k: v for k, v in out.items() if not (k in ("versions", "git_sha") and v is None)}
+
+    @classmethod
+    def from_json(cls, config: Any, where: Path) -> RunConfig:
+        """The records of a config.json's content; DamagedFile naming the first entry that is missing or wrong."""
+        if not isinstance(config, dict):
+            raise DamagedFile(where, "it is not a JSON object")
+        run = config.get("run")
+        if isinstance(run, dict) and "recipe" not in run and isinstance(run.get("method"), str):
+            own = methods.get(run["method"]).recipe == recipe.VQT_RECIPE.name  # before issue 30: VQT's for all
+            run = {**run, "recipe": "own" if own else "shared"}  # as RunSpec names that recipe
+        try:
+            spec = RunSpec(**vars(_record(_RunTable, run, where, "run")))
+        except VQTError as exc:
+            raise DamagedFile(where, f"its run table is not a run this version trains ({exc})") from exc
+        return cls(
+            run=spec,
+            recipe=_record(RecipeRecord, config.get("recipe"), where, "recipe"),
+            splits=_record(SplitsRecord, config.get("splits"), where, "splits"),
+            store=_record(StoreRecord, config.get("store"), where, "store"),
+            model=_record(ModelRecord, config.get("model"), where, "model"),
+            extra=_record(_Extra, {"extra": config.get("extra", {})}, where, "extra").extra,
+            versions=config.get("versions") if isinstance(config.get("versions"), dict) else None,
+            git_sha=config.get("git_sha") if isinstance(config.get("git_sha"), str) else None,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a run folder to be resumed or skipped: not versions, nor where the store lives, nor
+        where its weights came from (the fingerprint is their identity)."""
+        kept = {k: v for k, v in self.to_json().items() if k not in ("versions", "git_sha")}
+        return {**kept, "store": {k: v for k, v in kept["store"].items() if k not in ("url", "weights")}}
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _RunTable:
+    """config.json's "run", type-checked before it becomes the `RunSpec` it was written from."""
+
+    method: str
+    queries: int
+    lr: float
+    wd: float
+    seed: int
+    recipe: str
+
+
+@dataclass(frozen=True)
+class _Extra:
+    extra: dict[str, Any]
+
+
+def _record(kind: type, table: Any, where: Path, name: str) -> Any:
+    """A record of `kind` from config.json's table `name`: each field present (or defaulted) and of its type."""
+    if not isinstance(table, dict):
+        raise DamagedFile(where, f"no {name!r} table")
+    hints = typing.get_type_hints(kind)
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in table:
+            if not _is(table[f.name], hints[f.name]):
+                raise DamagedFile(where, f"{name} {f.name} is {table[f.name]!r}")
+            values[f.name] = table[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise DamagedFile(where, f"{name} {f.name} is missing")
+    return kind(**values)
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of a record field's type (a number is an int only when integral; never a bool)."""
+    if isinstance(hint, types.UnionType):
+        return any(_is(value, option) for option in hint.__args__)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    origin = typing.get_origin(hint) or hint
+    if origin is Any:
+        return True
+    return isinstance(value, origin)
 
 
 def _ignorable(name: str) -> bool:
     return name == LOCK or name.startswith(".") and ".tmp" in name
 
 
-def read_config(path: Path) -> dict:
-    """A run folder's config.json, checked to be one (DamagedFile otherwise)."""
-    config = read_json(path / "config.json")
-    missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), dict)]
-    if missing:
-        raise DamagedFile(path / "config.json", f"no {missing[0]!r} table")
-    for key, kinds in RUN_TYPES.items():
-        value = config["run"].get(key)
-        if not isinstance(value, kinds) or isinstance(value, bool):
-            raise DamagedFile(path / "config.json", f"run {key} is {value!r}")
-    config["recipe"].setdefault("precision", "float32")  # runs from before precision was recorded
-    if "recipe" not in config["run"]:  # runs from before issue 30, when every method trained with VQT's recipe
-        own = methods.get(config["run"]["method"]).recipe == recipe.VQT_RECIPE.name
-        config["run"]["recipe"] = "own" if own else "shared"  # as RunSpec names that recipe
-        config["recipe"].setdefault("optimization", recipe.VQT_RECIPE.record())
-    if not isinstance(config["run"]["recipe"], str):
-        raise DamagedFile(path / "config.json", f"run recipe is {config['run']['recipe']!r}")
-    return config
+def read_config(path: Path) -> RunConfig:
+    """A run folder's config.json, as the records it was written from (DamagedFile where it is not one)."""
+    return RunConfig.from_json(read_json(path / "config.json"), path / "config.json")
 
 
 class RunFolder:
     """A run folder this process has claimed and holds the lock of (see `claimed`)."""
 
-    def __init__(self, path: Path, config: dict) -> None:
+    def __init__(self, path: Path, config: RunConfig) -> None:
         self.path, self.config = path, config
-        self.identity = identity_hash(config)
+        self.identity = config.identity_hash()
 
     # -- completion ------------------------------------------------------------------------------------------------
     def result(self) -> dict | None:
@@ -164,7 +300,7 @@ def _epochs_csv(epochs: list[dict]) -> str:
 
 
 @contextmanager
-def claimed(path: str | Path, config: dict, wait: Callable[[Path], None] | None = None) -> Iterator[RunFolder]:
+def claimed(path: str | Path, config: RunConfig, wait: Callable[[Path], None] | None = None) -> Iterator[RunFolder]:
     """Claim a run folder for `config` and hold its lock: create it (new or empty folder) or check it is this run's.
 
     Another process training the same folder holds the lock: this one waits for it (calling `wait` first).
@@ -185,19 +321,20 @@ def claimed(path: str | Path, config: dict, wait: Callable[[Path], None] | None 
             if not (path / "config.json").exists():
                 from vqt_cache import package_versions
 
-                write_json(path / "config.json", {**config, "versions": package_versions(), "git_sha": _git_sha()})
+                stamped = dataclasses.replace(config, versions=package_versions(), git_sha=_git_sha())
+                write_json(path / "config.json", stamped.to_json())
             yield RunFolder(path, config)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_claimable(path: Path, config: dict) -> None:
+def _check_claimable(path: Path, config: RunConfig) -> None:
     if path.exists() and not path.is_dir():
         raise VQTError(f"{path} is a file, not a run folder; choose another --out")
     if (path / "config.json").exists():
         existing = read_config(path)
-        if identity(existing) != identity(config):
-            raise VQTError(f"run folder {path} {_difference(identity(existing), identity(config))}")
+        if existing.identity() != config.identity():
+            raise VQTError(f"run folder {path} {_difference(existing.identity(), config.identity())}")
         return
     if any(not _ignorable(name) for name in folder_entries(path)):
         raise VQTError(
@@ -291,7 +428,7 @@ def check_files(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
         check_digest(folder / name, checksums[name], "metrics.json")
 
 
-def load_finished(path: str | Path) -> tuple[dict, dict]:
+def load_finished(path: str | Path) -> tuple[RunConfig, dict]:
     """(config, metrics) of a run folder that finished with a model; one sentence otherwise."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -313,21 +450,21 @@ def load_finished(path: str | Path) -> tuple[dict, dict]:
     return config, metrics
 
 
-def model_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+def model_shapes(model: ModelRecord) -> dict[str, tuple[int, ...]]:
     """The tensors a run folder's model.safetensors must hold, from config.json's "model" table."""
     from vqt_cache.model import RunParameters
 
     try:
-        depth, dim, T, C, F = (int(model[k]) for k in ("depth", "dim", "queries", "num_classes", "feature_dim"))
-        shaped = RunParameters.from_table(model)  # the method's own tensors (a probe's), shaped by the table
-    except (KeyError, TypeError, ValueError) as exc:
+        shaped = RunParameters.from_record(model)  # the method's own tensors (a probe's), shaped by the table
+    except (TypeError, ValueError) as exc:
         raise VQTError(f"config.json's model table is incomplete ({exc})") from exc
     probe = {name: tuple(t.shape) for name, t in shaped.tensors().items() if name.startswith("probe.")}
     T = shaped.queries.num_queries  # the method's queries per layer (its size is T for VQT only)
-    return {"queries": (depth, T, dim), **probe, "head.weight": (C, F), "head.bias": (C,)}
+    C, F = model.num_classes, model.feature_dim
+    return {"queries": (model.depth, T, model.dim), **probe, "head.weight": (C, F), "head.bias": (C,)}
 
 
-def load_model(path: str | Path, model: dict, metrics: dict) -> dict:
+def load_model(path: str | Path, model: ModelRecord, metrics: dict) -> dict:
     """A run folder's model.safetensors, its shapes from config.json's "model" table, finite, and checked against
     the checksum the run's metrics.json records, in the one read that loads it."""
     path = Path(path)
@@ -340,14 +477,37 @@ class FinishedRun:
     """A complete run folder, as selection and reports read it: its configuration and its last-epoch result."""
 
     folder: Path
-    config: dict[str, Any]  # config.json, checked by read_config
+    config: RunConfig
     metrics: dict[str, Any]  # metrics.json: complete, with a "final" table
-    method: str  # the run's configuration, as config.json's "run" table records it (RUN_TYPES)
-    queries: int
-    lr: float
-    wd: float
-    seed: int
-    recipe: str  # "own" or "shared"
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.config.run
+
+    @property
+    def method(self) -> str:
+        return self.config.run.method
+
+    @property
+    def queries(self) -> int:
+        return self.config.run.queries
+
+    @property
+    def lr(self) -> float:
+        return self.config.run.lr
+
+    @property
+    def wd(self) -> float:
+        return self.config.run.wd
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+    @property
+    def recipe(self) -> str:
+        """ "own" or "shared"."""
+        return self.config.run.recipe
 
     @property
     def diverged(self) -> bool:
@@ -375,7 +535,7 @@ def finished_runs(folders: list[Path]) -> list[FinishedRun]:
         config = read_config(folder)
         metrics = read_json(folder / "metrics.json")
         if metrics.get("complete") is True and isinstance(metrics.get("final"), dict):
-            runs.append(FinishedRun(folder, config, metrics, **{k: config["run"][k] for k in (*RUN_TYPES, "recipe")}))
+            runs.append(FinishedRun(folder, config, metrics))
     return runs
 
 

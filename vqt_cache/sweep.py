@@ -255,7 +255,7 @@ def select(runs: list[FinishedRun]) -> dict[tuple[str, int], dict[str, Any]]:
         key = (run.method, run.queries)
         rank = (-top1, run.lr, run.wd)
         if key not in best or rank < best[key][0]:
-            best[key] = (rank, {**run.config["run"], "val_top1": top1, "folder": str(run.folder)})
+            best[key] = (rank, {**dataclasses.asdict(run.spec), "val_top1": top1, "folder": str(run.folder)})
     return {k: v[1] for k, v in best.items()}
 
 

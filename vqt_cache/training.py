@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,16 @@ from vqt_cache.files import DamagedFile
 from vqt_cache.methods.base import Geometry
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.query import CACHE_DTYPES, flush_subnormals
-from vqt_cache.run_folder import RunFolder, check_parent, claimed
+from vqt_cache.run_folder import (
+    ModelRecord,
+    RecipeRecord,
+    RunConfig,
+    RunFolder,
+    SplitsRecord,
+    StoreRecord,
+    check_parent,
+    claimed,
+)
 from vqt_cache.store import Store, absolute_url, open_store
 
 # Progress: called with (description, steps done, steps total)
@@ -339,46 +348,47 @@ def _result(spec: RunSpec, folder: RunFolder, metrics: dict, skipped: bool) -> T
         name=spec.name,
         dir=str(folder.path),
         final=metrics["final"],
-        eval_split=folder.config["splits"]["eval"],
+        eval_split=folder.config.splits.eval,
         skipped=skipped,
         diverged=bool(metrics.get("diverged")),
-        precision=folder.config["recipe"]["precision"],
+        precision=folder.config.recipe.precision,
     )
 
 
-def _run_config(cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str, str], backbone: Backbone) -> dict:
+def _run_config(
+    cfg: TrainConfig, spec: RunSpec, store: Store, splits: dict[str, str | None], backbone: Backbone
+) -> RunConfig:
     attrs = store.attrs
-    num_classes = attrs["dataset"]["num_classes"]
     method, geometry = methods.get(spec.method), Geometry.of(backbone)
-    return {
-        "run": asdict(spec),
-        "recipe": {**cfg.recipe(), "optimization": spec.optimization.record()},  # the pass's, and the run's own
-        "splits": splits,
-        "store": {
-            "url": absolute_url(store.url),  # evaluate and predict find it from any working directory
-            "fingerprint": attrs["backbone"]["fingerprint"],
-            "weights": attrs["backbone"].get("weights") or {},  # where they came from (provenance, not identity)
-            "layout": store.layout,
-            "dtype": attrs["dtype"],
-            "dataset": attrs["dataset"]["name"],
-            "backbone": attrs["backbone"]["name"],
-            "index_hash": {
+    return RunConfig(
+        run=spec,
+        recipe=RecipeRecord(**cfg.recipe(), optimization=spec.optimization.record()),  # the pass's, the run's own
+        splits=SplitsRecord(train=splits["train"], eval=splits["eval"]),
+        store=StoreRecord(
+            url=absolute_url(store.url),  # evaluate and predict find it from any working directory
+            fingerprint=attrs["backbone"]["fingerprint"],
+            weights=attrs["backbone"].get("weights") or {},  # where they came from (provenance, not identity)
+            layout=store.layout,
+            dtype=attrs["dtype"],
+            dataset=attrs["dataset"]["name"],
+            backbone=attrs["backbone"]["name"],
+            index_hash={
                 k: store.split(v, require_complete=False).group.attrs["index_hash"] for k, v in splits.items() if v
             },
-        },
-        "model": {
-            "method": spec.method,
-            "version": method.version,  # of the method's forward and initialisation
-            "queries": spec.queries,  # the method's size: T for VQT, n for linear-multi, else 0
-            "depth": geometry.depth,
-            "dim": geometry.dim,
-            "heads": geometry.heads,
-            "num_classes": num_classes,
-            "patch_size": list(geometry.patch_size),
-            "feature_dim": method.feature_dim(spec.queries, geometry),
-        },
-        "extra": cfg.extra,
-    }
+        ),
+        model=ModelRecord(
+            method=spec.method,
+            version=method.version,  # of the method's forward and initialisation
+            queries=spec.queries,  # the method's size: T for VQT, n for linear-multi, else 0
+            depth=geometry.depth,
+            dim=geometry.dim,
+            heads=geometry.heads,
+            num_classes=attrs["dataset"]["num_classes"],
+            patch_size=list(geometry.patch_size),
+            feature_dim=method.feature_dim(spec.queries, geometry),
+        ),
+        extra=cfg.extra,
+    )
 
 
 def _opened(cfg: TrainConfig) -> tuple[Store, dict[str, str | None], Backbone, torch.device]:

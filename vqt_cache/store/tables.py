@@ -541,17 +541,16 @@ class Store:
             weights = self.group["weights"]
             names = list(weights.array_keys())
 
-        def read(name: str) -> np.ndarray:
+        out = {}
+        for name in names:
             try:
-                return weights[name][...]
+                out[name] = weights[name][...]
             except Exception as exc:  # a truncated chunk fails to decode in many ways
                 raise VQTError(
                     f"store {self.url} is damaged: the stored weight {name!r} cannot be read ({type(exc).__name__}); "
                     "re-extract it"
                 ) from exc
-
-        with ThreadPoolExecutor(READ_AHEAD) as pool:  # zarr's loop then reads several at once
-            return dict(zip(names, pool.map(read, names), strict=True))
+        return out
 
     def create_split(self, name: str, keys: list[str], labels: list[int], index_hash: str) -> Split:
         """Create a split of the images `keys` ("<source>#<content digest>"): images the store does not hold yet
