@@ -23,7 +23,7 @@ from vqt_cache.formats import EXTRACT_BATCH_SIZE
 from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.plan import DatasetPlan
 from vqt_cache.store import found_at, open_store
-from vqt_cache.sweep import Pipeline, _configurations, _recipe, _specs_for_selection
+from vqt_cache.sweep import Pipeline, final_configurations, pipeline_recipe, selection_specs
 from vqt_cache.training import PassCost, grid, measure_pass
 
 FORWARD_SECONDS = 2.0  # how long the backbone's forward is timed
@@ -96,10 +96,10 @@ def estimate_pipeline(p: Pipeline, plans: list[DatasetPlan]) -> tuple[str, list[
         live = live_images / rate
         select = final = compress = None
         if store is not None:
-            common = {"store": url, "device": "auto", **_recipe(p)}
+            common = {"store": url, "device": "auto", **pipeline_recipe(p)}
             evaluations = 1  # the sweep evaluates once, after the last epoch
             chosen = TrainConfig(
-                runs=_specs_for_selection(p, entry),
+                runs=selection_specs(p, entry),
                 train_split=proto.select_train,
                 eval_split=proto.select_eval,
                 **common,
@@ -125,7 +125,7 @@ def _compress_seconds(p: Pipeline, entry: Any, cost: PassCost) -> float:
     about what a pass's step costs per run, once more, from features already computed)."""
     if not (entry.compress if entry.compress is not None else p.compress):
         return 0.0
-    runs = _configurations(p, entry)
+    runs = final_configurations(p, entry)
     vqt_runs = len(list(entry.queries))
     per_run_forward = (cost.steps_per_epoch + cost.eval_batches) * cost.eval_seconds / runs
     per_run_heads = 2 * p.protocol.epochs * cost.steps_per_epoch * cost.step_seconds / runs

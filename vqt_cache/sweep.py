@@ -203,7 +203,7 @@ def _check(p: Pipeline, path: Path) -> None:
             raise VQTError(f"pipeline file {path}: {where} lists {repeated[0]!r} twice")
     for entry in p.datasets:  # the recipe, queries, lrs, wds and seeds as the trainer will see them
         try:
-            TrainConfig(store=p.store_for(entry), runs=_specs_for_selection(p, entry), **_recipe(p))
+            TrainConfig(store=p.store_for(entry), runs=selection_specs(p, entry), **pipeline_recipe(p))
             for seed in p.protocol.final_seeds:
                 RunSpec(seed=seed)
         except VQTError as exc:
@@ -259,7 +259,7 @@ def select(runs: list[FinishedRun]) -> dict[tuple[str, int], dict[str, Any]]:
     return {k: v[1] for k, v in best.items()}
 
 
-def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...]:
+def selection_specs(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...]:
     """Each method over its recipe's grid: the pipeline's [grid] where that recipe is VQT's, else its paper's."""
     specs = []
     for name in (VQT.name, *p.baselines):
@@ -270,13 +270,13 @@ def _specs_for_selection(p: Pipeline, entry: DatasetEntry) -> tuple[RunSpec, ...
     return tuple(specs)
 
 
-def _configurations(p: Pipeline, entry: DatasetEntry) -> int:
+def final_configurations(p: Pipeline, entry: DatasetEntry) -> int:
     """The (method, size) pairs the protocol selects for a dataset: each has one final run per seed."""
     sizes = {"T": list(entry.queries), "n": list(entry.blocks)}
     return sum(len(methods.get(name).sizes(sizes)) for name in (VQT.name, *p.baselines))
 
 
-def _recipe(p: Pipeline) -> dict[str, Any]:
+def pipeline_recipe(p: Pipeline) -> dict[str, Any]:
     """The TrainConfig fields a pipeline fixes for every run: its protocol's recipe, evaluated once at the end."""
     proto = p.protocol
     return dict(
@@ -291,7 +291,7 @@ def _recipe(p: Pipeline) -> dict[str, Any]:
 def recorded_recipe(p: Pipeline) -> dict[str, Any]:
     """The recipe every run of the pipeline records in its config.json (precision only if the pipeline names one:
     "auto" may have resolved differently on the machines that trained its parts)."""
-    recipe = _recipe(p)
+    recipe = pipeline_recipe(p)
     auto = p.protocol.precision == "auto"
     return {k: recipe[k] for k in RECIPE_KEYS if not (auto and k == "precision")}
 
@@ -306,7 +306,7 @@ def _train(
     one_pass: bool,
     progress,
 ) -> list[dict]:
-    common = dict(store=store, train_split=train_split, eval_split=eval_split, **_recipe(p))
+    common = dict(store=store, train_split=train_split, eval_split=eval_split, **pipeline_recipe(p))
     if one_pass:
         return train(TrainConfig(runs=specs, out=str(out), **common), progress=progress)
     results = []
@@ -328,13 +328,13 @@ def run_sweep(
     mine = [d for i, d in enumerate(p.datasets) if i % part[1] == part[0]]
     _check_stores(p, mine)
     seeds = len(p.protocol.final_seeds)
-    total = sum(len(_specs_for_selection(p, d)) + _configurations(p, d) * seeds for d in mine)
+    total = sum(len(selection_specs(p, d)) + final_configurations(p, d) * seeds for d in mine)
     done = 0
     if on_run:
         on_run(0, total)
     for entry in mine:
         store = p.store_for(entry)
-        specs = _specs_for_selection(p, entry)
+        specs = selection_specs(p, entry)
         _train(
             p,
             store,
@@ -381,7 +381,7 @@ def run_sweep(
             untested = [r.dir for r in results if not r.diverged and not _tested(r.dir, p.protocol.final_eval)]
             if untested:
                 evaluate(untested, p.protocol.final_eval, progress=progress)
-        done += _configurations(p, entry) * seeds
+        done += final_configurations(p, entry) * seeds
         if on_run:
             on_run(done, total)
     return [d.name for d in mine]
