@@ -9,7 +9,22 @@ import typer
 
 from vqt_cache import api, recipe
 from vqt_cache.cli import app
-from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, Recipe, RunSpec, TrainConfig, options
+from vqt_cache.config import (
+    FIELD_DEFAULT,
+    CompressOptions,
+    DemoOptions,
+    EvaluateOptions,
+    ExportOptions,
+    ExtractConfig,
+    PredictOptions,
+    Recipe,
+    ReportOptions,
+    RunSpec,
+    SweepOptions,
+    TrainConfig,
+    VerifyOptions,
+    options,
+)
 from vqt_cache.sweep import Pipeline, Protocol
 
 from conftest import run_cli
@@ -33,6 +48,14 @@ def expected_default(f: dataclasses.Field, cli) -> object:
         ("extract", (ExtractConfig,), {}),
         ("plan", (ExtractConfig,), {"backbone": recipe.BACKBONE, "dataset": None}),
         ("train", (RunSpec, TrainConfig), {}),
+        ("evaluate", (EvaluateOptions,), {}),
+        ("predict", (PredictOptions,), {}),
+        ("export", (ExportOptions,), {}),
+        ("compress", (CompressOptions,), {}),
+        ("verify", (VerifyOptions,), {}),
+        ("demo", (DemoOptions,), {}),
+        ("sweep", (SweepOptions,), {}),
+        ("report", (ReportOptions,), {}),
     ],
 )
 def test_each_declared_option_is_on_the_command_line_with_its_default_and_help(command, configs, overrides):
@@ -135,8 +158,8 @@ def test_the_pipeline_schema_inherits_the_recipe_and_the_store_defaults():
     ],
 )
 def test_the_smaller_commands_take_their_defaults_from_the_functions_they_call(command, function):
-    """evaluate, compress and predict have a few options each, written in the command and in the library function
-    it calls (whose API wrapper passes keywords through): the defaults they share are equal."""
+    """evaluate, compress and predict declare their options in config.py; the library function each calls (whose
+    API wrapper passes keywords through) has the same defaults."""
     import importlib
 
     module, name = function.split(":")

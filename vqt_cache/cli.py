@@ -19,10 +19,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from vqt_cache import methods, progress, recipe
-from vqt_cache.config import FIELD_DEFAULT, ExtractConfig, RunSpec, TrainConfig, comma_list
+from vqt_cache.config import (
+    FIELD_DEFAULT,
+    CompressOptions,
+    DemoOptions,
+    EvaluateOptions,
+    ExportOptions,
+    ExtractConfig,
+    PredictOptions,
+    ReportOptions,
+    RunSpec,
+    SweepOptions,
+    TrainConfig,
+    VerifyOptions,
+    comma_list,
+)
 from vqt_cache.config import options as config_options
 from vqt_cache.errors import VQTError, VQTWarning
-from vqt_cache.formats import WORKERS, size
+from vqt_cache.formats import size
 
 if TYPE_CHECKING:
     from vqt_cache.training import TrainedRun
@@ -57,11 +71,6 @@ def _options(
 def _flag(*names: str, help: str) -> Any:
     """A boolean option, shown without the `<bool>` value typer would print for it (it takes none)."""
     return typer.Option(*names, help=help, metavar=" ")
-
-
-# options several commands share, defined once
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
-MovedStore = Annotated[str | None, typer.Option(help="the store, if it moved since training")]
 
 
 def _options(*configs: type, defaults: dict[str, Any] | None = None) -> Callable:
@@ -435,21 +444,12 @@ def _fail_if_all_diverged(results: list[TrainedRun]) -> None:
 
 
 @app.command()
+@_options(EvaluateOptions)
 def evaluate(
     run_dirs: Annotated[list[str], typer.Argument(help="finished run folders (of one store)")],
-    split: Annotated[
-        str, typer.Option(help="split to evaluate on: cached if the store holds it, else live")
-    ] = recipe.FINAL_EVAL,
-    store: MovedStore = None,
-    root: Annotated[str | None, typer.Option(help="dataset folder, if it moved since extraction (live)")] = None,
-    live: Annotated[bool, _flag("--live", help="run the backbone even when the split is cached")] = False,
-    batch_size: Annotated[int | None, typer.Option(help="images per batch (default: the runs' batch size)")] = None,
-    device: Device = recipe.DEVICE,
-    workers: Annotated[int, typer.Option(help="image decoding processes (live)")] = WORKERS,
-    precision: Annotated[
-        str | None, typer.Option(help="float32, bf16 or auto (default: what the runs trained with)")
-    ] = None,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Top-1 and mean per-class accuracy of trained runs on a split; each result goes into its run folder.
 
@@ -461,20 +461,19 @@ def evaluate(
     """
     from vqt_cache.evaluation import evaluate as run_evaluate
 
-    if batch_size is not None and batch_size < 1:
-        raise VQTError(f"--batch-size must be >= 1, got {batch_size}")
+    o = EvaluateOptions(**opts)
     with _progress("img") as update:
         results = run_evaluate(
             run_dirs,
-            split,
-            store,
-            root,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
+            o.split,
+            o.store,
+            o.root,
+            batch_size=o.batch_size,
+            device=o.device,
+            workers=o.workers,
             progress=None if json_out else update,
-            live=live or None,
-            precision=precision,
+            live=o.live or None,
+            precision=o.precision,
         )
     if json_out:
         records = [{**r.record(), "dir": r.dir} for r in results]
@@ -483,7 +482,7 @@ def evaluate(
     for result in results:
         how = f"{'live' if result.live else 'cached'}, {result.precision}"
         console.print(
-            f"{result.dir} on {split} ({result.images} images, {how}): top-1 {100 * result.top1:.2f}%, "
+            f"{result.dir} on {o.split} ({result.images} images, {how}): top-1 {100 * result.top1:.2f}%, "
             f"mean per-class {100 * result.mean_class:.2f}%",
             soft_wrap=True,
             highlight=False,
@@ -491,12 +490,13 @@ def evaluate(
 
 
 @app.command()
+@_options(PredictOptions)
 def predict(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder, or the file `vqt-cache export` wrote")],
     images: Annotated[list[str], typer.Argument(help="image files")],
-    store: MovedStore = None,
-    device: Device = recipe.DEVICE,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Classify raw images through the live path (frozen backbone + the run's queries and head).
 
@@ -505,7 +505,8 @@ def predict(
     """
     from vqt_cache.prediction import predict as run_predict
 
-    results = run_predict(run_dir, images, store, device=device)
+    o = PredictOptions(**opts)
+    results = run_predict(run_dir, images, o.store, device=o.device)
     if json_out:
         print(json.dumps([r.record() for r in results]))
         return
@@ -518,12 +519,11 @@ def predict(
 
 
 @app.command()
+@_options(ExportOptions)
 def export(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder, or its compressed/ folder")],
-    out: Annotated[
-        str | None, typer.Option(help="the file to write (default: <run folder>/<run name>.safetensors)")
-    ] = None,
-    store: MovedStore = None,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Write one standalone file (frozen backbone + queries + head + preprocessing) that `predict` takes.
 
@@ -536,7 +536,8 @@ def export(
     from vqt_cache.export import export_run
     from vqt_cache.run_folder import COMPRESSED, compressed_run, is_compressed
 
-    path = export_run(run_dir, out, store)
+    o = ExportOptions(**opts)
+    path = export_run(run_dir, o.out, o.store)
     if compressed_run(run_dir) is not None:
         what = "the compressed head"
     elif is_compressed(run_dir):
@@ -547,13 +548,8 @@ def export(
 
 
 @app.command()
-def demo(
-    root: Annotated[str, typer.Option(help="where the demo leaves its store and runs")] = "data",
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 50,
-    recipe_choice: Annotated[
-        str, typer.Option("--recipe", help="own (each method its paper's recipe) or shared (VQT's for all)")
-    ] = recipe.RECIPE,
-) -> None:
+@_options(DemoOptions)
+def demo(*, opts: dict[str, Any]) -> None:
     """The whole pipeline on scikit-learn's bundled digits, no downloads: extract, train VQT and baselines.
 
     Examples:
@@ -562,9 +558,10 @@ def demo(
     """
     from vqt_cache.demo import run_demo
 
+    o = DemoOptions(**opts)
     with _progress("step") as update:
-        rows = run_demo(root, epochs=epochs, recipe_choice=recipe_choice, progress=update, say=console.print)
-    title = f"digits: frozen tiny ViT (pretrained on digit parity), transfer to the 10 digits; recipe {recipe_choice}"
+        rows = run_demo(o.root, epochs=o.epochs, recipe_choice=o.recipe_choice, progress=update, say=console.print)
+    title = f"digits: frozen tiny ViT (pretrained on digit parity), transfer to the 10 digits; recipe {o.recipe_choice}"
     table = Table(title=title)
     for column in ("method", "T", "recipe", "configs", "val top-1", "test top-1", "pass s", "pass img/s"):
         table.add_column(column, justify="right")
@@ -584,14 +581,11 @@ def demo(
 
 
 @app.command()
+@_options(SweepOptions)
 def sweep(
     pipeline: Annotated[str, typer.Argument(help="a pipeline file, e.g. pipelines/demo.toml")],
-    part: Annotated[
-        str | None, typer.Option(help="i/n: run only this part of the datasets (every n-th from i)")
-    ] = None,
-    one_pass: Annotated[bool, _flag(help="train each grid in one pass over the cache")] = True,
-    report_only: Annotated[bool, _flag(help="skip training; merge the run folders into the report")] = False,
-    runs_root: Annotated[str | None, typer.Option(help="override the pipeline's runs_root")] = None,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Grids × datasets × seeds over cached features with the paper's selection protocol, then the report.
 
@@ -602,17 +596,18 @@ def sweep(
     from vqt_cache.report import write_report
     from vqt_cache.sweep import load_pipeline, parse_part, run_sweep
 
+    o = SweepOptions(**opts)
     p = load_pipeline(pipeline)
-    if runs_root:
-        p = dataclasses.replace(p, runs_root=runs_root)
-    part = parse_part(part)
-    if not report_only:
+    if o.runs_root:
+        p = dataclasses.replace(p, runs_root=o.runs_root)
+    part = parse_part(o.part)
+    if not o.report_only:
         with _progress("step") as update:
 
             def on_run(done: int, total: int) -> None:
                 update(f"sweep {p.name}: runs", done, total)
 
-            handled = run_sweep(p, part, one_pass=one_pass, progress=update, on_run=on_run)
+            handled = run_sweep(p, part, one_pass=o.one_pass, progress=update, on_run=on_run)
         console.print(f"sweep {p.name}: part {part[0]}/{part[1]} handled {', '.join(handled) or 'no datasets'}")
     _print_report(write_report(p))
 
@@ -652,9 +647,11 @@ def _print_report(report: dict) -> None:
 
 
 @app.command()
+@_options(ReportOptions)
 def report(
     pipeline: Annotated[str, typer.Argument(help="the pipeline file the sweep ran")],
-    out: Annotated[str | None, typer.Option(help="folder for results.csv/.md and plots")] = None,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Merge a sweep's run folders (from any number of parts or machines) into results.csv, results.md and plots.
 
@@ -664,16 +661,16 @@ def report(
     from vqt_cache.report import write_report
     from vqt_cache.sweep import load_pipeline
 
-    _print_report(write_report(load_pipeline(pipeline), out))
+    _print_report(write_report(load_pipeline(pipeline), ReportOptions(**opts).out))
 
 
 @app.command()
+@_options(CompressOptions)
 def compress(
     run_dir: Annotated[str, typer.Argument(help="a finished VQT run folder")],
-    keep: Annotated[float, typer.Option(help="fraction of features kept")] = recipe.KEEP,
-    lasso: Annotated[float, typer.Option(help="group-lasso weight on the head's column norms")] = recipe.LASSO,
-    store: MovedStore = None,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Group-lasso feature selection (docs/method.md §6): keep the top features, retrain the head; writes compressed/.
 
@@ -682,7 +679,9 @@ def compress(
     """
     from vqt_cache.compress import compress as run_compress
 
-    result = run_compress(run_dir, keep=keep, lasso=lasso, store_url=store)
+    o = CompressOptions(**opts)
+    keep, lasso = o.keep, o.lasso
+    result = run_compress(run_dir, keep=keep, lasso=lasso, store_url=o.store)
     if json_out:
         print(json.dumps(result))
         return
@@ -708,10 +707,12 @@ COMPRESSION_LOSS_WARNED = 2.0  # points of top-1 a compression may lose before `
 
 
 @app.command()
+@_options(VerifyOptions)
 def verify(
     path: Annotated[str, typer.Argument(help="a store (path or URL)")],
-    recompute: Annotated[int, typer.Option(help="also re-run the backbone on N images per split and compare")] = 0,
     json_out: Annotated[bool, _flag("--json", help="print as JSON")] = False,
+    *,
+    opts: dict[str, Any],
 ) -> None:
     """Re-read every shard: completion records, checksums, shapes, NaN/Inf; optionally recompute a sample.
 
@@ -721,7 +722,7 @@ def verify(
     from vqt_cache.verify import verify as run_verify
 
     with _progress("shard") as update:
-        result = run_verify(path, recompute=recompute, progress=None if json_out else update)
+        result = run_verify(path, recompute=VerifyOptions(**opts).recompute, progress=None if json_out else update)
     if json_out:
         print(json.dumps(result))
     else:

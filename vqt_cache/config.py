@@ -318,3 +318,93 @@ class TrainConfig(Recipe):
 
 # recorded in each run's config.json: the recipe, and how often it was evaluated
 RECIPE_KEYS = ("epochs", "warmup_epochs", "batch_size", "dropout", "eval_every", "precision")
+
+
+# --- the other commands' options (info takes none); their arguments (run folders, images, a pipeline) stay the
+# command's own ---
+
+
+def _moved_store() -> Any:
+    return option(None, help="the store, if it moved since training")
+
+
+def _device() -> Any:
+    return option(recipe.DEVICE, help="auto, cpu, cuda, cuda:1, ...")
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """`vqt-cache evaluate` (the API's `evaluate` takes the same names)."""
+
+    split: str = option(recipe.FINAL_EVAL, help="split to evaluate on: cached if the store holds it, else live")
+    store: str | None = _moved_store()
+    root: str | None = option(None, help="dataset folder, if it moved since extraction (live)")
+    live: bool = option(False, flag=True, help="run the backbone even when the split is cached")
+    batch_size: int | None = option(None, help="images per batch (default: the runs' batch size)")
+    device: str = _device()
+    workers: int = option(WORKERS, help="image decoding processes (live)")
+    precision: str | None = option(None, help="float32, bf16 or auto (default: what the runs trained with)")
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise VQTError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """`vqt-cache predict`."""
+
+    store: str | None = _moved_store()
+    device: str = _device()
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """`vqt-cache export`."""
+
+    out: str | None = option(None, help="the file to write (default: <run folder>/<run name>.safetensors)")
+    store: str | None = _moved_store()
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """`vqt-cache compress` (the API's `compress` checks the values)."""
+
+    keep: float = option(recipe.KEEP, help="fraction of features kept")
+    lasso: float = option(recipe.LASSO, help="group-lasso weight on the head's column norms")
+    store: str | None = _moved_store()
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """`vqt-cache verify`."""
+
+    recompute: int = option(0, help="also re-run the backbone on N images per split and compare")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """`vqt-cache demo`."""
+
+    root: str = option("data", help="where the demo leaves its store and runs")
+    epochs: int = option(recipe.DEMO_EPOCHS, help="training epochs")
+    recipe_choice: str = option(
+        recipe.RECIPE, name="recipe", help="own (each method its paper's recipe) or shared (VQT's for all)"
+    )
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """`vqt-cache sweep`."""
+
+    part: str | None = option(None, help="i/n: run only this part of the datasets (every n-th from i)")
+    one_pass: bool = option(True, help="train each grid in one pass over the cache")
+    report_only: bool = option(False, flag=True, help="skip training; merge the run folders into the report")
+    runs_root: str | None = option(None, help="override the pipeline's runs_root")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """`vqt-cache report`."""
+
+    out: str | None = option(None, help="folder for results.csv/.md and plots")

@@ -80,7 +80,7 @@ def extract_config(weights: Path, out: str, splits: tuple[str, ...], **options: 
 
 def run_demo(
     root: str | Path = "data",
-    epochs: int = 50,
+    epochs: int = recipe.DEMO_EPOCHS,
     recipe_choice: str = recipe.RECIPE,
     progress=None,
     say: Callable[[str], Any] = print,

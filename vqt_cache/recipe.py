@@ -143,6 +143,7 @@ KEEP = 0.7
 
 # where things are, relative to the working directory
 DEVICE = "auto"
+DEMO_EPOCHS = 50  # `vqt-cache demo`: the digits converge well before (docs/benchmarks.md)
 BACKBONE = "vit_b16"  # the paper's main backbone (vqt_cache/backbones.py names it)
 CACHE_ROOT = "data/cache"
 RUNS_ROOT = "data/runs"
