@@ -23,9 +23,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +34,7 @@ from vqt_cache.formats import batch_axis, group_for
 from vqt_cache.heads import token_means
 from vqt_cache.recipe import BATCH_SIZE
 from vqt_cache.schedule import epoch_order
-from vqt_cache.store import Split
+from vqt_cache.store import Split, read_ahead
 
 NO_PROBES = (
     "holds no probe arrays, which the attentive and linear-multi probes read: extract with --probes into another --out"
@@ -246,14 +244,7 @@ class CachedSplit:
 
     def _read_rows(self, positions: np.ndarray) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
         """The rows in order, read from the store READERS at a time."""
-        with ThreadPoolExecutor(READERS) as pool:
-            ahead: deque = deque()
-            for position in positions:
-                ahead.append(pool.submit(self._read, position))
-                if len(ahead) == READERS:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
+        return read_ahead(self._read, positions, READERS)
 
     # -- batches -----------------------------------------------------------------------------------------------
     def _widened_buffer(self, slot: int) -> torch.Tensor:

@@ -758,6 +758,7 @@ def build_transform(prep: dict[str, Any]) -> Callable[[Image.Image], torch.Tenso
     antialiased kernel (several times Pillow's speed on this CPU; each pixel within one level of Pillow's, more than
     99% equal)."""
     size = tuple(prep["input_size"][1:])
+    pillow = prep.get("resample", DEFAULT_RESAMPLE) == DEFAULT_RESAMPLE
     if prep["resize"] == "squash":
         interpolation = transforms.InterpolationMode(prep["interpolation"])
         geometry = [transforms.Resize(size, interpolation=interpolation, antialias=True)]
@@ -773,10 +774,10 @@ def build_transform(prep: dict[str, Any]) -> Callable[[Image.Image], torch.Tenso
             crop_pct=prep["crop_pct"],
             crop_mode=prep["crop_mode"],
         )
-        if prep.get("resample", DEFAULT_RESAMPLE) == DEFAULT_RESAMPLE:
+        if pillow:
             return timm_eval
         *geometry, _to_tensor, normalize = timm_eval.transforms  # resize and crop, to tensor, normalize
-    if prep.get("resample", DEFAULT_RESAMPLE) == DEFAULT_RESAMPLE:
+    if pillow:
         return transforms.Compose([*geometry, transforms.ToTensor(), normalize])
     from torchvision.transforms import v2  # its resize keeps 8-bit pixels 8-bit (torch's fast antialiased kernel)
 

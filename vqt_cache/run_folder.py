@@ -150,7 +150,7 @@ class RunConfig:
             splits=_record(SplitsRecord, config.get("splits"), where, "splits"),
             store=_record(StoreRecord, config.get("store"), where, "store"),
             model=_record(ModelRecord, config.get("model"), where, "model"),
-            extra=_record(_Extra, {"extra": config.get("extra", {})}, where, "extra").extra,
+            extra=_extra(config.get("extra", {}), where),
             versions=config.get("versions") if isinstance(config.get("versions"), dict) else None,
             git_sha=config.get("git_sha") if isinstance(config.get("git_sha"), str) else None,
         )
@@ -177,9 +177,11 @@ class _RunTable:
     recipe: str
 
 
-@dataclass(frozen=True)
-class _Extra:
-    extra: dict[str, Any]
+def _extra(extra: Any, where: Path) -> dict[str, Any]:
+    """config.json's "extra": free-form entries of the run's identity (a sweep's name), a table when present."""
+    if not isinstance(extra, dict):
+        raise DamagedFile(where, f"extra is {extra!r}")
+    return extra
 
 
 def _record(kind: type, table: Any, where: Path, name: str) -> Any:

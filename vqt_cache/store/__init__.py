@@ -20,7 +20,7 @@ from vqt_cache.store.schema import (
     shard_checksum,
     stored_bytes,
 )
-from vqt_cache.store.tables import Images, Split, Store, open_store
+from vqt_cache.store.tables import Images, Split, Store, open_store, read_ahead
 
 __all__ = [
     "Images",
@@ -37,6 +37,7 @@ __all__ = [
     "image_bytes",
     "key_source",
     "open_store",
+    "read_ahead",
     "probe_bytes",
     "stored_bytes",
     "row_checksum",

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +59,18 @@ class _SiblingsOfAReportedError(logging.Filter):
 logging.getLogger("asyncio").addFilter(_SiblingsOfAReportedError())
 
 READ_AHEAD = 4  # shards read at once when a split is loaded
+
+
+def read_ahead(read: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """read(item) of each item, in order, `ahead` of them at once on threads (reads that release the GIL add up)."""
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) == ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
@@ -177,10 +189,10 @@ class Images:
             writers[name] = Chunks(self.group[name], empty=name in (self.layout, "scale"))
         return writers[name]
 
-    @cached_property
+    @property
     def probes(self) -> bool:
         """Whether the table holds the probe arrays (extract --probes)."""
-        return "class_tokens" in self.group.array_keys()
+        return "class_tokens" in self._names
 
     def finish_shard(
         self,
@@ -216,7 +228,7 @@ class Images:
             features = self._chunks(self.layout).read(start, stop)
             scales = self._chunks("scale").read(start, stop) if self.quantized else None
             final, valid = self._chunks("final").read(start, stop), self._chunks("valid").read(start, stop)
-            names = [name for name in PROBES if self.probes and name in self._names]
+            names = [name for name in PROBES if name in self._names]
             read = {name: self._chunks(name).read(start, stop) for name in names}
             recorded = self._chunks("checksum").read(shard, shard + 1)[0].tobytes()
         except Exception as exc:  # a truncated or corrupt chunk fails to decode in many ways
@@ -392,14 +404,7 @@ class Split:
             probes: dict[str, np.ndarray] = {}
             return (*self.images.read_shard(shard, probes), probes)
 
-        with ThreadPoolExecutor(READ_AHEAD) as pool:
-            ahead: deque = deque()
-            for shard in self.shards():
-                ahead.append(pool.submit(read, shard))
-                if len(ahead) == READ_AHEAD:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
+        return read_ahead(read, self.shards(), READ_AHEAD)
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every sample's features (and int8 scales), in split order, from shards checked against their checksums."""
@@ -540,7 +545,6 @@ class Store:
                 raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
             weights = self.group["weights"]
             names = list(weights.array_keys())
-
         out = {}
         for name in names:
             try:
