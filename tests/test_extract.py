@@ -416,6 +416,34 @@ def test_chunks_written_without_zarr_are_the_bytes_zarr_writes(tmp_path, monkeyp
     assert [name for name in a if a[name] != b[name]] == []
 
 
+@pytest.mark.parametrize("compressors", [None, "zstd"])
+def test_arrays_read_without_zarr_are_the_arrays_zarr_reads(tmp_path, compressors):
+    """store/chunks.read_whole (the frozen weights of every stage-two command) reads any chunking as zarr does:
+    edge chunks, a missing chunk (the fill value), 0-d and 1-d arrays, a compressed chunk."""
+    import zarr
+
+    from vqt_cache.store.chunks import read_whole
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    rng = np.random.default_rng(0)
+    cases = {
+        "edges": ((50, 70), (16, 32), np.float32),
+        "flat": ((33,), (33,), np.float16),
+        "cube": ((5, 6, 7), (2, 6, 3), np.int8),
+    }
+    for name, (shape, chunks, dtype) in cases.items():
+        kind = "auto" if compressors else None
+        array = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=3, compressors=kind)
+        array[...] = (rng.standard_normal(shape) * 50).astype(dtype)
+    group["edges"][16:32, 32:64] = 3  # a chunk of only the fill value: zarr writes no file for it
+    group.create_array("scalar", shape=(), dtype=np.float64)[...] = 2.5
+    for name in [*cases, "scalar"]:
+        array = zarr.open_array(str(tmp_path / "g.zarr" / name), mode="r")
+        found, expected = read_whole(array), array[...]
+        assert found.dtype == expected.dtype and found.shape == expected.shape and np.array_equal(found, expected)
+    assert not (tmp_path / "g.zarr" / "edges" / "c" / "1" / "1").exists()  # the missing chunk was read as such
+
+
 @pytest.mark.parametrize(("photo", "resize"), [(0, "squash"), (1, "timm"), ("8x8", "squash")])
 def test_torch_resampling_is_pillows_geometry_and_nearly_its_pixels(photo, resize):
     """--resample torch: the same resize and crop as Pillow's transform (timm's for "timm"); torch's 8-bit

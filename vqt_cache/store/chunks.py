@@ -7,12 +7,15 @@ store stores it (a temporary file renamed into place, so a chunk is written whol
 releases the GIL (the file write, zstd and blosc), so threads add up.
 
 Reading is the mirror image (a missing chunk reads as the fill value, as in zarr), so that loading a cache into
-memory is not bound by that thread either. Only a local store is read and written this way; an object store, or
-a codec without a synchronous protocol, goes through zarr itself, whose bytes are the same.
+memory is not bound by that thread either; `read_whole` reads any array so (the frozen weights: 343 MB of ViT-B/16
+in 0.15 s instead of zarr's 0.9 s, paid by every stage-two command). Only a local store is read and written this
+way; an object store, or a codec without a synchronous protocol, goes through zarr itself, whose bytes are the same.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import uuid
 
@@ -39,14 +42,8 @@ class Chunks:
         self._codecs = list(metadata.codecs)
         self._length = array.shape[0]
         self._rest = (0,) * (array.ndim - 1)
-        store = array.store_path.store
-        direct = (
-            isinstance(store, LocalStore)
-            and all(isinstance(c, SupportsSyncCodec) for c in self._codecs)
-            and tuple(metadata.chunks[1:]) == tuple(array.shape[1:])
-            and self._spec.fill_value == 0
-        )
-        self._folder = os.path.join(store.root, array.store_path.path) if direct else None
+        direct = tuple(metadata.chunks[1:]) == tuple(array.shape[1:]) and self._spec.fill_value == 0
+        self._folder = _folder(array) if direct else None
 
     @property
     def direct(self) -> bool:
@@ -72,16 +69,8 @@ class Chunks:
         return rows[start - first * self._rows : stop - first * self._rows]
 
     def _decode(self, path: str) -> np.ndarray:
-        try:
-            with open(path, "rb") as handle:
-                raw = np.empty(os.fstat(handle.fileno()).st_size, np.uint8)
-                handle.readinto(raw)
-        except FileNotFoundError:
-            return np.zeros(self.array.metadata.chunks, self.array.dtype)
-        data = default_buffer_prototype().buffer.from_array_like(raw)
-        for codec in reversed(self._codecs):
-            data = codec._decode_sync(data, self._spec)
-        return data.as_numpy_array()
+        chunk = _decode(path, self._codecs, self._spec)
+        return np.zeros(self.array.metadata.chunks, self.array.dtype) if chunk is None else chunk
 
     def _path(self, index: int) -> str:
         return os.path.join(self._folder, self.array.metadata.encode_chunk_key((index, *self._rest)))
@@ -106,6 +95,53 @@ class Chunks:
                 _put(path, self.encode(chunk))
             elif os.path.exists(path):
                 os.unlink(path)
+
+
+def read_whole(array: zarr.Array) -> np.ndarray:
+    """The whole of `array` (any regular chunking), its chunks read and decoded on this thread from a local store,
+    else by zarr. A missing chunk reads as the fill value, as in zarr."""
+    metadata = array.metadata
+    folder = _folder(array) if array.ndim else None
+    if folder is None:
+        return array[...]
+    spec = metadata.get_chunk_spec((0,) * array.ndim, ArrayConfig.from_dict({}), default_buffer_prototype())
+    codecs = list(metadata.codecs)
+    out = np.empty(array.shape, array.dtype)  # every region is written below (a fill ahead costs a third more)
+    scratch = np.empty(math.prod(metadata.chunks) * array.dtype.itemsize, np.uint8)  # one chunk's bytes, reused
+    grid = [range(-(-size // chunk)) for size, chunk in zip(array.shape, metadata.chunks, strict=True)]
+    for index in itertools.product(*grid):
+        region = tuple(
+            slice(i * c, min((i + 1) * c, size)) for i, c, size in zip(index, metadata.chunks, array.shape, strict=True)
+        )
+        chunk = _decode(os.path.join(folder, metadata.encode_chunk_key(index)), codecs, spec, scratch)
+        if chunk is None:
+            out[region] = spec.fill_value
+        else:
+            out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]  # an edge chunk is stored whole
+    return out
+
+
+def _folder(array: zarr.Array) -> str | None:
+    """Where a local store keeps `array`'s chunks, if they can be read and written here; None: through zarr."""
+    store = array.store_path.store
+    direct = isinstance(store, LocalStore) and all(isinstance(c, SupportsSyncCodec) for c in array.metadata.codecs)
+    return os.path.join(store.root, array.store_path.path) if direct else None
+
+
+def _decode(path: str, codecs: list, spec, scratch: np.ndarray | None = None) -> np.ndarray | None:
+    """One stored chunk, decoded (None: no such chunk); its bytes are read into `scratch` where they fit (the
+    decoded chunk may then be a view of it)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            raw = scratch[:size] if scratch is not None and size <= len(scratch) else np.empty(size, np.uint8)
+            handle.readinto(raw)
+    except FileNotFoundError:
+        return None
+    data = default_buffer_prototype().buffer.from_array_like(raw)
+    for codec in reversed(codecs):
+        data = codec._decode_sync(data, spec)
+    return data.as_numpy_array()
 
 
 def _put(path: str, data: memoryview) -> None:

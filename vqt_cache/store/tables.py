@@ -21,7 +21,7 @@ import zarr
 
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import group_for, quantized
-from vqt_cache.store.chunks import Chunks
+from vqt_cache.store.chunks import Chunks, read_whole
 from vqt_cache.store.schema import (
     FORMAT_VERSION,
     IMAGES_ATTR_TYPES,
@@ -543,12 +543,11 @@ class Store:
         with self._metadata("the weights (weights/)"):
             if "weights" not in self.group.group_keys():
                 raise VQTError(f"store {self.url} is damaged: it has no weights group; re-extract it")
-            weights = self.group["weights"]
-            names = list(weights.array_keys())
+            arrays = dict(self.group["weights"].arrays())  # their metadata read at once
         out = {}
-        for name in names:
+        for name, array in arrays.items():
             try:
-                out[name] = weights[name][...]
+                out[name] = read_whole(array)
             except Exception as exc:  # a truncated chunk fails to decode in many ways
                 raise VQTError(
                     f"store {self.url} is damaged: the stored weight {name!r} cannot be read ({type(exc).__name__}); "
