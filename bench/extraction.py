@@ -40,7 +40,7 @@ def extract_rate(url: str, backbone, dataset: Dataset, cfg: ExtractConfig) -> fl
         split.images,
         dataset,
         split.shards(),
-        attrs["preprocessing"],
+        attrs,
         cfg,
         torch.device("cpu"),
         lambda _n: None,

@@ -5,8 +5,9 @@ train800val200 and a test set of 10,000 images, 10 classes), then measured throu
 runs it, each command in a fresh process on the first CUDA device (the CPU where there is none):
 
 - extraction: `vqt-cache extract` of ViT-B/16 (random weights, hidden int8, the default) over the 1,000 training
-  images, beside its bounds: a plain float32 forward of preprocessed batches already on the device, the data
-  loader alone (decoding and preprocessing with the same workers), the disk's sequential write bandwidth, and
+  images, as it is and with `--precision bf16 --resample torch`, beside their bounds: a plain forward of
+  preprocessed batches already on the device (float32, bf16 autocast), the data loader alone (decoding and
+  preprocessing with the same workers; Pillow's resampling, torch's), the disk's sequential write bandwidth, and
   extraction's writer with 1 and 8 threads into a store in memory (the host's room for extraction, disk aside);
 - stage two: `vqt-cache train` of one run (T = 1, 100 epochs on train800) and of a 20-run grid (5 lrs × 4 wds,
   batch 128), with the eager and the batched query path: ms per step (from timing.json), the epochs' seconds, and
@@ -79,35 +80,40 @@ def make_task(root: Path, train: int, val: int, test: int, size: int = 256) -> N
 
 
 def forward_rates(quick: bool, device: torch.device, root: Path, workers: int) -> dict[str, float]:
-    """img/s of a plain float32 forward on batches already on the device, and of the data loader alone."""
-    from vqt_cache.backbones import load_backbone
+    """img/s of a plain forward on batches already on the device (float32, and bf16 as extract --precision bf16
+    runs it), and of the data loader alone (Pillow's resampling, and torch's)."""
+    from vqt_cache.backbones import forward_autocast, load_backbone
     from vqt_cache.datasets import ImageSplit, open_dataset, preprocessing
 
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3) if quick else {}
     backbone = load_backbone("vit_tiny_patch16_224" if quick else "vit_b16", weights="random", **kwargs)
     model = backbone.model.to(device).eval()
     batch = torch.randn(32 if quick else 128, *backbone.data_config["input_size"], device=device)
-    with torch.no_grad():
-        for _ in range(2):
-            model.forward_features(batch)
-        _sync(device)
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < (1 if quick else 10):
-            model.forward_features(batch)
-            n += len(batch)
-        _sync(device)
-        forward = n / (time.perf_counter() - start)
+    rates = {}
+    for precision in ("float32", "bf16"):
+        with torch.no_grad(), forward_autocast(device, precision):
+            for _ in range(2):
+                model.forward_features(batch)
+            _sync(device)
+            start, n = time.perf_counter(), 0
+            while time.perf_counter() - start < (1 if quick else 8):
+                model.forward_features(batch)
+                n += len(batch)
+            _sync(device)
+            rates[f"forward {precision}"] = n / (time.perf_counter() - start)
     dataset = open_dataset(f"vtab1k/{TASK}", root)
     items = dataset.split("test")
-    loader = torch.utils.data.DataLoader(
-        ImageSplit(dataset, items, preprocessing(backbone.data_config, dataset.resize)),
-        batch_size=32,
-        num_workers=workers,
-    )
-    start = time.perf_counter()
-    for _ in loader:
-        pass
-    return {"forward": forward, "loader": len(items) / (time.perf_counter() - start)}
+    for resample in ("pillow", "torch"):
+        loader = torch.utils.data.DataLoader(
+            ImageSplit(dataset, items, preprocessing(backbone.data_config, dataset.resize, resample)),
+            batch_size=32,
+            num_workers=workers,
+        )
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        rates[f"loader {resample}"] = len(items) / (time.perf_counter() - start)
+    return rates
 
 
 def _sync(device: torch.device) -> None:
@@ -203,25 +209,35 @@ def run(quick: bool = False) -> list[dict]:
         extract_args = ["extract", *model, "--dataset", f"vtab1k/{TASK}", "--root", str(tmp / "data")]
         extract_args += ["--splits", "train800,val200,train800val200", "--workers", str(workers)]
         extract_args += ["--writers", str(WRITERS)]
-        wall, out = vqt(*extract_args, "--device", device, "--batch-size", "128", "--out", store, "--json")
-        summary = json.loads(out)
-        written = sum(s["written"] for s in summary["splits"])
-        seconds = sum(s["seconds"] for s in summary["splits"])
-        image_mb = summary["splits"][0]["bytes_written"] / max(summary["splits"][0]["written"], 1) / 1e6
+        extract_args += ["--device", device, "--batch-size", "128", "--json"]
         disk = disk_write_MB_s(str(tmp), 2**28 if quick else 2**30)
-        bound = min(bounds["forward"], disk / image_mb)
-        rows += [
-            {"bench": "gpu", "what": "plain forward, float32, batches on the device", "img_s": bounds["forward"]},
-            {"bench": "gpu", "what": f"data loader alone, {workers} workers", "img_s": bounds["loader"]},
-            {"bench": "gpu", "what": "disk: sequential write, fsync'd", "MB_s": disk, "img_s": disk / image_mb},
-            {
-                "bench": "gpu",
-                "what": f"extract hidden int8, {written} images, {workers} workers",
-                "img_s": written / seconds,
-                "of_bound": written / seconds / bound,
-                "wall_s": wall,
-            },
-        ]
+        measured = {
+            "plain forward, float32, batches on the device": "forward float32",
+            "plain forward, bf16 autocast, batches on the device": "forward bf16",
+            f"data loader alone, {workers} workers": "loader pillow",
+            f"data loader alone, {workers} workers, torch resampling": "loader torch",
+        }
+        rows += [{"bench": "gpu", "what": what, "img_s": bounds[key]} for what, key in measured.items()]
+        for name, options, forward in (
+            ("task.zarr", [], "forward float32"),
+            ("task-bf16.zarr", ["--precision", "bf16", "--resample", "torch"], "forward bf16"),
+        ):  # the first store serves the rest of the benchmark
+            wall, out = vqt(*extract_args, *options, "--out", str(tmp / name))
+            summary = json.loads(out)
+            written = sum(s["written"] for s in summary["splits"])
+            seconds = sum(s["seconds"] for s in summary["splits"])
+            image_mb = summary["splits"][0]["bytes_written"] / max(summary["splits"][0]["written"], 1) / 1e6
+            bound = min(bounds[forward], disk / image_mb)
+            rows.append(
+                {
+                    "bench": "gpu",
+                    "what": f"extract hidden int8 {' '.join(options)}, {written} images, {workers} workers",
+                    "img_s": written / seconds,
+                    "of_bound": written / seconds / bound,
+                    "wall_s": wall,
+                }
+            )
+        rows.append({"bench": "gpu", "what": "disk: sequential write, fsync'd", "MB_s": disk, "img_s": disk / image_mb})
         host = writer_rows((1, WRITERS), 64 if quick else 2048)  # the host's room for extraction, disk aside
         rows += [{"bench": "gpu", "what": r["what"], "img_s": r["images_per_s"]} for r in host]
         runs = tmp / "runs"
@@ -235,7 +251,7 @@ def run(quick: bool = False) -> list[dict]:
                 "bench": "gpu",
                 "what": f"evaluate 5 runs live over {images} test images, {workers} workers",
                 "img_s": images / wall,
-                "of_forward": images / wall / bounds["forward"],
+                "of_forward": images / wall / bounds["forward float32"],
                 "wall_s": wall,
             }
         )

@@ -27,11 +27,20 @@ def float32_runs(tmp_path_factory) -> tuple[str, list[str]]:
     return store, [r.dir for r in train(cfg)]
 
 
-@pytest.mark.parametrize(("layout", "resample"), [("kv", "pillow"), ("hidden", "pillow"), ("hidden", "torch")])
-def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, layout, resample):
-    """Live evaluation preprocesses as the store records (with either resampler), so it equals the cache."""
+@pytest.mark.parametrize(
+    ("layout", "resample", "forward"),
+    [
+        ("kv", "pillow", "float32"),
+        ("hidden", "pillow", "float32"),
+        ("hidden", "torch", "float32"),
+        ("kv", "pillow", "bf16"),
+    ],
+)
+def test_live_logits_equal_cached_logits_for_vqt_linear_and_pooled(tmp_path, layout, resample, forward):
+    """Live evaluation preprocesses and runs the frozen forward as the store records (either resampler, a bf16
+    forward), so it equals the cache."""
     store = str(tmp_path / "s.zarr")
-    common = dict(dataset="digits", dtype="float32", layout=layout, workers=0, resample=resample)
+    common = dict(dataset="digits", dtype="float32", layout=layout, workers=0, resample=resample, precision=forward)
     extract(ExtractConfig(**TINY_EXTRACT, **common, splits=("train800", "val200"), out=store))
     cfg = TrainConfig(
         store=store, runs=SPECS, epochs=2, warmup_epochs=1, out=str(tmp_path / "runs"), precision="float32"

@@ -168,6 +168,7 @@ def test_rerun_over_complete_store_does_nothing(tmp_path):
         ({"dtype": "float32"}, "dtype 'float16'"),
         ({"model_kwargs": {**TINY_EXTRACT["model_kwargs"], "depth": 3}}, "different backbone"),
         ({"resample": "torch"}, "preprocessing"),
+        ({"precision": "bf16"}, "extracted with --precision float32"),
     ],
 )
 def test_mismatch_with_existing_store_is_refused(tmp_path, change, message):
@@ -175,6 +176,36 @@ def test_mismatch_with_existing_store_is_refused(tmp_path, change, message):
     with pytest.raises(VQTError, match=message):
         extract(config(tmp_path, **change))
     assert open_store(config(tmp_path).store_url).split("val200").complete  # untouched
+
+
+def test_a_bf16_forward_is_recorded_checked_and_resumed_as_such(tmp_path):
+    """--precision bf16: the store records it (covered by its metadata checksum, shown by info), its rows are the
+    bf16 forward's, it resumes only as bf16, and float32 stores record nothing (their attributes are unchanged)."""
+    from vqt_cache.backbones import backbone_from_weights
+    from vqt_cache.datasets import reopen_dataset
+
+    cfg = config(tmp_path, precision="bf16")
+    extract(cfg)
+    store = open_store(cfg.store_url)
+    assert store.attrs["precision"] == "bf16" == store.forward_precision
+    extract(config(tmp_path, "f.zarr"))
+    assert "precision" not in open_store(str(tmp_path / "f.zarr")).attrs
+    split = store.split("val200")
+    backbone = backbone_from_weights(store.attrs["backbone"], store.weights())
+    items = [(source, 0) for source in split.sources[:4]]
+    dataset = reopen_dataset(store.attrs["dataset"])
+    images = torch.stack([x for x, _, _ in ImageSplit(dataset, items, store.attrs["preprocessing"])])
+    _, fresh = backbone.forward_cache(images, layout=store.layout, dtype=torch.float16, precision="bf16")
+    assert torch.equal(torch.from_numpy(np.stack([split.row(i) for i in range(4)])), fresh)
+    with pytest.raises(VQTError, match="extracted with --precision bf16: pass it"):
+        extract(config(tmp_path, precision="float32", splits=("train800",)))
+    code, out = run_cli("info", cfg.store_url)
+    assert code == 0 and "forward    bf16" in out
+    code, out = run_cli("verify", cfg.store_url, "--recompute", "4")
+    assert code == 0 and "no faults" in out, out
+    open_store(cfg.store_url, mode="r+").group.attrs["precision"] = "float32"  # edited: no longer what was hashed
+    code, out = run_cli("verify", cfg.store_url)
+    assert code == 2 and "damaged: its attributes (" in out and "precision) differ" in out, out
 
 
 def test_newer_format_version_is_refused(tmp_path):

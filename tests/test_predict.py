@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from vqt_cache.batches import CachedSplit
@@ -17,10 +18,13 @@ from vqt_cache.training import train
 from conftest import TINY_EXTRACT, make_imagefolder, run_cli
 
 
-def test_predict_equals_cached_path(tmp_path):
+@pytest.mark.parametrize("forward", ["float32", "bf16"])
+def test_predict_equals_cached_path(tmp_path, forward):
+    """predict runs the store's preprocessing and frozen forward (a bf16 one too), then the run's cached path."""
     root = make_imagefolder(tmp_path / "imgs", per_class=4, classes=("a", "b", "c"), splits=("train", "test"))
     store = str(tmp_path / "s.zarr")
-    extract(ExtractConfig(**TINY_EXTRACT, dataset="imagefolder", root=str(root), out=store, dtype="float32", workers=0))
+    common = dict(dataset="imagefolder", root=str(root), out=store, dtype="float32", workers=0, precision=forward)
+    extract(ExtractConfig(**TINY_EXTRACT, **common))
     [run] = train(
         TrainConfig(
             store=store,

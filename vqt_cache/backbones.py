@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vqt_cache.errors import VQTError, first_line
-from vqt_cache.formats import batch_axis, layer_shape
+from vqt_cache.formats import FORWARD_PRECISION, PRECISIONS, batch_axis, layer_shape
 
 # Short name -> (timm name with pretrained tag, model kwargs). Any other timm ViT name is accepted as is.
 BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -128,6 +128,7 @@ class Backbone:
         dtype: torch.dtype = torch.float32,
         layer_major: bool = False,
         probes: dict[str, torch.Tensor] | None = None,
+        precision: str = FORWARD_PRECISION,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen model once; capture what stage two needs from inside its own blocks (no recompute).
 
@@ -140,6 +141,8 @@ class Backbone:
                 `layer_major`, the query path's own order instead: (L, B, N, D) or (L, 2, B, H, N, dh).
 
         probes: filled, when given, by the same forward with the probe arrays (`capturing_probes`).
+        precision: "float32" (timm's forward as it is) or "bf16" (the same forward under bfloat16 autocast, as
+            `forward_autocast` runs it: its matmuls in bfloat16, what autocast keeps in float32 so).
         """
         B, L, N, D, H = images.shape[0], self.depth, self.tokens, self.dim, self.heads
         row = list(layer_shape(layout, L, H, N, D))
@@ -163,12 +166,23 @@ class Backbone:
             modules, capture = [blk.attn.qkv for blk in self.blocks], capture_kv
         hooks = [m.register_forward_hook(lambda _m, _i, o, i=i: capture(i, o)) for i, m in enumerate(modules)]
         try:
-            with capturing_probes(self.model, probes) if probes is not None else ExitStack():
+            probing = capturing_probes(self.model, probes) if probes is not None else ExitStack()
+            with probing, forward_autocast(images.device, precision):
                 final = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         finally:
             for h in hooks:
                 h.remove()
-        return final, out
+        return final.float(), out
+
+
+def forward_autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The frozen forward's arithmetic for a store of `precision` ("float32": as it is; "bf16": bfloat16 autocast on
+    the device), for extraction and every live forward on the store alike."""
+    if precision not in PRECISIONS:
+        raise VQTError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @contextmanager

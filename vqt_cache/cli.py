@@ -307,6 +307,14 @@ def info(
         f"{' (resampled by torch)' if p.get('resample') == 'torch' else ''}, mean {p['mean']}, std {p['std']}"
     )
     console.print(
+        f"forward    {data['precision']}"
+        + (
+            " (bfloat16 autocast; live evaluation and predict run the backbone so too)"
+            if data["precision"] == "bf16"
+            else ""
+        )
+    )
+    console.print(
         f"layout     {data['layout']} {data['dtype']}, codec {data['codec']}, "
         f"{size(data['bytes_per_image'])} per image"
         + (f", probe arrays {size(data['probe_bytes_per_image'])} per image" if data["probes"] else "")

@@ -30,9 +30,11 @@ from vqt_cache.formats import (
     DEFAULT_RESAMPLE,
     DTYPES,
     EXTRACT_BATCH_SIZE,
+    FORWARD_PRECISION,
     HF_COLUMNS,
     LAYOUTS,
     ON_BAD_IMAGE,
+    PRECISIONS,
     QUERY_PATHS,
     RESAMPLERS,
     SHARD_SIZE,
@@ -140,6 +142,11 @@ class ExtractConfig:
         help="pillow (timm's eval transform) or torch: resample the decoded pixels with torch, faster per core, "
         "each pixel within one level of Pillow's (recorded in the store)",
     )
+    precision: str = option(
+        FORWARD_PRECISION,
+        help="the frozen forward: float32 (bit-identical to timm's), bf16 (bfloat16 autocast, several times faster "
+        "on a GPU; recorded in the store), auto (bf16 where bf16 matmuls are fast)",
+    )
     writers: int = option(WRITERS, help="threads writing and hashing shards (a GPU host: about its cores / 2)")
     check_space: bool = option(
         True,
@@ -170,6 +177,7 @@ class ExtractConfig:
             (self.codec, CODECS, "codec"),
             (self.on_bad_image, ON_BAD_IMAGE, "on-bad-image"),
             (self.resample, RESAMPLERS, "resample"),
+            (self.precision, ("auto", *PRECISIONS), "precision"),
         ):
             if value not in allowed:
                 raise VQTError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")

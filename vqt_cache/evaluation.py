@@ -36,7 +36,7 @@ from vqt_cache.files import (
     write_json,
 )
 from vqt_cache.formats import WORKERS
-from vqt_cache.model import CachedVQT, RunParameters
+from vqt_cache.model import CachedVQT, RunParameters, live_features
 from vqt_cache.query import flush_subnormals, resolve_precision
 from vqt_cache.recipe import DEVICE, FINAL_EVAL
 from vqt_cache.run_folder import (
@@ -359,11 +359,8 @@ def live_logits(
         for images, ok, errors in loader:
             if not ok.all():
                 raise VQTError(f"{errors[int(np.argmin(ok.numpy()))]}; fix or remove it, then re-run to resume")
-            probes = {} if model.needs("probes") else None  # the probes' arrays, from the same forward
-            final, cache = backbone.forward_cache(
-                images.to(device), layout=store.layout, layer_major=True, probes=probes
-            )
-            for i, out in enumerate(_outputs(model, model.features(final, cache, probes=probes), extra)):
+            features = live_features(model, backbone, images.to(device), store.forward_precision)
+            for i, out in enumerate(_outputs(model, features, extra)):
                 logits[i].append(out.float().cpu())
             done += len(images)
             if progress:

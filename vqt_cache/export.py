@@ -26,6 +26,7 @@ from vqt_cache.evaluation import compressed_head, compressed_linear, load_run
 from vqt_cache.files import DamagedFile, load_tensors, write_bytes
 from vqt_cache.model import CachedVQT, RunParameters
 from vqt_cache.run_folder import COMPRESSED, ModelRecord, compressed_run, model_shapes
+from vqt_cache.store import forward_precision
 
 FORMAT = "vqt-cache-export"
 VERSION = 2  # 2: a checksum over the metadata and the run's tensors; compressed heads
@@ -40,6 +41,7 @@ class Exported:
     model: CachedVQT  # the run's queries and head over the backbone's blocks
     preprocessing: dict[str, Any]
     class_names: list[str]
+    precision: str  # the frozen forward's arithmetic, the store's (float32 or bf16)
     kept: torch.Tensor | None = None  # a compressed run's kept feature indices (its head reads only those)
     head: torch.nn.Linear | None = None  # a compressed run's head; None: the run's own (model.runs[0].head)
 
@@ -79,6 +81,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, store_url: st
         "backbone": attrs["backbone"],
         "layout": attrs["layout"],
         "preprocessing": attrs["preprocessing"],
+        **({"precision": attrs["precision"]} if "precision" in attrs else {}),  # as in the store: absent is float32
         "class_names": attrs["dataset"]["class_names"],
         **{k: v for k, v in loaded.config.to_json().items() if k in ("model", "run", "recipe")},
         # model: the tensors' shapes; run: method, size, lr, wd, seed, recipe (own or shared); recipe: epochs,
@@ -172,6 +175,7 @@ def load_exported(path: str | Path) -> Exported:
         model=model,
         preprocessing=meta["preprocessing"],
         class_names=meta["class_names"],
+        precision=forward_precision(meta),
         kept=kept,
         head=head,
     )

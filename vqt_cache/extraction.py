@@ -37,17 +37,20 @@ from vqt_cache.datasets import (
 )
 from vqt_cache.errors import VQTError
 from vqt_cache.formats import (
+    FORWARD_PRECISION,
     WRITERS,
     forward_dtype,
     group_for,
     quantized,
 )
 from vqt_cache.quantize import quantize
+from vqt_cache.query import resolve_precision
 from vqt_cache.store import (
     Images,
     Store,
     check_resumable,
     create_store,
+    forward_precision,
     hash_rows,
 )
 
@@ -108,7 +111,8 @@ def _creation_lock(url: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dict[str, Any]:
+def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig, precision: str = "float32") -> dict[str, Any]:
+    """The store's root attributes; `precision`: the frozen forward's, resolved for the device ("auto" is not)."""
     return {
         "backbone": backbone.describe(),
         "preprocessing": preprocessing(backbone.data_config, dataset.resize, cfg.resample),
@@ -117,6 +121,7 @@ def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig) -> dic
         "dtype": cfg.dtype,
         "codec": cfg.codec,
         **({"probes": True} if cfg.probes else {}),  # absent otherwise: stores made before it read the same
+        **({"precision": precision} if precision != FORWARD_PRECISION else {}),  # the same for float32
         "versions": package_versions(),
     }
 
@@ -273,7 +278,7 @@ def extract_shards(
     images: Images,
     dataset: Dataset,
     shards: list[int],
-    prep: dict,
+    attrs: dict,
     cfg: ExtractConfig,
     device: torch.device,
     advance: Callable[[int], None],
@@ -285,12 +290,13 @@ def extract_shards(
     """
     sources = [images.source(row) for row in range(images.num_rows)]  # a row between blocks is never read
     loader = torch.utils.data.DataLoader(
-        ImageSplit(dataset, [(source, 0) for source in sources], prep),
+        ImageSplit(dataset, [(source, 0) for source in sources], attrs["preprocessing"]),
         num_workers=cfg.workers,
         batch_sampler=_shard_batches(images, shards, cfg.batch_size),
     )
     batches = iter(loader)
     dtype = getattr(torch, forward_dtype(cfg.dtype))  # int8: quantized after the forward
+    precision = forward_precision(attrs)  # the store's: a resumed store keeps its own
     skipped: list[str] = []
     with ShardWriter(images, cfg.writers) as writer:
         for shard in shards:
@@ -305,7 +311,7 @@ def extract_shards(
                 skipped += [sources[position + i] for i in bad]
                 batch_probes = {} if cfg.probes else None
                 final, layers = backbone.forward_cache(
-                    batch.to(device), layout=cfg.layout, dtype=dtype, probes=batch_probes
+                    batch.to(device), layout=cfg.layout, dtype=dtype, probes=batch_probes, precision=precision
                 )
                 if bad:
                     layers[bad] = 0  # a skipped image's row stays zero, and `valid` marks it
@@ -390,8 +396,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
         raise VQTError(f"backbone {cfg.backbone!r} has no class token, which --probes stores for linear-multi")
     device = resolve_device(cfg.device)
     backbone.model.to(device)
-    attrs = store_attrs(backbone, dataset, cfg)
-    prep = attrs["preprocessing"]
+    attrs = store_attrs(backbone, dataset, cfg, resolve_precision(cfg.precision, device))
     url = cfg.store_url
 
     if rank == 0:
@@ -436,7 +441,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractSumm
             progress(name, 0, todo)
         if mine:
             try:
-                skipped = extract_shards(backbone, images, dataset, mine, prep, cfg, device, advance)
+                skipped = extract_shards(backbone, images, dataset, mine, attrs, cfg, device, advance)
             except OSError as exc:  # a full disk, a lost mount, permissions: the finished shards stay finished
                 raise VQTError(
                     f"writing to {url} failed ({exc.strerror or exc}); fix that and re-run the same command to resume"

@@ -29,6 +29,12 @@ ON_BAD_IMAGE = ("fail", "skip")
 RESAMPLERS = ("pillow", "torch")
 DEFAULT_RESAMPLE = "pillow"
 
+# stage one's frozen forward (extract, and the live forward of evaluate, verify and predict on its store): float32,
+# whose features are bit-identical to timm's own forward, or bfloat16 autocast (bf16 matmuls; several times faster on
+# a GPU); "auto" is bf16 where bf16 matmuls are fast. float32 by default: a store serves every later experiment, so
+# a lossy forward is asked for, as a smaller dtype is; a store records "precision": "bf16" when its forward ran so
+FORWARD_PRECISION = "float32"
+
 # stage two's query path: float32 (what the exactness tests prove) or bfloat16 matmuls under autocast; "auto" is
 # bf16 where bf16 matmuls are fast (AMX/AVX512-BF16 CPUs, bf16 GPUs), float32 elsewhere (docs/guide.md, "Precision";
 # its measurements: docs/benchmarks.md, "Precision")

@@ -25,7 +25,7 @@ from torch import nn
 from vqt_cache import methods, recipe
 from vqt_cache.backbones import Backbone, capturing_probes
 from vqt_cache.errors import VQTError
-from vqt_cache.formats import DEFAULT_QUERY_PATH, batch_axis
+from vqt_cache.formats import DEFAULT_QUERY_PATH, FORWARD_PRECISION, batch_axis
 from vqt_cache.heads import linear_head, token_means
 from vqt_cache.methods.base import Geometry, Inputs
 from vqt_cache.query import Queries, QueryPath, query_init_bound
@@ -208,6 +208,19 @@ class CachedVQT(nn.Module):
         """Each run's (B, C) logits."""
         features = self.features(final, cache, generators, means, probes)
         return [run.head(f) for run, f in zip(self.runs, features, strict=True)]
+
+
+def live_features(
+    model: CachedVQT, backbone: Backbone, images: torch.Tensor, precision: str = FORWARD_PRECISION
+) -> list[torch.Tensor]:
+    """(B, 3, H, W) preprocessed images -> each run's (B, F) features, live: the store's frozen forward (in the
+    store's `precision`) captures what a cache would hold, and the runs read it through the cached path's own code.
+    Live evaluation and `predict` run this; `LiveVQT` (the queries inside the frozen forward) is what it equals."""
+    probes = {} if model.needs("probes") else None  # the probes' arrays, from the same forward
+    final, cache = backbone.forward_cache(
+        images, layout=model.path.layout, layer_major=True, probes=probes, precision=precision
+    )
+    return model.features(final, cache, probes=probes)
 
 
 class LiveVQT(nn.Module):

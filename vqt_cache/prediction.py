@@ -13,7 +13,7 @@ from vqt_cache.errors import VQTError
 from vqt_cache.evaluation import compressed_head, load_run
 from vqt_cache.export import is_export, load_exported
 from vqt_cache.formats import EXTRACT_BATCH_SIZE
-from vqt_cache.model import LiveVQT
+from vqt_cache.model import live_features
 from vqt_cache.recipe import DEVICE
 from vqt_cache.run_folder import compressed_run
 
@@ -46,7 +46,8 @@ def predict(
     batch_size: int = EXTRACT_BATCH_SIZE,
     device: str = DEVICE,
 ) -> list[Prediction]:
-    """Class, probability and logits for each image file, through `LiveVQT` with the store's preprocessing.
+    """Class, probability and logits for each image file, live (`model.live_features`: the store's preprocessing
+    and forward precision, then the run's cached path).
     `run_dir`: a finished run folder, its `compressed/` folder (the compressed head on the kept features), or the
     file `vqt-cache export` wrote."""
     head = None
@@ -56,7 +57,7 @@ def predict(
     if is_export(run_dir):  # `vqt-cache export`: everything in one file, no store
         exported = load_exported(run_dir)
         backbone, model = exported.backbone, exported.model
-        preprocessing, class_names = exported.preprocessing, exported.class_names
+        preprocessing, class_names, precision = exported.preprocessing, exported.class_names, exported.precision
         if exported.head is not None:
             head = exported.kept, exported.head
     else:
@@ -64,6 +65,7 @@ def predict(
         backbone, model = loaded.backbone, loaded.model
         preprocessing = loaded.store.attrs["preprocessing"]
         class_names = loaded.store.attrs["dataset"]["class_names"]
+        precision = loaded.store.forward_precision
     transform = build_transform(preprocessing)
     reader = Dataset("files", Path("/"), class_names, {})
     tensors = []
@@ -73,13 +75,15 @@ def predict(
         except BadImage as exc:
             raise VQTError(str(exc)) from exc
     target = resolve_device(device)
-    live = LiveVQT(backbone, model).eval().to(target)
+    backbone.model.to(target)
+    model.eval().to(target)
     kept, linear = head if head is not None else (None, model.runs[0].head)  # the run's head, or its compressed one
     kept, linear = (None if kept is None else kept.to(target)), linear.to(target)
     results = []
     with torch.no_grad():
         for start in range(0, len(tensors), batch_size):
-            features = live.features(torch.stack(tensors[start : start + batch_size]).to(target))[0]
+            batch = torch.stack(tensors[start : start + batch_size]).to(target)
+            features = live_features(model, backbone, batch, precision)[0]
             logits = linear(features if kept is None else features[:, kept]).float().cpu()
             if not bool(logits.isfinite().all()):  # never a probability
                 bad = start + int((~logits.isfinite().all(dim=1)).nonzero()[0])

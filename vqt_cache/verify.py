@@ -80,7 +80,7 @@ def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
         sample = np.sort(rng.choice(rows, size=min(n, len(rows)), replace=False))
         items = [(split.sources[r], 0) for r in sample]
         images = torch.stack([x for x, _, _ in ImageSplit(dataset, items, attrs["preprocessing"])])
-        _, layers = backbone.forward_cache(images, layout=store.layout, dtype=dtype)
+        _, layers = backbone.forward_cache(images, layout=store.layout, dtype=dtype, precision=store.forward_precision)
         for row, fresh in zip(sample, layers.float(), strict=True):
             stored = torch.from_numpy(split.row(int(row))).float()
             scale = max(stored.abs().max().item(), 1.0)

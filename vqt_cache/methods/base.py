@@ -61,7 +61,7 @@ class Method:
     default_sizes: tuple[int, ...] = (0,)  # the sizes a grid trains when none are asked for
     reads: frozenset[str] = frozenset()  # of INPUTS
     compressible: bool = False  # group-lasso compression (docs/method.md §6) applies
-    live_predict: bool = True  # `predict` and exports can run it on images
+    live_predict: bool = True  # `model.LiveVQT` (the queries inside the frozen forward) can run it
     style: str = "--"  # its line in the report's plots (VQT's are solid)
     recipe: str = "vqt"  # its paper's optimization (`recipe.OPTIMIZATIONS`), which recipe "own" trains it with
     lr_scale: float = 1.0  # under the shared (VQT's) recipe, its learning rate is the grid's times this

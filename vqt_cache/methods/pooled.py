@@ -24,7 +24,7 @@ class Pooled(Method):
     label = "pooled (mean values per layer)"
     reads = frozenset({"means"})
     version = 2  # 1: the mean cached token, which differed between a kv and a hidden store (before issue 30)
-    live_predict = False  # its means come from the cache's layout; `predict` runs the queries' hooks only
+    live_predict = False  # its means come from the cache's layout; `LiveVQT` runs the queries' hooks only
     style = ":"
 
     def feature_dim(self, size: int, geometry: Geometry) -> int:

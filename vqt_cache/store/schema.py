@@ -40,7 +40,16 @@ import numpy as np
 import zarr
 
 from vqt_cache.errors import VQTError, recorded
-from vqt_cache.formats import DTYPES, LAYOUTS, bytes_per_value, group_for, layer_shape, quantized
+from vqt_cache.formats import (
+    DTYPES,
+    FORWARD_PRECISION,
+    LAYOUTS,
+    PRECISIONS,
+    bytes_per_value,
+    group_for,
+    layer_shape,
+    quantized,
+)
 
 FORMAT = "vqt-cache"
 # 2: labels and valid flags inside the shard checksums; 3: each image stored once; 4: blake3 shard checksums
@@ -51,8 +60,8 @@ IDENTITY_KEYS = ("layout", "dtype", "codec", "preprocessing")
 # what identifies a store's dataset (datasets.Dataset.describe): a split of anything else is refused
 DATASET_IDENTITY = ("name", "root", "columns", "fingerprint", "class_names", "resize", "validation")
 # the root attributes covered by the metadata checksum: everything stage two and live evaluation read from them
-# ("probes" only where recorded: stores made before it have none)
-HASHED_ATTRS = ("backbone", "preprocessing", "dataset", "layout", "dtype", "codec", "probes")
+# ("probes" and "precision" only where recorded: stores made before them have none)
+HASHED_ATTRS = ("backbone", "preprocessing", "dataset", "layout", "dtype", "codec", "probes", "precision")
 # the probe arrays (extract --probes), chunked by shard and written with its final features, in checksum order
 PROBES = ("tokens", "tokens_scale", "class_tokens", "patch_mean")
 
@@ -165,8 +174,8 @@ def check_format(attrs: dict, url: str) -> None:
         recorded(attrs["backbone"], "checksum", str, where, RESTORE, "backbone's weights checksum")
     if recorded(attrs, "metadata_hash", str, where, RESTORE) != metadata_hash(attrs):
         raise VQTError(
-            f"store {url} is damaged: its attributes (backbone, preprocessing, dataset, layout, dtype, codec) differ "
-            "from the checksum recorded when it was written; restore its zarr.json, or re-extract into a new --out"
+            f"store {url} is damaged: its attributes ({', '.join(k for k in HASHED_ATTRS if k in attrs)}) differ from "
+            "the checksum recorded when it was written; restore its zarr.json, or re-extract into a new --out"
         )
 
 
@@ -175,12 +184,20 @@ def check_attrs(attrs: dict, url: str) -> None:
     check_types(attrs, ATTR_TYPES, f"store {url}")
     check_types(attrs["backbone"], BACKBONE_KEYS, f"store {url}: backbone")
     check_types(attrs["dataset"], DATASET_KEYS, f"store {url}: dataset")
+    if forward_precision(attrs) not in PRECISIONS:
+        raise VQTError(f"store {url} is damaged: its precision {attrs['precision']!r} is none of {PRECISIONS}")
     names = attrs["dataset"]["class_names"]
     if len(names) != attrs["dataset"]["num_classes"] or not all(isinstance(n, str) for n in names):
         raise VQTError(
             f"store {url} is damaged: its dataset has {attrs['dataset']['num_classes']} classes but "
             f"{len(names)} class names; re-extract it"
         )
+
+
+def forward_precision(attrs: dict) -> str:
+    """The arithmetic of the frozen forward that made a store's features: "float32" (recorded by its absence) or
+    "bf16"; live evaluation, verify and predict run the store's backbone so too."""
+    return attrs.get("precision", FORWARD_PRECISION)
 
 
 def check_types(attrs: dict, types: dict[str, type], where: str) -> None:
@@ -283,6 +300,11 @@ def check_same(have: dict, want: dict, url: str) -> None:
         raise VQTError(
             f"store {url} was extracted without --probes, and a store holds probe arrays for all its images or "
             "none: leave out --probes to add to it, or extract with --probes into another --out"
+        )
+    if forward_precision(have) != forward_precision(want):
+        raise VQTError(
+            f"store {url} was extracted with --precision {forward_precision(have)}: pass it to add to the store, "
+            f"or extract with --precision {forward_precision(want)} into another --out"
         )
     for key in IDENTITY_KEYS:
         if have[key] != want[key]:

@@ -32,6 +32,7 @@ from vqt_cache.store.schema import (
     check_format,
     check_types,
     dequantized,
+    forward_precision,
     hash_rows,
     image_bytes,
     key_source,
@@ -452,6 +453,11 @@ class Store:
         return self.group.attrs["layout"]
 
     @property
+    def forward_precision(self) -> str:
+        """The frozen forward's arithmetic that made the features: "float32" or "bf16" (`schema.forward_precision`)."""
+        return forward_precision(self.group.attrs)
+
+    @property
     def images(self) -> Images:
         """The image table (its metadata checked against its arrays)."""
         if self._checked is not None and "images/" in self._checked:
@@ -661,6 +667,7 @@ class Store:
         return {
             "url": self.url,
             **{k: self.attrs[k] for k in keys},
+            "precision": self.forward_precision,  # the frozen forward's
             "bytes_per_image": self.bytes_per_image(),
             "probes": bool(self.attrs.get("probes")),  # extract --probes: the probe arrays beside the layers
             "probe_bytes_per_image": probe_bytes(self.attrs["backbone"], self.attrs["dtype"])
