@@ -19,7 +19,7 @@ import torch
 
 from vqt_cache.backbones import Backbone, backbone_from_weights, load_backbone, resolve_device
 from vqt_cache.config import RunSpec, TrainConfig
-from vqt_cache.formats import EXTRACT_BATCH_SIZE
+from vqt_cache.formats import EXTRACT_BATCH_SIZE, FORWARD_PRECISION
 from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.plan import DatasetPlan
 from vqt_cache.store import found_at, open_store
@@ -56,14 +56,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def forward_rate(backbone: Backbone, device: torch.device, batch: int = EXTRACT_BATCH_SIZE) -> float:
-    """Images a second of the backbone's forward as extraction runs it (its input size, captures included)."""
+def forward_rate(
+    backbone: Backbone, device: torch.device, precision: str = FORWARD_PRECISION, batch: int = EXTRACT_BATCH_SIZE
+) -> float:
+    """Images a second of the backbone's forward as extraction runs it (its input size and precision, captures
+    included)."""
     backbone.model.to(device)
     images = torch.randn(batch, *backbone.data_config["input_size"], device=device)
-    backbone.forward_cache(images)  # warm-up
+    backbone.forward_cache(images, precision=precision)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < FORWARD_SECONDS or done == 0:
-        backbone.forward_cache(images)
+        backbone.forward_cache(images, precision=precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         done += batch
@@ -90,7 +93,7 @@ def estimate_pipeline(p: Pipeline, plans: list[DatasetPlan]) -> tuple[str, list[
             if store is not None
             else load_backbone(p.backbone, weights="random")
         )
-        rate = forward_rate(backbone, device)
+        rate = forward_rate(backbone, device, store.forward_precision if store is not None else FORWARD_PRECISION)
         extract = sum(s.new_images for s in plan.splits if s.cached) / rate
         live_images = sum(s.images or 0 for s in plan.splits if not s.cached and s.name == proto.final_eval)
         live = live_images / rate

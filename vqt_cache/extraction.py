@@ -111,7 +111,9 @@ def _creation_lock(url: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def store_attrs(backbone: Backbone, dataset: Dataset, cfg: ExtractConfig, precision: str = "float32") -> dict[str, Any]:
+def store_attrs(
+    backbone: Backbone, dataset: Dataset, cfg: ExtractConfig, precision: str = FORWARD_PRECISION
+) -> dict[str, Any]:
     """The store's root attributes; `precision`: the frozen forward's, resolved for the device ("auto" is not)."""
     return {
         "backbone": backbone.describe(),
