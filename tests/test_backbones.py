@@ -143,7 +143,8 @@ def test_deit_extracts_through_the_cli(tmp_path, name):
 def test_bf16_forward_is_timms_forward_under_autocast_and_near_float32(variant, layout):
     """extract --precision bf16: the frozen forward is timm's own under bfloat16 autocast (its f_0 bit for bit),
     the features captured inside it as in float32; against float32 they differ by what bfloat16 costs (measured on
-    every variant: f_0 at most 1.01% in relative norm, the layers 0.70%; bounds 2% and 1.5%)."""
+    every variant: f_0 at most 1.01% in relative norm, the layers 0.70%, and 1.5% of an image's largest value at any
+    one feature, which `verify --recompute` allows twice over; bounds 2%, 1.5% and 2.5%)."""
     b = tiny_backbone(variant)
     torch.manual_seed(1)
     images = torch.randn(4, 3, *b.model.patch_embed.img_size)
@@ -154,5 +155,7 @@ def test_bf16_forward_is_timms_forward_under_autocast_and_near_float32(variant, 
     final32, layers32 = b.forward_cache(images, layout=layout)
     relative = lambda a, exact: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
     assert 0 < relative(final, final32) < 0.02 and 0 < relative(layers, layers32) < 0.015
+    for image, exact in zip(layers, layers32, strict=True):
+        assert (image - exact).abs().max() <= 0.025 * max(exact.abs().max(), 1.0)
     with pytest.raises(VQTError, match="unknown precision 'fp8'"):
         b.forward_cache(images, precision="fp8")

@@ -67,8 +67,12 @@ def _recompute(store, backbone, n: int, seed: int, faults: list[str]) -> int:
 
     attrs = store.attrs
     dataset = reopen_dataset(attrs["dataset"])
-    # fp16 keeps ~3 significant digits; int8 is within half a step, 1/254 of a row's largest value
+    # fp16 keeps ~3 significant digits; int8 is within half a step, 1/254 of a row's largest value; a bf16 forward
+    # rounds differently on another device (CPU or GPU): each within 1.5% of a row's largest value from float32's
+    # (tests/test_backbones.py holds 2.5%), so two within 5%
     tolerance = {"float32": 1e-4, "float16": 2e-3, "int8": 5e-3}[attrs["dtype"]]
+    if store.forward_precision == "bf16":
+        tolerance = max(tolerance, 5e-2)
     dtype = getattr(torch, forward_dtype(attrs["dtype"]))
     done = 0
     rng = np.random.default_rng(seed)
