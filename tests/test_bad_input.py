@@ -184,6 +184,8 @@ CASES = [
     ("extract/val-fraction-out-of-range", "EXTRACT --val-fraction 1.5", "between 0 and 1"),
     ("extract/val-fraction-beside-a-val-split", "EXTRACT --val-fraction 0.1", "has a validation split (val200)"),
     ("extract/columns-not-hf", "EXTRACT --image-column img", "apply to --dataset hf only"),
+    ("extract/unknown-precision", "EXTRACT --precision fp16", "unknown precision 'fp16'"),
+    ("extract/other-precision", "EXTRACT --out {store} --precision bf16", "extracted with --precision"),
     # info
     ("info/missing-store", "info {tmp}/nowhere.zarr", "no store at"),
     ("info/not-a-store", "info {run}", "no store at"),

@@ -40,7 +40,7 @@ def test_the_plan_of_an_extract_command_is_what_extract_writes(tmp_path):
     assert again.total_bytes == 0  # a complete store has nothing left to write
 
 
-def test_a_pipeline_plan_caches_training_splits_and_evaluates_test_live():
+def test_a_pipeline_plan_caches_training_splits_and_evaluates_test_live(monkeypatch):
     plans = plan_pipeline(load_pipeline(REPO / "pipelines" / "vtab1k.toml"), "hidden", "int8")
     assert len(plans) == 19 and all(p.sizes_from == "published sizes" for p in plans)
     for p in plans:
@@ -52,8 +52,13 @@ def test_a_pipeline_plan_caches_training_splits_and_evaluates_test_live():
         assert p.splits[3].name == "test" and not p.splits[3].cached
     total = sum(p.total_bytes for p in plans)
     assert total == 19 * 1000 * plans[0].bytes_per_image and total <= 40e9  # the issue's goal for VTAB-1k
+    from vqt_cache import estimate
+
+    timed = []  # the forward's speed, once per architecture: fgvc's five datasets share ViT-B/16's
+    monkeypatch.setattr(estimate, "forward_rate", lambda backbone, *_: timed.append(backbone.timm_name) or 100.0)
     code, out = run_cli("plan", str(REPO / "pipelines" / "fgvc.toml"), "--json")
     assert code == 0 and {p["dataset"] for p in json.loads(out)} >= {"fgvc/cub", "fgvc/nabirds"}
+    assert len(json.loads(out)) == 5 and len(timed) == 1
 
 
 def test_extract_refuses_a_store_that_cannot_fit_and_the_flag_overrides(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ trainings. Not counted: the process's start-up and the report's plots (seconds).
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -17,12 +18,12 @@ from typing import Any
 
 import torch
 
-from vqt_cache.backbones import Backbone, backbone_from_weights, load_backbone, resolve_device
+from vqt_cache.backbones import Backbone, backbone_from_weights, load_backbone, resolve_device, resolve_name
 from vqt_cache.config import RunSpec, TrainConfig
 from vqt_cache.formats import EXTRACT_BATCH_SIZE, FORWARD_PRECISION
 from vqt_cache.methods.vqt import METHOD as VQT
 from vqt_cache.plan import DatasetPlan
-from vqt_cache.store import found_at, open_store
+from vqt_cache.store import Store, found_at, open_store
 from vqt_cache.sweep import Pipeline, final_configurations, pipeline_recipe, selection_specs
 from vqt_cache.training import PassCost, grid, measure_pass
 
@@ -73,6 +74,23 @@ def forward_rate(
     return done / (time.perf_counter() - started)
 
 
+def _architecture(p: Pipeline, store: Store | None) -> str:
+    """What a forward's speed depends on, for a dataset of `p` (its store's backbone, or the pipeline's)."""
+    if store is not None:
+        described = store.attrs["backbone"]
+        return json.dumps([described["timm_name"], described["kwargs"], store.forward_precision], sort_keys=True)
+    timm_name, kwargs = resolve_name(p.backbone)
+    return json.dumps([timm_name, kwargs, FORWARD_PRECISION], sort_keys=True)
+
+
+def _forward_of(p: Pipeline, store: Store | None) -> tuple[Backbone, str]:
+    """The backbone a dataset of `p` is extracted with, and its forward's precision (random weights for a store
+    yet to be made: a forward's speed does not depend on them)."""
+    if store is not None:
+        return backbone_from_weights(store.attrs["backbone"], store.weights()), store.forward_precision
+    return load_backbone(p.backbone, weights="random"), FORWARD_PRECISION
+
+
 def _final_specs(p: Pipeline, entry: Any) -> tuple[RunSpec, ...]:
     """One run per (method, size) the protocol selects: what each final pass trains (at their recipes' default lr
     and wd: selection picks others, which does not change a step's cost)."""
@@ -84,16 +102,16 @@ def estimate_pipeline(p: Pipeline, plans: list[DatasetPlan]) -> tuple[str, list[
     """The device's name, and each dataset's estimated seconds (`plans`: `plan.plan_pipeline(p)`)."""
     proto, device = p.protocol, resolve_device("auto")
     times = []
+    rates: dict[str, float] = {}  # a backbone's forward is timed once, whatever its weights: one per architecture
     for entry, plan in zip(p.datasets, plans, strict=True):
         url = p.store_for(entry)
         stored = found_at(url) == "store"
         store = open_store(url) if stored else None
-        backbone = (
-            backbone_from_weights(store.attrs["backbone"], store.weights())
-            if store is not None
-            else load_backbone(p.backbone, weights="random")
-        )
-        rate = forward_rate(backbone, device, store.forward_precision if store is not None else FORWARD_PRECISION)
+        architecture = _architecture(p, store)
+        if architecture not in rates:
+            backbone, precision = _forward_of(p, store)
+            rates[architecture] = forward_rate(backbone, device, precision)
+        rate = rates[architecture]
         extract = sum(s.new_images for s in plan.splits if s.cached) / rate
         live_images = sum(s.images or 0 for s in plan.splits if not s.cached and s.name == proto.final_eval)
         live = live_images / rate
