@@ -24,7 +24,7 @@ setup: $(STAMP)  ## create .venv and install torch/torchvision (matching pair) a
 # The suite runs one test file per worker process (pytest-xdist), one core each: OMP_NUM_THREADS=1, or the workers'
 # torch threads fight over the cores (4:18 instead of 2:17 on 2 cores). Plain `pytest` runs the same tests in one
 # process.
-test: $(STAMP)  ## run the test suite (CPU, 6 to 8 minutes on 2 cores; fault trials: `make test-faults`, timing: `make test-timing`)
+test: $(STAMP)  ## run the test suite (CPU, 6 to 9 minutes on 2 cores; fault trials: `make test-faults`, timing: `make test-timing`)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile
 
 test-faults: $(STAMP)  ## run the fault-injection trials (kill -9 inside writes, Ctrl-C, concurrent processes; ~3 min)
