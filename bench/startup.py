@@ -4,8 +4,8 @@ beside `python -c "import torch"` in the same run. The goal: <= 1 s beyond `impo
 The store: ViT-B/16 (random weights, hidden int8, the default) over the digits' val200, extracted once. `train`'s
 fixed cost is its wall time minus its epochs minus `import torch`, the epochs' time taken from the difference
 between a 1-epoch and a 3-epoch run (an epoch here includes its evaluation); stage two's imports alone (timm's
-among them) stand beside it. `evaluate` (the run on val200,
-cached) and `predict` (one image) count whole, their work included. Each figure is the median of 3 runs.
+among them) stand beside it. `evaluate` (the run on val200, cached) and `predict` (one image) count whole, their
+work included. Each figure is the median of 3 runs.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ def _put_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> 
     images: five times faster than indexing on the CPU)."""
     if not len(index):
         return
-    first = int(index[0])
-    if int(index[-1]) - first + 1 == len(index) and bool((index.diff() == 1).all()):
+    if bool((index.diff() == 1).all()):
+        first = int(index[0])
         target[first : first + len(index)].copy_(rows)
     else:
         target[index.to(target.device)] = rows.to(target.device)

@@ -8,7 +8,7 @@ releases the GIL (the file write, zstd and blosc), so threads add up.
 
 Reading is the mirror image (a missing chunk reads as the fill value, as in zarr), so that loading a cache into
 memory is not bound by that thread either; `read_whole` reads any array so (the frozen weights: 343 MB of ViT-B/16
-in 0.15 s instead of zarr's 0.9 s, paid by every stage-two command). Only a local store is read and written this
+in 0.3-0.5 s instead of zarr's 0.9 s, paid by every stage-two command). Only a local store is read and written this
 way; an object store, or a codec without a synchronous protocol, goes through zarr itself, whose bytes are the same.
 """
 
